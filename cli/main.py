@@ -1,0 +1,249 @@
+"""The ``trimix`` command line: a thin Typer layer over :mod:`trimix_cpp`.
+
+stdout carries only what a script wants (the generated text, or one JSON object); everything for a
+person (statistics, tables, errors) goes to stderr through rich. Every error is one line and a
+non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import trimix_cpp as tm
+
+app = typer.Typer(
+    name="trimix",
+    help="Fuse the next-token logits of several GGUF models (TriMix) through llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False)
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _errors(verbose: bool) -> Iterator[None]:
+    """Turn any failure into one line on stderr and a non-zero exit code."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except tm.TrimixError as e:
+        if verbose:
+            traceback.print_exc()
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as e:  # a bug, not a user error: still one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        _fail(f"{type(e).__name__}: {e} (rerun with --verbose for the traceback)")
+
+
+def unescape(s: str) -> str:
+    r"""Read ``\n``, ``\t``, ``\r``, ``\0`` and ``\\`` in a --stop value as the characters they name."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def _decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise tm.TrimixError(
+            f"{where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8 and try again"
+        ) from None
+
+
+def read_prompt(prompt: str | None, file: Path | None) -> str:
+    """The prompt from the argument, from stdin (``-``), or from ``--file``."""
+    if file is not None:
+        if prompt is not None:
+            raise tm.TrimixError("give the prompt either as an argument or with --file, not both")
+        if not file.is_file():
+            raise tm.TrimixError(f"prompt file not found: {file}")
+        return _decode_utf8(file.read_bytes(), f"prompt file {file}")
+    if prompt is None:
+        raise tm.TrimixError("no prompt given (pass it as an argument, '-' for stdin, or --file PATH)")
+    if prompt == "-":
+        return _decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    return prompt
+
+
+def _model_paths(large_ins: Path | None, small_cpt: Path | None, small_base: Path | None, large_base: Path | None):
+    given = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base, tm.LARGE_BASE: large_base}
+    return {role: path for role, path in given.items() if path is not None}
+
+
+def _flag(role: str) -> str:
+    return "--" + role.replace("_", "-")
+
+
+# Shared option declarations -----------------------------------------------------------------------
+
+LargeIns = Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")]
+SmallCpt = Annotated[
+    Path | None, typer.Option("--small-cpt", help="GGUF of the small model continued on the language.")
+]
+SmallBase = Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")]
+LargeBase = Annotated[Path | None, typer.Option("--large-base", help="GGUF of the large base model (trimix4 only).")]
+NCtx = Annotated[int, typer.Option("--n-ctx", help="Context length in tokens (prompt + generation).")]
+Threads = Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")]
+NGpu = Annotated[
+    int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and tracebacks.")]
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
+    large_ins: LargeIns = None,
+    small_cpt: SmallCpt = None,
+    small_base: SmallBase = None,
+    large_base: LargeBase = None,
+    method: Annotated[str, typer.Option(help="trimix | trimix4 | proxy | contrastive | single")] = "trimix",
+    alpha: Annotated[float | None, typer.Option(help="Weight of the large instruction model.")] = None,
+    beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
+    role: Annotated[str, typer.Option(help="The model used by --method single.")] = tm.LARGE_INS,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", "--temp", help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same output.")] = 0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop at this string (repeatable; '\\n' is a newline).")
+    ] = None,
+    utf8_guard: Annotated[
+        bool, typer.Option("--utf8-guard/--no-utf8-guard", help="Mask tokens that would break UTF-8.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    n_ctx: NCtx = 4096,
+    threads: Threads = 0,
+    n_gpu_layers: NGpu = -1,
+    verbose: Verbose = False,
+) -> None:
+    """Generate text with fused logits, streaming whole characters to stdout."""
+    with _errors(verbose):
+        text = read_prompt(prompt, file)
+        fusion = tm.plan(method, alpha=alpha, beta=beta, gamma=gamma, role=role)
+        paths = _model_paths(large_ins, small_cpt, small_base, large_base)
+        missing = [r for r in fusion.roles if r not in paths]
+        if missing:
+            raise tm.TrimixError(f"method {method} needs {_flag(missing[0])} (the path of its GGUF file)")
+        sampling = tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        sampling.validate()
+        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        stops = [unescape(s) for s in stop or []]
+        with tm.Engine({r: paths[r] for r in fusion.roles}, options) as engine:
+            gen = engine.generate(
+                text, fusion, sampling=sampling, max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard
+            )
+            if as_json:
+                gen.run()
+            else:
+                for piece in gen:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+        if as_json:
+            payload = {
+                "text": gen.text,
+                "token_ids": gen.token_ids,
+                "method": fusion.method,
+                "weights": fusion.weights,
+                "finish_reason": gen.finish_reason,
+                "timings": gen.timings.as_dict(),
+            }
+            sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        t = gen.timings
+        err.print(
+            f"[dim]{fusion.method} {_weights_text(fusion.weights)} | prompt {t.prompt_tokens} tok "
+            f"{t.prompt_tokens_per_s:.1f} tok/s | generated {t.gen_tokens} tok {t.gen_tokens_per_s:.1f} tok/s "
+            f"| stop: {gen.finish_reason}[/]",
+            soft_wrap=True,
+        )
+
+
+def _weights_text(weights: dict[str, float]) -> str:
+    return " ".join(f"{r}={w:g}" for r, w in weights.items())
+
+
+@app.command()
+def inspect(
+    models: Annotated[list[Path], typer.Argument(help="One or more GGUF files.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Show each model's architecture, vocabulary, quantization and context, and whether they fuse."""
+    with _errors(verbose):
+        tm._llama.set_verbose(verbose)
+        check = tm.inspect_models(models)
+        if as_json:
+            payload = {
+                "models": [m.as_dict() for m in check.models],
+                "fusable": check.fusable,
+                "shared_vocab": check.shared_vocab,
+                "reason": check.reason,
+            }
+            sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        else:
+            table = Table(title="GGUF models", title_justify="left")
+            for col in ("file", "name", "arch", "vocab", "vocab type", "quant", "ctx", "size", "BOS"):
+                table.add_column(col, justify="right" if col in ("vocab", "ctx", "size") else "left")
+            for m in check.models:
+                table.add_row(
+                    Path(m.path).name,
+                    m.name,
+                    m.architecture,
+                    f"{m.vocab_size:,}",
+                    m.vocab_type,
+                    m.quantization,
+                    f"{m.context_length:,}",
+                    f"{m.file_size_bytes / 2**20:.1f} MiB",
+                    "yes" if m.add_bos else "no",
+                )
+            Console().print(table)
+            mark = "[green]fusable[/]" if check.fusable else "[red]not fusable[/]"
+            Console().print(f"{mark}: {check.reason}")
+        if not check.fusable:
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

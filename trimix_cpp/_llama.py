@@ -1,0 +1,335 @@
+"""The thin ctypes layer over llama.cpp: the only module that calls ``llama_cpp`` directly.
+
+Why not the high-level ``llama_cpp.Llama`` class: it keeps a float32 ``scores`` array of
+(n_batch or n_ctx) x n_vocab per model, which with a 262,144-token vocabulary is half a gigabyte
+per model before anything runs, and it copies logits out of llama.cpp on every step. Fusion needs
+neither: it reads each model's logits where llama.cpp left them, as zero-copy numpy views, and asks
+llama.cpp for logits only at the positions that need them.
+
+Everything here is deliberately small: load a model and a context, tokenize, decode a batch with
+per-position output flags, view logits, clear the KV cache, free. Policy (what to decode, how to fuse)
+lives in the modules above this one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as _lc
+import numpy as np
+
+from .errors import ContextOverflowError, ModelFileError, TrimixError
+
+__all__ = ["LlamaModel", "gpu_offload_supported", "set_verbose", "system_info"]
+
+_GGUF_MAGIC = b"GGUF"
+_backend_ready = False
+_verbose = False
+
+
+@_lc.llama_log_callback
+def _log_quiet(level: int, text: bytes, user_data: Any) -> None:  # pragma: no cover - C callback
+    """Swallow llama.cpp's log unless the user asked for it with --verbose."""
+    if _verbose and text:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def set_verbose(verbose: bool) -> None:
+    """Route llama.cpp's own log to stderr (verbose) or drop it (the default)."""
+    global _verbose
+    _verbose = verbose
+    _lc.llama_log_set(_log_quiet, ctypes.c_void_p(0))
+
+
+def _ensure_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        set_verbose(_verbose)
+        _lc.llama_backend_init()
+        _backend_ready = True
+
+
+def gpu_offload_supported() -> bool:
+    """True when this llama.cpp build has a GPU backend (CUDA, Metal, ...)."""
+    _ensure_backend()
+    return bool(_lc.llama_supports_gpu_offload())
+
+
+def system_info() -> str:
+    """llama.cpp's own one-line description of the compute backends it was built with."""
+    _ensure_backend()
+    return _lc.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def default_threads() -> int:
+    """Every core this process may run on, which is what llama.cpp is fastest with on a laptop."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def check_gguf_file(path: Path) -> None:
+    """Fail with one clear line when ``path`` is missing or is not a GGUF file."""
+    if not path.exists():
+        raise ModelFileError(f"model file not found: {path} (check the path or set it in the profile)")
+    if not path.is_file():
+        raise ModelFileError(f"model path is not a file: {path} (give the path of a .gguf file)")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ModelFileError(
+            f"not a GGUF file: {path} (starts with {magic!r}; convert it with llama.cpp's convert_hf_to_gguf.py)"
+        )
+
+
+class LlamaModel:
+    """One GGUF model with one llama.cpp context, one batch and a single sequence.
+
+    The object owns three C resources (model, context, batch) and frees them in :meth:`close`, which
+    the context-manager protocol calls, so a run holding three models releases them deterministically
+    rather than whenever the garbage collector gets to them.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = -1,
+        vocab_only: bool = False,
+    ) -> None:
+        _ensure_backend()
+        self.path = Path(path)
+        check_gguf_file(self.path)
+        self._model = None
+        self._ctx = None
+        self._batch: Any = None
+        self._logits_addr = 0
+        self._logits_view: np.ndarray | None = None
+
+        mparams = _lc.llama_model_default_params()
+        if n_gpu_layers < 0:
+            n_gpu_layers = 999 if gpu_offload_supported() else 0
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.vocab_only = vocab_only
+        model = _lc.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
+        if not model:
+            raise ModelFileError(
+                f"llama.cpp could not load {self.path} (corrupt, truncated or an architecture this "
+                "llama.cpp does not know; rerun with --verbose to see llama.cpp's log)"
+            )
+        self._model = model
+        self._vocab = _lc.llama_model_get_vocab(model)
+        self.n_vocab = int(_lc.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(_lc.llama_model_n_ctx_train(model))
+        self.add_bos = bool(_lc.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id = int(_lc.llama_vocab_bos(self._vocab))
+        self.n_ctx = 0
+        self.n_batch = 0
+        if vocab_only:
+            return
+
+        if n_threads is None or n_threads <= 0:
+            n_threads = default_threads()
+        cparams = _lc.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = 1
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.no_perf = True
+        ctx = _lc.llama_init_from_model(model, cparams)
+        if not ctx:
+            self.close()
+            raise ModelFileError(
+                f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} "
+                "(out of memory? try a smaller --n-ctx)"
+            )
+        self._ctx = ctx
+        self.n_ctx = int(_lc.llama_n_ctx(ctx))
+        self.n_batch = n_batch
+        self._mem = _lc.llama_get_memory(ctx)
+        self._batch = _lc.llama_batch_init(n_batch, 0, 1)
+        # numpy views over the batch's own arrays: filling a batch is then a slice assignment.
+        b = self._batch
+        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
+        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
+        self._b_nseq[:] = 1
+        for i in range(n_batch):
+            b.seq_id[i][0] = 0
+        self.n_past = 0
+
+    # -- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the batch, the context and the model (idempotent)."""
+        if self._batch is not None:
+            _lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            _lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            _lc.llama_model_free(self._model)
+            self._model = None
+        self._logits_view = None
+
+    def __enter__(self) -> LlamaModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a safety net only; callers close explicitly
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- metadata and vocabulary ------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as text, or None when the GGUF has no such key."""
+        buf = ctypes.create_string_buffer(512)
+        n = _lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            _lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def description(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        _lc.llama_model_desc(self._model, buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def size_bytes(self) -> int:
+        return int(_lc.llama_model_size(self._model))
+
+    def n_params(self) -> int:
+        return int(_lc.llama_model_n_params(self._model))
+
+    def token_pieces(self, special: bool) -> list[bytes]:
+        """The bytes of every token id, in id order.
+
+        With ``special=False`` control tokens render as nothing: these are the bytes a token adds to
+        generated text. With ``special=True`` they render as their text (``<|im_end|>``), which is what
+        the vocabulary comparison between models needs.
+        """
+        vocab = self._vocab
+        buf = ctypes.create_string_buffer(256)
+        fn = _lc.llama_token_to_piece
+        out: list[bytes] = []
+        append = out.append
+        for tok in range(self.n_vocab):
+            n = fn(vocab, tok, buf, 256, 0, special)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = fn(vocab, tok, big, -n, 0, special)
+                append(big.raw[:n])
+            else:
+                append(buf.raw[:n])
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_lc.llama_vocab_is_eog(self._vocab, token))
+
+    def token_attrs(self) -> np.ndarray:
+        """llama.cpp's attribute bit flags (control, unused, byte, ...) for every token id."""
+        fn = _lc.llama_vocab_get_attr
+        vocab = self._vocab
+        return np.fromiter((fn(vocab, t) for t in range(self.n_vocab)), dtype=np.int32, count=self.n_vocab)
+
+    def tokenize(self, text: str, add_bos: bool) -> np.ndarray:
+        """Token ids of ``text`` as an int32 array; special-token text is not parsed as control tokens."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        arr = (_lc.llama_token * cap)()
+        n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, False)
+        if n < 0:
+            cap = -n
+            arr = (_lc.llama_token * cap)()
+            n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, False)
+        if n < 0:
+            raise TrimixError(f"llama.cpp could not tokenize the prompt of {len(data)} bytes (report this)")
+        return np.ctypeslib.as_array(arr)[:n].astype(np.int32)
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Empty the KV cache so the next prompt starts at position 0."""
+        _lc.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+
+    def decode(self, tokens: np.ndarray, outputs: np.ndarray | None = None) -> None:
+        """Append up to ``n_batch`` tokens at the current position.
+
+        ``outputs`` is a boolean (or 0/1) array the length of ``tokens`` marking the positions whose
+        logits llama.cpp should compute; ``None`` asks for the last position only. Logits of the i-th
+        marked position are then :meth:`logits_row` (i).
+        """
+        n = len(tokens)
+        if n == 0 or n > self.n_batch:
+            raise ValueError(f"decode takes 1..{self.n_batch} tokens, got {n}")
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"the sequence needs {self.n_past + n} positions but the context holds {self.n_ctx} "
+                "(raise --n-ctx or shorten the prompt)"
+            )
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
+        if outputs is None:
+            self._b_logits[:n] = 0
+            self._b_logits[n - 1] = 1
+        else:
+            self._b_logits[:n] = outputs
+        self._batch.n_tokens = n
+        rc = _lc.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+        self.n_past += n
+
+    def decode_one(self, token: int) -> None:
+        """The generation step: one token in, its logits out (the hot path, so no array work)."""
+        if self.n_past >= self.n_ctx:
+            raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full (raise --n-ctx)")
+        b = self._batch
+        b.token[0] = token
+        b.pos[0] = self.n_past
+        b.logits[0] = 1
+        b.n_tokens = 1
+        rc = _lc.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+        self.n_past += 1
+
+    def logits_row(self, i: int = -1) -> np.ndarray:
+        """A zero-copy float32 view of the logits of output ``i`` of the last decode.
+
+        The view points into llama.cpp's own buffer and is valid until this model's next decode.
+        """
+        ptr = _lc.llama_get_logits_ith(self._ctx, i)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
+            raise TrimixError(f"no logits at output {i} of the last decode of {self.path.name}")
+        if addr != self._logits_addr or self._logits_view is None:
+            self._logits_addr = addr
+            self._logits_view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self._logits_view
+
+    def logits_rows(self, n_outputs: int) -> np.ndarray:
+        """A zero-copy (n_outputs, n_vocab) view of every output of the last decode, in batch order."""
+        ptr = _lc.llama_get_logits(self._ctx)
+        if not ctypes.cast(ptr, ctypes.c_void_p).value:
+            raise TrimixError(f"no logits from the last decode of {self.path.name}")
+        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
