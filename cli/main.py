@@ -20,6 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp.calibrate import calibrate as run_calibration
+from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
+from trimix_cpp.selection import SELECTION_ROLES, Selector, parse_grid
+
+from . import render
 
 app = typer.Typer(
     name="trimix",
@@ -121,6 +126,34 @@ NGpu = Annotated[
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and tracebacks.")]
 
 
+SelectOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--select",
+        help="How TriMix picks (alpha, beta): fixed (--alpha/--beta), ppl (lowest fused perplexity of the "
+        "prompt) or ent (lowest entropy of the first generated token). Default: fixed when --alpha and "
+        "--beta are given, else ppl. Ties go to the smaller alpha, then the smaller beta.",
+    ),
+]
+GridAlpha = Annotated[str | None, typer.Option("--grid-alpha", help="Alpha values to try, e.g. 0.1,0.5,0.9.")]
+GridBeta = Annotated[
+    str | None, typer.Option("--grid-beta", help="Beta values to try (default 0.1,0.3,0.5,0.7,0.9,1).")
+]
+MaxLogits = Annotated[
+    float, typer.Option("--max-logits-mib", help="Memory bound for perplexity selection's logits, in MiB.")
+]
+
+
+def _selector(strategy: str, grid_alpha: str | None, grid_beta: str | None, max_logits_mib: float) -> Selector:
+    return Selector(strategy, parse_grid(grid_alpha), parse_grid(grid_beta), max_logits_mib)
+
+
+def _need_paths(paths: dict[str, Path], roles: tuple[str, ...], what: str) -> None:
+    missing = [r for r in roles if r not in paths]
+    if missing:
+        raise tm.TrimixError(f"{what} needs {_flag(missing[0])} (the path of its GGUF file)")
+
+
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
@@ -134,6 +167,13 @@ def generate(
     beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
     gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
     role: Annotated[str, typer.Option(help="The model used by --method single.")] = tm.LARGE_INS,
+    select: SelectOpt = None,
+    grid_alpha: GridAlpha = None,
+    grid_beta: GridBeta = None,
+    max_logits_mib: MaxLogits = 512.0,
+    weights_from: Annotated[
+        Path | None, typer.Option("--weights-from", help="Use the (alpha, beta) saved by trimix calibrate.")
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", "--temp", help="0 is greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
@@ -155,16 +195,31 @@ def generate(
     """Generate text with fused logits, streaming whole characters to stdout."""
     with _errors(verbose):
         text = read_prompt(prompt, file)
-        fusion = tm.plan(method, alpha=alpha, beta=beta, gamma=gamma, role=role)
         paths = _model_paths(large_ins, small_cpt, small_base, large_base)
-        missing = [r for r in fusion.roles if r not in paths]
-        if missing:
-            raise tm.TrimixError(f"method {method} needs {_flag(missing[0])} (the path of its GGUF file)")
+        if weights_from is not None:
+            if select not in (None, "fixed") or alpha is not None or beta is not None:
+                raise tm.TrimixError("--weights-from sets alpha and beta: drop --alpha/--beta/--select")
+            _need_paths(paths, SELECTION_ROLES, "--weights-from")
+            alpha, beta = load_weights(weights_from, paths)
+            select = "fixed"
+        if select is None:
+            select = "ppl" if method == "trimix" and alpha is None and beta is None else "fixed"
+        if select == "fixed":
+            fusion: tm.FusionPlan | Selector = tm.plan(method, alpha=alpha, beta=beta, gamma=gamma, role=role)
+            roles = fusion.roles
+        else:
+            if method != "trimix":
+                raise tm.TrimixError(
+                    f"--select {select} chooses TriMix weights; it does not apply to --method {method}"
+                )
+            fusion = _selector(select, grid_alpha, grid_beta, max_logits_mib)
+            roles = SELECTION_ROLES
+        _need_paths(paths, roles, f"method {method}")
         sampling = tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         sampling.validate()
         options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
         stops = [unescape(s) for s in stop or []]
-        with tm.Engine({r: paths[r] for r in fusion.roles}, options) as engine:
+        with tm.Engine({r: paths[r] for r in roles}, options) as engine:
             gen = engine.generate(
                 text, fusion, sampling=sampling, max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard
             )
@@ -176,23 +231,100 @@ def generate(
                     sys.stdout.flush()
                 sys.stdout.write("\n")
                 sys.stdout.flush()
+        used = gen.fusion
         if as_json:
             payload = {
                 "text": gen.text,
                 "token_ids": gen.token_ids,
-                "method": fusion.method,
-                "weights": fusion.weights,
+                "method": used.method,
+                "weights": used.weights,
                 "finish_reason": gen.finish_reason,
                 "timings": gen.timings.as_dict(),
             }
+            if gen.selection is not None:
+                payload["selection"] = gen.selection.as_dict()
             sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         t = gen.timings
+        chosen = (
+            f" ({gen.selection.strategy} chose alpha={used.params['alpha']:g} beta={used.params['beta']:g})"
+            if gen.selection
+            else ""
+        )
         err.print(
-            f"[dim]{fusion.method} {_weights_text(fusion.weights)} | prompt {t.prompt_tokens} tok "
+            f"[dim]{used.method} {_weights_text(used.weights)}{chosen} | prompt {t.prompt_tokens} tok "
             f"{t.prompt_tokens_per_s:.1f} tok/s | generated {t.gen_tokens} tok {t.gen_tokens_per_s:.1f} tok/s "
             f"| stop: {gen.finish_reason}[/]",
             soft_wrap=True,
         )
+
+
+@app.command("select")
+def select_cmd(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
+    large_ins: LargeIns = None,
+    small_cpt: SmallCpt = None,
+    small_base: SmallBase = None,
+    strategy: Annotated[
+        str, typer.Option(help="ppl (perplexity of the prompt) or ent (entropy of the next token).")
+    ] = "ppl",
+    grid_alpha: GridAlpha = None,
+    grid_beta: GridBeta = None,
+    max_logits_mib: MaxLogits = 512.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    n_ctx: NCtx = 4096,
+    threads: Threads = 0,
+    n_gpu_layers: NGpu = -1,
+    verbose: Verbose = False,
+) -> None:
+    """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
+    with _errors(verbose):
+        text = read_prompt(prompt, file)
+        paths = _model_paths(large_ins, small_cpt, small_base, None)
+        _need_paths(paths, SELECTION_ROLES, "selection")
+        selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
+        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        with tm.Engine(paths, options) as engine:
+            sel = engine.select(text, selector)
+        if as_json:
+            sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
+        else:
+            render.landscape(Console(), sel)
+        err.print(f"[dim]{sel.n_tokens} prompt tokens, selection took {sel.seconds:.2f} s[/]", soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    prompts: Annotated[Path, typer.Option("--prompts", help='JSONL file, one {"prompt": ...} object per line.')],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the weights JSON.")] = Path(
+        "trimix-weights.json"
+    ),
+    large_ins: LargeIns = None,
+    small_cpt: SmallCpt = None,
+    small_base: SmallBase = None,
+    n: Annotated[int, typer.Option("--n", help="How many prompts to sample.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
+    grid_alpha: GridAlpha = None,
+    grid_beta: GridBeta = None,
+    max_logits_mib: MaxLogits = 512.0,
+    n_ctx: NCtx = 4096,
+    threads: Threads = 0,
+    n_gpu_layers: NGpu = -1,
+    verbose: Verbose = False,
+) -> None:
+    """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
+    with _errors(verbose):
+        paths = _model_paths(large_ins, small_cpt, small_base, None)
+        _need_paths(paths, SELECTION_ROLES, "calibration")
+        sample = sample_prompts(read_prompts(prompts), n, seed)
+        selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
+        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        with tm.Engine(paths, options) as engine, render.progress(err) as bar:
+            task = bar.add_task("calibrating", total=len(sample))
+            cal = run_calibration(engine, sample, selector, paths, lambda k: bar.update(task, completed=k))
+        cal.save(output)
+        a, b = cal.chosen
+        err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts; wrote {output}", soft_wrap=True)
 
 
 def _weights_text(weights: dict[str, float]) -> str:

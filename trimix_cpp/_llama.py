@@ -167,6 +167,7 @@ class LlamaModel:
         for i in range(n_batch):
             b.seq_id[i][0] = 0
         self.n_past = 0
+        self.n_decoded = 0  # tokens this context has decoded since it was created
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -298,6 +299,7 @@ class LlamaModel:
         if rc != 0:
             raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
         self.n_past += n
+        self.n_decoded += n
 
     def decode_one(self, token: int) -> None:
         """The generation step: one token in, its logits out (the hot path, so no array work)."""
@@ -312,6 +314,7 @@ class LlamaModel:
         if rc != 0:
             raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
         self.n_past += 1
+        self.n_decoded += 1
 
     def logits_row(self, i: int = -1) -> np.ndarray:
         """A zero-copy float32 view of the logits of output ``i`` of the last decode.

@@ -9,7 +9,7 @@ pieces; what it measured is on the :class:`Generation` object once it is exhaust
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +17,19 @@ import numpy as np
 
 from . import _llama
 from .errors import ContextOverflowError, TrimixError, WeightError
-from .fusion import LARGE_INS, ROLES, Fuser, FusionPlan
+from .fusion import LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, Fuser, FusionPlan, plan
 from .sampling import SamplingParams, make_sampler
+from .selection import SELECTION_ROLES, GridNLL, Selection, Selector, choose, entropy_grid
 from .utf8 import StreamDecoder, Utf8Guard
 from .vocab import ATTR_CONTROL, SharedVocab, check_same_vocabulary, padding_mask
 
 _USER_DEFINED = 1 << 4
+
+ChunkCallback = Callable[[Mapping[str, np.ndarray], np.ndarray], None]
+
+
+def _flag(role: str) -> str:
+    return "--" + role.replace("_", "-")
 
 
 @dataclass
@@ -160,14 +167,86 @@ class Engine:
                 "(raise --n-ctx or shorten the prompt)"
             )
 
-    def evaluate_prompt(self, tokens: np.ndarray, roles: Sequence[str] | None = None) -> None:
-        """Clear every model's KV cache and decode the prompt, logits at the last position only."""
+    def evaluate_prompt(
+        self,
+        tokens: np.ndarray,
+        roles: Sequence[str] | None = None,
+        on_chunk: ChunkCallback | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
+        """Clear the KV caches and decode the prompt once in every model, leaving them ready to generate.
+
+        Without ``on_chunk`` only the last position's logits are computed. With it, the prompt goes
+        through in chunks of ``chunk_rows`` positions with logits at every position; after each
+        chunk ``on_chunk(rows, targets)`` gets every model's (n, n_vocab) logits views and the token
+        that follows each position (one fewer for the prompt's last chunk), and must be done with
+        the views when it returns, since the next chunk overwrites them.
+        """
         self.check_prompt(tokens)
-        for r in roles or self.roles:
-            m = self.models[r]
+        roles = tuple(roles or self.roles)
+        models = [self.models[r] for r in roles]
+        for m in models:
             m.clear()
-            for start in range(0, len(tokens), m.n_batch):
-                m.decode(tokens[start : start + m.n_batch])
+        if on_chunk is None:
+            for m in models:
+                for start in range(0, len(tokens), m.n_batch):
+                    m.decode(tokens[start : start + m.n_batch])
+            return
+        step = max(1, min(chunk_rows or models[0].n_batch, min(m.n_batch for m in models)))
+        all_outputs = np.ones(step, dtype=np.int8)
+        for start in range(0, len(tokens), step):
+            end = min(len(tokens), start + step)
+            for m in models:
+                m.decode(tokens[start:end], all_outputs[: end - start])
+            rows = {r: m.logits_rows(end - start) for r, m in zip(roles, models)}
+            on_chunk(rows, tokens[start + 1 : end + 1])
+
+    def select(self, prompt: str | Sequence[int] | np.ndarray, selector: Selector) -> Selection:
+        """Score the grid of (alpha, beta) on the prompt and choose a pair, without labels.
+
+        The prompt is evaluated exactly once per model, and that evaluation leaves every KV cache
+        ready for generation (:meth:`generate` with a :class:`Selector` relies on it).
+        """
+        missing = [r for r in SELECTION_ROLES if r not in self.models]
+        if missing:
+            raise WeightError(f"weight selection needs the {missing[0]} model ({_flag(missing[0])})")
+        tokens = self._as_tokens(prompt)
+        t0 = time.perf_counter()
+        n_vocab = self.vocab.n_vocab
+        fallbacks = 0
+        if selector.strategy == "ppl":
+            chunk = selector.chunk_rows(
+                n_vocab, [self.models[r].n_vocab for r in SELECTION_ROLES], min(m.n_batch for m in self.models.values())
+            )
+            with GridNLL(selector.alphas, selector.betas, n_vocab, selector.threads) as grid:
+
+                def fold(rows: Mapping[str, np.ndarray], targets: np.ndarray) -> None:
+                    grid.add(rows[LARGE_INS], rows[SMALL_CPT], rows[SMALL_BASE], targets)
+
+                self.evaluate_prompt(tokens, SELECTION_ROLES, fold, chunk)
+                scores, single = grid.scores.mean_nll, grid.scores.single_mean_nll()
+                fallbacks = grid.scores.n_dense_fallback
+        else:
+            self.evaluate_prompt(tokens, SELECTION_ROLES)
+            last = {r: self.models[r].logits_row(-1)[:n_vocab] for r in SELECTION_ROLES}
+            scores = entropy_grid(last[LARGE_INS], last[SMALL_CPT], last[SMALL_BASE], selector.alphas, selector.betas)
+            single = {}
+        return Selection(
+            strategy=selector.strategy,
+            alphas=selector.alphas,
+            betas=selector.betas,
+            scores=scores,
+            chosen=choose(selector.alphas, selector.betas, scores),
+            single_nll=single,
+            n_tokens=len(tokens),
+            seconds=time.perf_counter() - t0,
+            dense_fallbacks=fallbacks,
+        )
+
+    def _as_tokens(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        return np.asarray(prompt, dtype=np.int32)
 
     def guard(self, enabled: bool) -> Utf8Guard:
         """The UTF-8 guard (built once per engine and setting: its tables cost a vocabulary pass)."""
@@ -183,23 +262,26 @@ class Engine:
     def generate(
         self,
         prompt: str | Sequence[int],
-        fusion: FusionPlan,
+        fusion: FusionPlan | Selector,
         *,
         sampling: SamplingParams | None = None,
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         utf8_guard: bool = True,
     ) -> Generation:
-        """Fused generation as an iterator of text pieces (see :class:`Generation`)."""
-        missing = [r for r in fusion.roles if r not in self.models]
+        """Fused generation as an iterator of text pieces (see :class:`Generation`).
+
+        ``fusion`` is either fixed weights (a :class:`FusionPlan`) or a :class:`Selector`, which
+        picks TriMix's (alpha, beta) on this prompt during the prompt evaluation generation needs
+        anyway.
+        """
+        roles = SELECTION_ROLES if isinstance(fusion, Selector) else fusion.roles
+        missing = [r for r in roles if r not in self.models]
         if missing:
-            raise WeightError(f"method {fusion.method} needs the {missing[0]} model, which is not loaded")
+            raise WeightError(f"this method needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
         if max_tokens < 0:
             raise TrimixError(f"--max-tokens must be >= 0, got {max_tokens}")
-        if isinstance(prompt, str):
-            tokens = self.tokenize(prompt)
-        else:
-            tokens = np.asarray(prompt, dtype=np.int32)
+        tokens = self._as_tokens(prompt)
         return Generation(self, tokens, fusion, sampling or SamplingParams(), max_tokens, list(stop), utf8_guard)
 
 
@@ -217,11 +299,13 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
 @dataclass
 class Generation:
     """Iterate to stream text pieces; afterwards ``text``, ``token_ids``, ``finish_reason`` and
-    ``timings`` describe the run. The streamed pieces always join to ``text``."""
+    ``timings`` describe the run (and ``selection`` the weight choice, when one was made). The
+    streamed pieces always join to ``text``. ``fusion`` is the plan actually used once the
+    prompt has been evaluated."""
 
     engine: Engine
     prompt_tokens: np.ndarray
-    fusion: FusionPlan
+    fusion: FusionPlan | Selector
     sampling: SamplingParams
     max_tokens: int
     stop: list[str]
@@ -230,6 +314,7 @@ class Generation:
     text: str = ""
     finish_reason: str | None = None
     timings: Timings = field(default_factory=Timings)
+    selection: Selection | None = None
 
     def __post_init__(self) -> None:
         self._it = self._run()
@@ -251,12 +336,8 @@ class Generation:
         return piece
 
     def _run(self) -> Iterator[str]:
-        eng, fusion = self.engine, self.fusion
-        roles = fusion.roles
-        models = [eng.models[r] for r in roles]
+        eng = self.engine
         vocab = eng.vocab
-        fuser = Fuser(fusion, vocab.n_vocab)
-        guard = eng.guard(self.utf8_guard)
         sample = make_sampler(self.sampling, vocab.n_vocab)
         decoder = StreamDecoder()
         pieces, eog, stops = vocab.pieces, vocab.eog, [s for s in self.stop if s]
@@ -264,9 +345,19 @@ class Generation:
         perf = time.perf_counter
 
         t0 = perf()
-        eng.evaluate_prompt(self.prompt_tokens, roles)
+        if isinstance(self.fusion, Selector):
+            self.selection = eng.select(self.prompt_tokens, self.fusion)
+            alpha, beta = self.selection.chosen
+            self.fusion = plan("trimix", alpha=alpha, beta=beta)
+        else:
+            eng.evaluate_prompt(self.prompt_tokens, self.fusion.roles)
         t.prompt_tokens = len(self.prompt_tokens)
         t.prompt_s = perf() - t0
+        fusion = self.fusion
+        roles = fusion.roles
+        models = [eng.models[r] for r in roles]
+        fuser = Fuser(fusion, vocab.n_vocab)
+        guard = eng.guard(self.utf8_guard)
 
         rows = {r: m.logits_row(-1) for r, m in zip(roles, models)}
         pending = ""

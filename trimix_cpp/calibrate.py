@@ -1,0 +1,151 @@
+"""Per-task calibration: one (alpha, beta) for a whole task, chosen from a sample of its prompts.
+
+This is how the authors' evaluation code uses perplexity selection: draw a few dozen prompts of the
+task (no labels needed), add up each pair's mean NLL per token over them, keep the best pair, and
+run the whole task with it. The result is a small JSON file that ``trimix generate --weights-from``
+reads back; it records the model files it was made for (name and size) and is refused for others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine
+from .errors import TrimixError
+from .selection import SELECTION_ROLES, Selector, choose
+
+FORMAT = "trimix-weights/1"
+
+
+def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
+    """Prompts from a JSONL file, one JSON object per line with a ``prompt`` field."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrimixError(f"prompts file not found: {path}")
+    prompts = []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TrimixError(
+                    f"{path}:{lineno}: not a JSON object in UTF-8 ({e.__class__.__name__}); "
+                    "write one JSON object per line"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise TrimixError(f'{path}:{lineno}: no string field "{field}" (each line needs {{"{field}": "..."}})')
+            prompts.append(record[field])
+    if not prompts:
+        raise TrimixError(f"{path} has no prompts")
+    return prompts
+
+
+def sample_prompts(prompts: Sequence[str], n: int, seed: int) -> list[str]:
+    """``n`` prompts drawn without replacement with a seeded generator (all of them if fewer)."""
+    if n <= 0:
+        raise TrimixError(f"--n must be positive, got {n}")
+    if n >= len(prompts):
+        return list(prompts)
+    return random.Random(seed).sample(list(prompts), n)
+
+
+def model_fingerprint(paths: Mapping[str, str | Path]) -> dict[str, dict[str, object]]:
+    """What a weights file remembers of each model: file name and size in bytes."""
+    return {r: {"file": Path(p).name, "bytes": os.path.getsize(p)} for r, p in paths.items() if r in SELECTION_ROLES}
+
+
+@dataclass
+class Calibration:
+    strategy: str
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+    mean_nll: np.ndarray
+    chosen: tuple[float, float]
+    n_prompts: int
+    models: dict[str, dict[str, object]]
+
+    def as_dict(self) -> dict[str, object]:
+        grid = [
+            {"alpha": a, "beta": b, "nll": float(self.mean_nll[i, j]), "ppl": math.exp(float(self.mean_nll[i, j]))}
+            for i, a in enumerate(self.alphas)
+            for j, b in enumerate(self.betas)
+        ]
+        return {
+            "format": FORMAT,
+            "strategy": self.strategy,
+            "chosen": {"alpha": self.chosen[0], "beta": self.chosen[1]},
+            "grid_alpha": list(self.alphas),
+            "grid_beta": list(self.betas),
+            "grid": grid,
+            "n_prompts": self.n_prompts,
+            "models": self.models,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically, so an interrupted run never leaves half a weights file."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def calibrate(
+    engine: Engine,
+    prompts: Sequence[str],
+    selector: Selector,
+    paths: Mapping[str, str | Path],
+    progress: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Mean over ``prompts`` of each pair's per-prompt mean NLL, and the pair that minimises it."""
+    if selector.strategy != "ppl":
+        raise TrimixError("calibration uses perplexity (--strategy ppl)")
+    total = np.zeros((len(selector.alphas), len(selector.betas)))
+    for k, prompt in enumerate(prompts):
+        total += engine.select(prompt, selector).scores
+        if progress is not None:
+            progress(k + 1)
+    mean = total / len(prompts)
+    return Calibration(
+        strategy="ppl",
+        alphas=selector.alphas,
+        betas=selector.betas,
+        mean_nll=mean,
+        chosen=choose(selector.alphas, selector.betas, mean),
+        n_prompts=len(prompts),
+        models=model_fingerprint(paths),
+    )
+
+
+def load_weights(path: str | Path, paths: Mapping[str, str | Path]) -> tuple[float, float]:
+    """The (alpha, beta) of a weights file, after checking it was made for these model files."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrimixError(f"weights file not found: {path} (make one with trimix calibrate)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        alpha, beta = float(data["chosen"]["alpha"]), float(data["chosen"]["beta"])
+        saved = data["models"]
+    except (ValueError, KeyError, TypeError):
+        raise TrimixError(f"{path} is not a trimix weights file (make one with trimix calibrate)") from None
+    if data.get("format") != FORMAT:
+        raise TrimixError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r} (recalibrate)")
+    current = model_fingerprint(paths)
+    for role in SELECTION_ROLES:
+        if saved.get(role) != current.get(role):
+            raise TrimixError(
+                f"{path} was calibrated for {role} = {saved.get(role)}, not {current.get(role)} "
+                "(run trimix calibrate for these models)"
+            )
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise TrimixError(f"{path} holds non-finite weights (recalibrate)")
+    return alpha, beta
