@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,9 +20,12 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
+from trimix_cpp.profiles import Profile, find_profile
 from trimix_cpp.selection import SELECTION_ROLES, Selector, parse_grid
 
+from . import models as models_cmd
 from . import render
+from .common import Verbose, err, errors, flag
 
 app = typer.Typer(
     name="trimix",
@@ -34,33 +35,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True, highlight=False)
+
+
+app.add_typer(models_cmd.app, name="models")
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _errors(verbose: bool) -> Iterator[None]:
-    """Turn any failure into one line on stderr and a non-zero exit code."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except tm.TrimixError as e:
-        if verbose:
-            traceback.print_exc()
-        _fail(str(e))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as e:  # a bug, not a user error: still one line unless --verbose
-        if verbose:
-            traceback.print_exc()
-        _fail(f"{type(e).__name__}: {e} (rerun with --verbose for the traceback)")
 
 
 def unescape(s: str) -> str:
@@ -101,13 +80,37 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     return prompt
 
 
-def _model_paths(large_ins: Path | None, small_cpt: Path | None, small_base: Path | None, large_base: Path | None):
-    given = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base, tm.LARGE_BASE: large_base}
-    return {role: path for role, path in given.items() if path is not None}
+@dataclass
+class Setup:
+    """Model files and defaults from ``--lang``'s profile, overridden by explicit flags."""
 
+    profile: Profile | None
+    explicit: dict[str, Path]
 
-def _flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
+    @classmethod
+    def make(cls, lang: str | None, large_ins=None, small_cpt=None, small_base=None, large_base=None) -> Setup:
+        given = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base, tm.LARGE_BASE: large_base}
+        profile = find_profile(lang) if lang else None
+        return cls(profile, {r: p for r, p in given.items() if p is not None})
+
+    def paths(self, roles: tuple[str, ...], what: str) -> dict[str, Path]:
+        out = {}
+        for r in roles:
+            if r in self.explicit:
+                out[r] = self.explicit[r]
+            elif self.profile is not None and r in self.profile.models:
+                out[r] = self.profile.locate(r)
+            else:
+                raise tm.TrimixError(f"{what} needs {flag(r)} (the path of its GGUF file) or --lang with a profile")
+        return out
+
+    def n_ctx(self, given: int | None) -> int:
+        if given is not None:
+            return given
+        return self.profile.n_ctx if self.profile else 4096
+
+    def prompt(self, text: str, raw: bool) -> str:
+        return text if raw or self.profile is None else self.profile.format_prompt(text)
 
 
 # Shared option declarations -----------------------------------------------------------------------
@@ -118,12 +121,18 @@ SmallCpt = Annotated[
 ]
 SmallBase = Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")]
 LargeBase = Annotated[Path | None, typer.Option("--large-base", help="GGUF of the large base model (trimix4 only).")]
-NCtx = Annotated[int, typer.Option("--n-ctx", help="Context length in tokens (prompt + generation).")]
+NCtx = Annotated[
+    int | None, typer.Option("--n-ctx", help="Context length in tokens (prompt + generation); default 4096.")
+]
+Lang = Annotated[
+    str | None,
+    typer.Option("--lang", "-l", help="Language profile (bod, uig, kaz, mvf, demo, ...): models and defaults."),
+]
+Raw = Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the profile's template.")]
 Threads = Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")]
 NGpu = Annotated[
     int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
 ]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and tracebacks.")]
 
 
 SelectOpt = Annotated[
@@ -148,12 +157,6 @@ def _selector(strategy: str, grid_alpha: str | None, grid_beta: str | None, max_
     return Selector(strategy, parse_grid(grid_alpha), parse_grid(grid_beta), max_logits_mib)
 
 
-def _need_paths(paths: dict[str, Path], roles: tuple[str, ...], what: str) -> None:
-    missing = [r for r in roles if r not in paths]
-    if missing:
-        raise tm.TrimixError(f"{what} needs {_flag(missing[0])} (the path of its GGUF file)")
-
-
 @app.command()
 def generate(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
@@ -162,7 +165,10 @@ def generate(
     small_cpt: SmallCpt = None,
     small_base: SmallBase = None,
     large_base: LargeBase = None,
-    method: Annotated[str, typer.Option(help="trimix | trimix4 | proxy | contrastive | single")] = "trimix",
+    lang: Lang = None,
+    method: Annotated[
+        str | None, typer.Option(help="trimix | trimix4 | proxy | contrastive | single (default: trimix)")
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="Weight of the large instruction model.")] = None,
     beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
     gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
@@ -187,24 +193,32 @@ def generate(
         bool, typer.Option("--utf8-guard/--no-utf8-guard", help="Mask tokens that would break UTF-8.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
-    n_ctx: NCtx = 4096,
+    raw: Raw = False,
+    n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
     verbose: Verbose = False,
 ) -> None:
     """Generate text with fused logits, streaming whole characters to stdout."""
-    with _errors(verbose):
-        text = read_prompt(prompt, file)
-        paths = _model_paths(large_ins, small_cpt, small_base, large_base)
+    with errors(verbose):
+        setup = Setup.make(lang, large_ins, small_cpt, small_base, large_base)
+        prof = setup.profile
+        text = setup.prompt(read_prompt(prompt, file), raw)
+        method = method or (prof.method if prof else "trimix")
         if weights_from is not None:
             if select not in (None, "fixed") or alpha is not None or beta is not None:
                 raise tm.TrimixError("--weights-from sets alpha and beta: drop --alpha/--beta/--select")
-            _need_paths(paths, SELECTION_ROLES, "--weights-from")
-            alpha, beta = load_weights(weights_from, paths)
+            alpha, beta = load_weights(weights_from, setup.paths(SELECTION_ROLES, "--weights-from"))
             select = "fixed"
         if select is None:
-            select = "ppl" if method == "trimix" and alpha is None and beta is None else "fixed"
+            if method != "trimix" or alpha is not None or beta is not None:
+                select = "fixed"
+            else:
+                select = prof.select if prof else "ppl"
         if select == "fixed":
+            if prof is not None and method == "trimix":
+                alpha = prof.alpha if alpha is None else alpha
+                beta = prof.beta if beta is None else beta
             fusion: tm.FusionPlan | Selector = tm.plan(method, alpha=alpha, beta=beta, gamma=gamma, role=role)
             roles = fusion.roles
         else:
@@ -214,11 +228,13 @@ def generate(
                 )
             fusion = _selector(select, grid_alpha, grid_beta, max_logits_mib)
             roles = SELECTION_ROLES
-        _need_paths(paths, roles, f"method {method}")
+        paths = setup.paths(roles, f"method {method}")
         sampling = tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         sampling.validate()
-        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
-        stops = [unescape(s) for s in stop or []]
+        options = tm.LoadOptions(
+            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
+        stops = [unescape(s) for s in stop] if stop is not None else list(prof.stop if prof else [])
         with tm.Engine({r: paths[r] for r in roles}, options) as engine:
             gen = engine.generate(
                 text, fusion, sampling=sampling, max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard
@@ -262,9 +278,11 @@ def generate(
 def select_cmd(
     prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
+    lang: Lang = None,
     large_ins: LargeIns = None,
     small_cpt: SmallCpt = None,
     small_base: SmallBase = None,
+    raw: Raw = False,
     strategy: Annotated[
         str, typer.Option(help="ppl (perplexity of the prompt) or ent (entropy of the next token).")
     ] = "ppl",
@@ -272,18 +290,20 @@ def select_cmd(
     grid_beta: GridBeta = None,
     max_logits_mib: MaxLogits = 512.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    n_ctx: NCtx = 4096,
+    n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
     verbose: Verbose = False,
 ) -> None:
     """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
-    with _errors(verbose):
-        text = read_prompt(prompt, file)
-        paths = _model_paths(large_ins, small_cpt, small_base, None)
-        _need_paths(paths, SELECTION_ROLES, "selection")
+    with errors(verbose):
+        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        text = setup.prompt(read_prompt(prompt, file), raw)
+        paths = setup.paths(SELECTION_ROLES, "selection")
         selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
-        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        options = tm.LoadOptions(
+            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
         with tm.Engine(paths, options) as engine:
             sel = engine.select(text, selector)
         if as_json:
@@ -299,26 +319,30 @@ def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the weights JSON.")] = Path(
         "trimix-weights.json"
     ),
+    lang: Lang = None,
     large_ins: LargeIns = None,
     small_cpt: SmallCpt = None,
     small_base: SmallBase = None,
+    raw: Raw = False,
     n: Annotated[int, typer.Option("--n", help="How many prompts to sample.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
     max_logits_mib: MaxLogits = 512.0,
-    n_ctx: NCtx = 4096,
+    n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
     verbose: Verbose = False,
 ) -> None:
     """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
-    with _errors(verbose):
-        paths = _model_paths(large_ins, small_cpt, small_base, None)
-        _need_paths(paths, SELECTION_ROLES, "calibration")
-        sample = sample_prompts(read_prompts(prompts), n, seed)
+    with errors(verbose):
+        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        paths = setup.paths(SELECTION_ROLES, "calibration")
+        sample = [setup.prompt(p, raw) for p in sample_prompts(read_prompts(prompts), n, seed)]
         selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
-        options = tm.LoadOptions(n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        options = tm.LoadOptions(
+            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
         with tm.Engine(paths, options) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
             cal = run_calibration(engine, sample, selector, paths, lambda k: bar.update(task, completed=k))
@@ -338,7 +362,7 @@ def inspect(
     verbose: Verbose = False,
 ) -> None:
     """Show each model's architecture, vocabulary, quantization and context, and whether they fuse."""
-    with _errors(verbose):
+    with errors(verbose):
         tm._llama.set_verbose(verbose)
         check = tm.inspect_models(models)
         if as_json:

@@ -30,6 +30,7 @@ class ModelInfo:
     context_length: int
     file_size_bytes: int
     add_bos: bool
+    kv_bytes_per_token: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -57,7 +58,28 @@ def model_info(model: _llama.LlamaModel) -> ModelInfo:
         context_length=model.n_ctx_train,
         file_size_bytes=model.path.stat().st_size,
         add_bos=model.add_bos,
+        kv_bytes_per_token=kv_cache_bytes(model, 1),
     )
+
+
+def _meta_int(model: _llama.LlamaModel, key: str, default: int = 0) -> int:
+    value = model.meta(key)
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def kv_cache_bytes(model: _llama.LlamaModel, n_ctx: int, bytes_per_value: int = 2) -> int:
+    """Keys and values of every layer for ``n_ctx`` positions, in llama.cpp's default F16 cache."""
+    arch = model.meta("general.architecture") or ""
+    n_layer = _meta_int(model, f"{arch}.block_count")
+    n_embd = _meta_int(model, f"{arch}.embedding_length")
+    n_head = max(_meta_int(model, f"{arch}.attention.head_count", 1), 1)
+    n_head_kv = _meta_int(model, f"{arch}.attention.head_count_kv", n_head)
+    k_len = _meta_int(model, f"{arch}.attention.key_length", n_embd // n_head)
+    v_len = _meta_int(model, f"{arch}.attention.value_length", n_embd // n_head)
+    return n_layer * n_ctx * n_head_kv * (k_len + v_len) * bytes_per_value
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""``trimix models``: the profiles found, whether their files are present, and adding one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import trimix_cpp as tm
+from trimix_cpp._llama import LlamaModel
+from trimix_cpp.modelinfo import kv_cache_bytes
+from trimix_cpp.profiles import Profile, all_profiles, find_profile, user_profiles_dir, write_profile
+
+from .common import Verbose, err, errors
+
+app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True)
+out = Console()
+
+
+def _present(profile: Profile, role: str) -> bool:
+    try:
+        profile.locate(role)
+        return True
+    except tm.TrimixError:
+        return False
+
+
+@app.command("list")
+def list_cmd(verbose: Verbose = False) -> None:
+    """Every profile --lang can find, and whether each of its model files is present."""
+    with errors(verbose):
+        profiles, problems = all_profiles()
+        table = Table(title="trimix profiles (--lang CODE)", title_justify="left")
+        for col in ("lang", "name", "model files", "profile"):
+            table.add_column(col, overflow="fold")
+        for p in profiles:
+            files = " ".join(
+                ("[green]✓[/]" if _present(p, r) else "[red]✗[/]") + " " + r.replace("_", "-") for r in p.models
+            )
+            table.add_row(p.lang, p.name, files, _short(p.path))
+        out.print(table)
+        for line in problems:
+            err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@app.command()
+def check(
+    lang: Annotated[str, typer.Option("--lang", "-l", help="The profile to check.")],
+    n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Context for the memory estimate.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Check a profile: files exist and are GGUF, vocabularies fuse, and how much memory it needs."""
+    with errors(verbose):
+        tm._llama.set_verbose(verbose)
+        profile = find_profile(lang)
+        paths = profile.paths()
+        ctx = n_ctx or profile.n_ctx
+        fusion = tm.inspect_models(list(paths.values()))
+        rows, total = [], 0
+        for role, path in paths.items():
+            with LlamaModel(path, vocab_only=True) as m:
+                kv = kv_cache_bytes(m, ctx)
+            size = path.stat().st_size
+            total += size + kv
+            rows.append({"role": role, "file": str(path), "weights_bytes": size, "kv_cache_bytes": kv})
+        result = {
+            "lang": profile.lang,
+            "profile": str(profile.path),
+            "models": rows,
+            "fusable": fusion.fusable,
+            "shared_vocab": fusion.shared_vocab,
+            "reason": fusion.reason,
+            "n_ctx": ctx,
+            "memory_estimate_bytes": total,
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        else:
+            table = Table(title=f"--lang {profile.lang} ({profile.name}): {profile.path}", title_justify="left")
+            for col in ("role", "file", "weights", f"KV cache @ {ctx}"):
+                table.add_column(col, justify="right" if col != "role" and col != "file" else "left")
+            for r in rows:
+                table.add_row(r["role"], r["file"], _gib(r["weights_bytes"]), _gib(r["kv_cache_bytes"]))
+            out.print(table)
+            mark = "[green]fusable[/]" if fusion.fusable else "[red]not fusable[/]"
+            out.print(f"{mark}: {fusion.reason}; shared vocabulary {fusion.shared_vocab:,} tokens", soft_wrap=True)
+            out.print(f"memory estimate (weights + KV cache for n_ctx={ctx}): {_gib(total)}", soft_wrap=True)
+        if not fusion.fusable:
+            raise typer.Exit(1)
+
+
+@app.command()
+def add(
+    lang: Annotated[str, typer.Option("--lang", "-l", help="Language code of the new profile.")],
+    large_ins: Annotated[Path, typer.Option("--large-ins", help="GGUF of the large instruction model.")],
+    small_cpt: Annotated[Path, typer.Option("--small-cpt", help="GGUF of the small continued model.")],
+    small_base: Annotated[Path, typer.Option("--small-base", help="GGUF of the small base model.")],
+    large_base: Annotated[Path | None, typer.Option("--large-base", help="GGUF of the large base model.")] = None,
+    name: Annotated[str | None, typer.Option(help="Language name shown in listings.")] = None,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Default context length.")] = 4096,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing user profile.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write a user profile after checking that its models load and fuse."""
+    with errors(verbose):
+        tm._llama.set_verbose(verbose)
+        if not lang.replace("-", "").replace("_", "").isalnum():
+            raise tm.TrimixError(f"--lang takes a language code such as bod or uig, got {lang!r}")
+        models = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base}
+        if large_base is not None:
+            models[tm.LARGE_BASE] = large_base
+        fusion = tm.inspect_models(list(models.values()))
+        if not fusion.fusable:
+            raise tm.TrimixError(f"not adding {lang}: {fusion.reason}")
+        target = user_profiles_dir() / f"{lang}.toml"
+        if target.exists() and not force:
+            raise tm.TrimixError(f"{target} exists (pass --force to replace it)")
+        write_profile(target, lang, models, name=name, n_ctx=n_ctx)
+        err.print(f'wrote {target}; use it with: trimix generate --lang {lang} "..."', soft_wrap=True)

@@ -1,0 +1,145 @@
+"""Profiles: resolution order, model-file lookup, and one-line errors for bad or missing ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_errors import trimix
+
+import trimix_cpp as tm
+from trimix_cpp.profiles import SHIPPED_DIR, find_profile, load_profile, user_profiles_dir
+
+TRIO = ("large_ins", "small_cpt", "small_base")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def profile_text(lang: str, models: dict[str, str], extra: str = "") -> str:
+    lines = ["[profile]", f'lang = "{lang}"', f'name = "{lang} name"', extra, "", "[models]"]
+    lines += [f'{r} = "{p}"' for r, p in models.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    env, config, models = tmp_path / "env", tmp_path / "config", tmp_path / "models"
+    monkeypatch.setenv("TRIMIX_PROFILES", str(env))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    monkeypatch.delenv("TRIMIX_MODELS", raising=False)
+    return env, config / "trimix" / "profiles", models
+
+
+def test_resolution_order_env_then_user_then_shipped(dirs):
+    env, user, _ = dirs
+    assert find_profile("bod").path == SHIPPED_DIR / "bod.toml"
+    write(user / "bod.toml", profile_text("bod", {"small_cpt": "u.gguf"}))
+    assert find_profile("bod").path == user / "bod.toml"
+    write(env / "bod.toml", profile_text("bod", {"small_cpt": "e.gguf"}))
+    assert find_profile("bod").path == env / "bod.toml"
+    assert user_profiles_dir() == user
+
+
+def test_model_files_resolve_against_trimix_models_then_the_profile_folder(dirs, monkeypatch, tiny_trio):
+    env, _, models = dirs
+    prof_path = write(env / "xx.toml", profile_text("xx", {"small_cpt": "m.gguf"}))
+    local = env / "m.gguf"
+    local.write_bytes(tiny_trio["small_cpt"].read_bytes())
+    assert find_profile("xx").locate("small_cpt") == local
+    models.mkdir()
+    (models / "m.gguf").write_bytes(local.read_bytes())
+    monkeypatch.setenv("TRIMIX_MODELS", str(models))
+    assert load_profile(prof_path).locate("small_cpt") == models / "m.gguf"
+
+
+def test_missing_model_names_the_file_where_and_how(dirs):
+    with pytest.raises(tm.ModelFileError) as info:
+        find_profile("bod").locate("small_cpt")
+    msg = str(info.value)
+    assert "Qwen2.5-1.5B-bo-cpt-Q8_0.gguf" in msg and str(SHIPPED_DIR) in msg and "pkupie/Qwen2.5-1.5B-bo-cpt" in msg
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("[profile\nlang=", "not valid TOML"),
+        ('[profile]\nmethod = "magic"\n[models]\n', "unknown method 'magic'"),
+        ('[profile]\n[models]\nhuge_ins = "x.gguf"\n', "unknown role 'huge_ins'"),
+        ('[profile]\nn_ctx = "big"\n[models]\n', "n_ctx must be a whole number"),
+        ('[profile]\ntemplate = "no slot"\n[models]\n', "must contain {prompt}"),
+        ("[profile]\nalpha = nan\n[models]\n", "alpha must be a finite number"),
+        ('[profile]\nstop = "x"\n[models]\n', "stop must be a list"),
+    ],
+)
+def test_bad_profiles_are_one_line_errors(dirs, text, needle):
+    env, _, _ = dirs
+    write(env / "bad.toml", text)
+    with pytest.raises(tm.TrimixError) as info:
+        find_profile("bad")
+    assert needle in str(info.value) and "bad.toml" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_language(dirs):
+    with pytest.raises(tm.TrimixError, match=r"no profile for --lang zzz .*known: .*bod"):
+        find_profile("zzz")
+
+
+def test_cli_lang_generates_with_profile_defaults(dirs, tiny_trio):
+    env, _, _ = dirs
+    models = {r: str(tiny_trio[r]) for r in TRIO}
+    extra = 'template = "the {prompt}"\nselect = "fixed"\nalpha = 0.3\nbeta = 0.6\nn_ctx = 256'
+    write(env / "tt.toml", profile_text("tt", models, extra))
+    r = trimix("generate", "--lang", "tt", "--json", "-n", "5", "cat")
+    assert r.returncode == 0, r.stderr.decode()
+    out = json.loads(r.stdout)
+    assert out["weights"] == {"large_ins": 0.3, "small_cpt": 0.6, "small_base": pytest.approx(0.1)}
+    # the template was applied: same tokens as the raw prompt "the cat"
+    raw = json.loads(trimix("generate", "--lang", "tt", "--raw", "--json", "-n", "5", "the cat").stdout)
+    assert raw["token_ids"] == out["token_ids"]
+    # explicit flags override the profile's files and weights
+    o = trimix(
+        "generate",
+        "--lang",
+        "tt",
+        "--json",
+        "-n",
+        "5",
+        "--alpha",
+        "0.1",
+        "--beta",
+        "0.9",
+        "--small-cpt",
+        str(tiny_trio["large_base"]),
+        "cat",
+    )
+    assert json.loads(o.stdout)["weights"]["small_cpt"] == 0.9
+
+
+def test_cli_models_add_check_and_list(dirs, tiny_trio):
+    r = trimix("models", "add", "--lang", "mine", *[f"--{x.replace('_', '-')}={tiny_trio[x]}" for x in TRIO])
+    assert r.returncode == 0, r.stderr.decode()
+    written = user_profiles_dir() / "mine.toml"
+    assert written.is_file() and find_profile("mine").locate("small_cpt") == tiny_trio["small_cpt"].resolve()
+    again = trimix("models", "add", "--lang", "mine", *[f"--{x.replace('_', '-')}={tiny_trio[x]}" for x in TRIO])
+    assert again.returncode == 1 and "--force" in again.stderr.decode()
+    c = trimix("models", "check", "--lang", "mine", "--json")
+    out = json.loads(c.stdout)
+    assert (
+        c.returncode == 0
+        and out["fusable"]
+        and out["memory_estimate_bytes"] > sum(os.path.getsize(tiny_trio[x]) for x in TRIO)
+    )
+    listing = trimix("models", "list").stdout.decode()
+    assert "mine" in listing and "bod" in listing
+
+
+def test_cli_missing_profile_file_is_one_line(dirs):
+    r = trimix("generate", "--lang", "bod", "hello")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and len(err.strip().splitlines()) == 1 and "not found" in err
