@@ -89,24 +89,30 @@ class _Factors:
         self.step = _common_step(grid)
         ks = self.step[1] if self.step else []
         self.gaps = sorted({b - a for a, b in pairwise(ks)} - {1})
+        if 0.0 not in grid:
+            raise ValueError("the factor grid must contain the weight 0 (its row holds the prefactor)")
+        self.zero = list(grid).index(0.0)
 
     def n_powers(self) -> int:
         return len(self.gaps)
 
-    def fill(
-        self, d: np.ndarray, pre: np.ndarray, out: np.ndarray, base: np.ndarray, tmp: np.ndarray, powers: np.ndarray
-    ) -> np.ndarray:
-        """``d`` is one row of D, ``pre`` a row to multiply in; returns each weight's shift (float64)."""
-        dmax, dmin = float(d.max()), float(d.min())
+    def fill(self, d: np.ndarray, out: np.ndarray, base: np.ndarray, tmp: np.ndarray, powers: np.ndarray) -> np.ndarray:
+        """Fill every row of ``out`` but the one of weight 0, which must already hold the prefactor;
+        ``d`` is one row of D. Returns each weight's shift (float64)."""
+        i0 = self.zero
+        dmax = float(d.max())
         if self.step is None:
+            dmin = float(d.min())
             shifts = np.where(self.grid >= 0, self.grid * dmax, self.grid * dmin)
             for i, w in enumerate(self.grid):
+                if i == i0:
+                    continue
                 np.multiply(d, np.float32(w), out=tmp)
                 np.subtract(tmp, np.float32(shifts[i]), out=tmp)
                 np.exp(tmp, out=out[i])
-                np.multiply(out[i], pre, out=out[i])
+                np.multiply(out[i], out[i0], out=out[i])
             return shifts
-        step, ks = self.step
+        step, ks = self.step  # ks[0] == 0: the chain starts from the prefactor row
         # base = exp(step * (d - dmax)) <= 1 and out[i] = pre * base ** k_i: shift_i = k_i * step * dmax
         np.subtract(d, np.float32(dmax), out=tmp)
         np.multiply(tmp, np.float32(step), out=tmp)
@@ -117,12 +123,6 @@ class _Factors:
             for _ in range(g - 2 if g - 1 not in pw else 0):
                 np.multiply(buf, base, out=buf)
             pw[g] = buf
-        if ks[0] == 0:
-            out[0][:] = pre
-        else:
-            np.multiply(tmp, np.float32(ks[0]), out=out[0])
-            np.exp(out[0], out=out[0])
-            np.multiply(out[0], pre, out=out[0])
         for i in range(1, len(ks)):
             np.multiply(out[i - 1], pw[ks[i] - ks[i - 1]], out=out[i])
         return np.asarray(ks, dtype=np.float64) * step * dmax
@@ -136,8 +136,6 @@ class _Scratch:
     d2: np.ndarray
     tmp: np.ndarray
     base: np.ndarray
-    ec: np.ndarray
-    ones: np.ndarray
     ua: np.ndarray
     ub: np.ndarray
     powers: np.ndarray
@@ -151,12 +149,14 @@ class _Scratch:
             e(row, np.float32),
             e(row, np.float32),
             e(row, np.float32),
-            e(row, np.float32),
-            np.ones(row, np.float32),
             e((len(fa.grid), n_vocab), np.float32),
             e((len(fb.grid), n_vocab), np.float32),
             e((max(fa.n_powers(), fb.n_powers(), 1), n_vocab), np.float32),
-        )
+        ).init(fb)
+
+    def init(self, fb: _Factors) -> _Scratch:
+        self.ub[fb.zero] = 1.0  # beta's prefactor is 1; no pass ever writes this row again
+        return self
 
 
 @dataclass
@@ -272,10 +272,11 @@ class GridNLL:
             np.subtract(a, c, out=sc.d1)
             np.subtract(b, c, out=sc.d2)
             m_c = float(c.max())
-            np.subtract(c, np.float32(m_c), out=sc.ec)
-            np.exp(sc.ec, out=sc.ec)
-            shift_a = self._fa.fill(sc.d1, sc.ec, sc.ua, sc.base, sc.tmp, sc.powers)
-            shift_b = self._fb.fill(sc.d2, sc.ones, sc.ub, sc.base, sc.tmp, sc.powers)
+            ec = sc.ua[self._fa.zero]  # the alpha = 0 row is exp(C - max C), every alpha row's prefactor
+            np.subtract(c, np.float32(m_c), out=ec)
+            np.exp(ec, out=ec)
+            shift_a = self._fa.fill(sc.d1, sc.ua, sc.base, sc.tmp, sc.powers)
+            shift_b = self._fb.fill(sc.d2, sc.ub, sc.base, sc.tmp, sc.powers)
             sums = _blocked_products(sc.ua, sc.ub)
             x = int(targets[t])
             target = float(c[x]) + self._a64[:, None] * float(sc.d1[x]) + self._b64[None, :] * float(sc.d2[x])
