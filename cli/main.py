@@ -8,6 +8,7 @@ non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import trimix_cpp as tm
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
 from trimix_cpp.profiles import Profile, find_profile
-from trimix_cpp.selection import SELECTION_ROLES, Selector, parse_grid
+from trimix_cpp.selection import SELECTION_ROLES, Selector, choose, parse_grid
 
 from . import models as models_cmd
 from . import render
@@ -349,6 +350,108 @@ def calibrate(
         cal.save(output)
         a, b = cal.chosen
         err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts; wrote {output}", soft_wrap=True)
+
+
+def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:
+    """``large-ins,small-cpt,proxy,contrastive,trimix@0.1:0.9,trimix-grid`` -> named plans, and whether
+    the whole TriMix grid is wanted."""
+    plans: dict[str, tm.FusionPlan] = {}
+    grid = False
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        role = item.replace("-", "_")
+        if role in tm.ROLES:
+            plans[item] = tm.plan("single", role=role)
+        elif item in ("proxy", "contrastive"):
+            plans[item] = tm.plan(item)
+        elif item.startswith("trimix@"):
+            try:
+                a, b = (float(x) for x in item[len("trimix@") :].split(":"))
+            except ValueError:
+                raise tm.TrimixError(f"write fixed TriMix weights as trimix@ALPHA:BETA, got {item!r}") from None
+            plans[item] = tm.plan("trimix", alpha=a, beta=b)
+        elif item == "trimix-grid":
+            grid = True
+        else:
+            raise tm.TrimixError(
+                f"unknown method {item!r} in --methods (use large-ins, small-cpt, small-base, large-base, proxy, "
+                "contrastive, trimix@A:B, trimix-grid)"
+            )
+    if not plans and not grid:
+        raise tm.TrimixError("--methods is empty")
+    return plans, grid
+
+
+@app.command()
+def ppl(
+    text_file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
+    lang: Lang = None,
+    large_ins: LargeIns = None,
+    small_cpt: SmallCpt = None,
+    small_base: SmallBase = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: large-ins, small-cpt, small-base, proxy, contrastive, trimix@A:B, and "
+            "trimix-grid (every pair of the grid; reports the best one, chosen on this text)."
+        ),
+    ] = "large-ins,small-cpt,small-base,proxy,contrastive,trimix-grid",
+    window: Annotated[int | None, typer.Option(help="Tokens per scoring window (default: the context).")] = None,
+    grid_alpha: GridAlpha = None,
+    grid_beta: GridBeta = None,
+    max_logits_mib: MaxLogits = 512.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    n_ctx: NCtx = None,
+    threads: Threads = 0,
+    n_gpu_layers: NGpu = -1,
+    verbose: Verbose = False,
+) -> None:
+    """Perplexity of a text file under each method (any length: overlapping windows)."""
+    with errors(verbose):
+        if not text_file.is_file():
+            raise tm.TrimixError(f"text file not found: {text_file}")
+        text = _decode_utf8(text_file.read_bytes(), f"text file {text_file}")
+        plans, want_grid = parse_methods(methods)
+        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        roles = {r for p in plans.values() for r in p.roles} | (set(SELECTION_ROLES) if want_grid else set())
+        paths = setup.paths(tuple(r for r in tm.ROLES if r in roles), "scoring")
+        options = tm.LoadOptions(
+            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
+        grid = _selector("ppl", grid_alpha, grid_beta, max_logits_mib) if want_grid else None
+        with tm.Engine(paths, options) as engine:
+            scores, grid_scores = engine.perplexity(
+                text, plans, window=window, max_logits_mib=max_logits_mib, grid=grid
+            )
+        rows = [
+            {"method": name, "nll": s.nll, "ppl": s.ppl, "tokens": s.n_tokens, "masked": s.n_masked}
+            for name, s in scores.items()
+        ]
+        if grid_scores is not None:
+            mean = grid_scores.mean_nll
+            a, b = choose(grid_scores.alphas, grid_scores.betas, mean)
+            nll = float(mean[grid_scores.alphas.index(a), grid_scores.betas.index(b)])
+            rows.append(
+                {
+                    "method": f"trimix-ppl@{a:g}:{b:g}",
+                    "nll": nll,
+                    "ppl": math.exp(nll),
+                    "tokens": grid_scores.n_rows,
+                    "masked": 0,
+                    "alpha": a,
+                    "beta": b,
+                }
+            )
+        if as_json:
+            sys.stdout.write(json.dumps({"file": str(text_file), "methods": rows}, ensure_ascii=False) + "\n")
+        else:
+            table = Table(title=f"perplexity of {text_file.name}", title_justify="left")
+            for col in ("method", "perplexity", "NLL/token", "tokens"):
+                table.add_column(col, justify="left" if col == "method" else "right")
+            for r in rows:
+                table.add_row(r["method"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]))
+            Console().print(table)
+            if any(r["masked"] for r in rows):
+                err.print("[dim]inf: the plausibility constraint ruled out some true tokens[/]", soft_wrap=True)
 
 
 def _weights_text(weights: dict[str, float]) -> str:

@@ -19,10 +19,12 @@ from .errors import (
 from .fusion import LARGE_BASE, LARGE_INS, METHODS, ROLES, SMALL_BASE, SMALL_CPT, Fuser, FusionPlan, plan
 from .modelinfo import FusionCheck, ModelInfo, inspect_models
 from .sampling import SamplingParams, make_sampler
+from .selection import DEFAULT_GRID, Selection, Selector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_GRID",
     "LARGE_BASE",
     "LARGE_INS",
     "METHODS",
@@ -39,6 +41,8 @@ __all__ = [
     "ModelFileError",
     "ModelInfo",
     "SamplingParams",
+    "Selection",
+    "Selector",
     "Timings",
     "TrimixError",
     "VocabularyMismatchError",

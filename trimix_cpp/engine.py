@@ -19,7 +19,8 @@ from . import _llama
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, Fuser, FusionPlan, plan
 from .sampling import SamplingParams, make_sampler
-from .selection import SELECTION_ROLES, GridNLL, Selection, Selector, choose, entropy_grid
+from .scoring import MethodScore, PerplexityScorer, windows
+from .selection import SELECTION_ROLES, GridNLL, GridScores, Selection, Selector, choose, entropy_grid
 from .utf8 import StreamDecoder, Utf8Guard
 from .vocab import ATTR_CONTROL, SharedVocab, check_same_vocabulary, padding_mask
 
@@ -242,6 +243,62 @@ class Engine:
             seconds=time.perf_counter() - t0,
             dense_fallbacks=fallbacks,
         )
+
+    def perplexity(
+        self,
+        text: str,
+        plans: Mapping[str, FusionPlan],
+        *,
+        window: int | None = None,
+        max_logits_mib: float = 512.0,
+        grid: Selector | None = None,
+    ) -> tuple[dict[str, MethodScore], GridScores | None]:
+        """NLL of ``text`` under every plan (and, with ``grid``, every pair of a TriMix grid).
+
+        Each model evaluates each window of the text once; all methods are scored from the same
+        logits. Windows of ``window`` tokens (default: the context) overlap by half.
+        """
+        roles = tuple(r for r in ROLES if any(r in p.roles for p in plans.values()) or (grid and r in SELECTION_ROLES))
+        missing = [r for r in roles if r not in self.models]
+        if missing:
+            raise WeightError(f"scoring needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
+        ref = self.models[self.reference_role]
+        tokens = ref.tokenize(text, add_bos=False)
+        bos = [ref.bos_id] if ref.add_bos else []
+        width = min(window or self.n_ctx, self.n_ctx) - len(bos) - 1
+        if width < 2:
+            raise TrimixError(f"a scoring window of {window} tokens is too small (give at least 8)")
+        if len(tokens) < 1:
+            raise TrimixError("the text to score is empty")
+        n_vocab = self.vocab.n_vocab
+        scorer = PerplexityScorer(plans, n_vocab)
+        grid_nll = GridNLL(grid.alphas, grid.betas, n_vocab, grid.threads) if grid else None
+        sizes = [self.models[r].n_vocab for r in roles]
+        budget = Selector(max_logits_mib=max_logits_mib)
+        chunk = budget.chunk_rows(n_vocab, sizes, min(self.models[r].n_batch for r in roles))
+        try:
+            for start, end, first_new in windows(len(tokens), width):
+                seq = np.asarray(bos + tokens[start:end].tolist(), dtype=np.int32)
+                seen = 0
+
+                def fold(rows: Mapping[str, np.ndarray], targets: np.ndarray, start=start, first_new=first_new) -> None:
+                    nonlocal seen
+                    n = len(targets)
+                    # row j is sequence position seen + j; its target is text token start + seen + j + 1 - len(bos)
+                    first = start + seen + 1 - len(bos)
+                    j0 = max(0, first_new - first)
+                    if j0 < n:
+                        part = {r: x[j0:n] for r, x in rows.items()}
+                        scorer.add(part, targets[j0:])
+                        if grid_nll is not None:
+                            grid_nll.add(part[LARGE_INS], part[SMALL_CPT], part[SMALL_BASE], targets[j0:])
+                    seen += len(next(iter(rows.values())))
+
+                self.evaluate_prompt(seq, roles, fold, chunk)
+        finally:
+            if grid_nll is not None:
+                grid_nll.close()
+        return scorer.scores, (grid_nll.scores if grid_nll is not None else None)
 
     def _as_tokens(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(prompt, str):
