@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -110,8 +111,13 @@ class Setup:
             return given
         return self.profile.n_ctx if self.profile else 4096
 
-    def prompt(self, text: str, raw: bool) -> str:
-        return text if raw or self.profile is None else self.profile.format_prompt(text)
+    def prompt(self, engine: tm.Engine, text: str, raw: bool) -> str | np.ndarray:
+        """The user's text, or its token ids once placed in the profile's template. A template is
+        the profile author's, so control-token text in it (chat markup) is parsed as control tokens,
+        the way llama.cpp tokenizes chat templates."""
+        if raw or self.profile is None or self.profile.template == "{prompt}":
+            return text
+        return engine.tokenize(self.profile.format_prompt(text), special=True)
 
 
 # Shared option declarations -----------------------------------------------------------------------
@@ -204,7 +210,7 @@ def generate(
     with errors(verbose):
         setup = Setup.make(lang, large_ins, small_cpt, small_base, large_base)
         prof = setup.profile
-        text = setup.prompt(read_prompt(prompt, file), raw)
+        text = read_prompt(prompt, file)
         method = method or (prof.method if prof else "trimix")
         if weights_from is not None:
             if select not in (None, "fixed") or alpha is not None or beta is not None:
@@ -238,7 +244,12 @@ def generate(
         stops = [unescape(s) for s in stop] if stop is not None else list(prof.stop if prof else [])
         with tm.Engine({r: paths[r] for r in roles}, options) as engine:
             gen = engine.generate(
-                text, fusion, sampling=sampling, max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard
+                setup.prompt(engine, text, raw),
+                fusion,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stops,
+                utf8_guard=utf8_guard,
             )
             if as_json:
                 gen.run()
@@ -299,14 +310,14 @@ def select_cmd(
     """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
     with errors(verbose):
         setup = Setup.make(lang, large_ins, small_cpt, small_base)
-        text = setup.prompt(read_prompt(prompt, file), raw)
+        text = read_prompt(prompt, file)
         paths = setup.paths(SELECTION_ROLES, "selection")
         selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
         options = tm.LoadOptions(
             n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
         )
         with tm.Engine(paths, options) as engine:
-            sel = engine.select(text, selector)
+            sel = engine.select(setup.prompt(engine, text, raw), selector)
         if as_json:
             sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
         else:
@@ -339,14 +350,15 @@ def calibrate(
     with errors(verbose):
         setup = Setup.make(lang, large_ins, small_cpt, small_base)
         paths = setup.paths(SELECTION_ROLES, "calibration")
-        sample = [setup.prompt(p, raw) for p in sample_prompts(read_prompts(prompts), n, seed)]
+        sample = sample_prompts(read_prompts(prompts), n, seed)
         selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
         options = tm.LoadOptions(
             n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
         )
         with tm.Engine(paths, options) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
-            cal = run_calibration(engine, sample, selector, paths, lambda k: bar.update(task, completed=k))
+            formatted = [setup.prompt(engine, p, raw) for p in sample]
+            cal = run_calibration(engine, formatted, selector, paths, lambda k: bar.update(task, completed=k))
         cal.save(output)
         a, b = cal.chosen
         err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts; wrote {output}", soft_wrap=True)
@@ -478,20 +490,20 @@ def inspect(
             sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
         else:
             table = Table(title="GGUF models", title_justify="left")
-            for col in ("file", "name", "arch", "vocab", "vocab type", "quant", "ctx", "size", "BOS"):
-                table.add_column(col, justify="right" if col in ("vocab", "ctx", "size") else "left")
+            table.add_column("")
             for m in check.models:
-                table.add_row(
-                    Path(m.path).name,
-                    m.name,
-                    m.architecture,
-                    f"{m.vocab_size:,}",
-                    m.vocab_type,
-                    m.quantization,
-                    f"{m.context_length:,}",
-                    f"{m.file_size_bytes / 2**20:.1f} MiB",
-                    "yes" if m.add_bos else "no",
-                )
+                table.add_column(Path(m.path).name, overflow="fold")
+            props = [
+                ("name", lambda m: m.name),
+                ("architecture", lambda m: m.architecture),
+                ("vocabulary", lambda m: f"{m.vocab_size:,} ({m.vocab_type})"),
+                ("quantization", lambda m: m.quantization),
+                ("context length", lambda m: f"{m.context_length:,}"),
+                ("file size", lambda m: f"{m.file_size_bytes / 2**20:.1f} MiB"),
+                ("adds BOS", lambda m: "yes" if m.add_bos else "no"),
+            ]
+            for label, get in props:
+                table.add_row(label, *(get(m) for m in check.models))
             Console().print(table)
             mark = "[green]fusable[/]" if check.fusable else "[red]not fusable[/]"
             Console().print(f"{mark}: {check.reason}")

@@ -251,16 +251,18 @@ class LlamaModel:
         vocab = self._vocab
         return np.fromiter((fn(vocab, t) for t in range(self.n_vocab)), dtype=np.int32, count=self.n_vocab)
 
-    def tokenize(self, text: str, add_bos: bool) -> np.ndarray:
-        """Token ids of ``text`` as an int32 array; special-token text is not parsed as control tokens."""
+    def tokenize(self, text: str, add_bos: bool, special: bool = False) -> np.ndarray:
+        """Token ids of ``text`` as an int32 array. With ``special`` the text of control tokens
+        (``<|im_start|>``) becomes those tokens, as llama.cpp does for chat templates; without it,
+        such text is tokenized as plain characters."""
         data = text.encode("utf-8")
         cap = len(data) + 8
         arr = (_lc.llama_token * cap)()
-        n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, False)
+        n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, special)
         if n < 0:
             cap = -n
             arr = (_lc.llama_token * cap)()
-            n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, False)
+            n = _lc.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, special)
         if n < 0:
             raise TrimixError(f"llama.cpp could not tokenize the prompt of {len(data)} bytes (report this)")
         return np.ctypeslib.as_array(arr)[:n].astype(np.int32)

@@ -101,7 +101,7 @@ class Calibration:
 
 def calibrate(
     engine: Engine,
-    prompts: Sequence[str],
+    prompts: Sequence[str | np.ndarray],
     selector: Selector,
     paths: Mapping[str, str | Path],
     progress: Callable[[int], None] | None = None,

@@ -155,9 +155,11 @@ class Engine:
     def roles(self) -> tuple[str, ...]:
         return tuple(self.models)
 
-    def tokenize(self, prompt: str) -> np.ndarray:
+    def tokenize(self, prompt: str, special: bool = False) -> np.ndarray:
+        """The prompt's token ids, shared by every model. ``special`` parses control-token text
+        (chat markup in a profile's template) into control tokens."""
         ref = self.models[self.reference_role]
-        return ref.tokenize(prompt, add_bos=ref.add_bos)
+        return ref.tokenize(prompt, add_bos=ref.add_bos, special=special)
 
     def check_prompt(self, tokens: np.ndarray) -> None:
         if len(tokens) == 0:

@@ -55,7 +55,7 @@ def model_info(model: _llama.LlamaModel) -> ModelInfo:
         vocab_size=model.n_vocab,
         vocab_type=_VOCAB_TYPES.get(tok_model, tok_model),
         quantization=_quant_name(model.meta("general.file_type")),
-        context_length=model.n_ctx_train,
+        context_length=_meta_int(model, f"{arch}.context_length"),
         file_size_bytes=model.path.stat().st_size,
         add_bos=model.add_bos,
         kv_bytes_per_token=kv_cache_bytes(model, 1),
