@@ -22,12 +22,14 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
+from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.profiles import Profile, find_profile
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose, parse_grid
 
 from . import models as models_cmd
 from . import render
 from .common import Verbose, err, errors, flag
+from .evaluate import run_eval
 
 app = typer.Typer(
     name="trimix",
@@ -464,6 +466,65 @@ def ppl(
             Console().print(table)
             if any(r["masked"] for r in rows):
                 err.print("[dim]inf: the plausibility constraint ruled out some true tokens[/]", soft_wrap=True)
+
+
+@app.command("eval")
+def eval_cmd(
+    tasks: Annotated[
+        list[str], typer.Argument(help="FILE.jsonl, milic:ROOT:TASK:LANG, belebele:FILE:LANG or sib200:FILE:LANG.")
+    ],
+    lang: Lang = None,
+    large_ins: LargeIns = None,
+    small_cpt: SmallCpt = None,
+    small_base: SmallBase = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = DEFAULT_METHODS,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; rerun the same command to resume.")] = Path(
+        "trimix-eval"
+    ),
+    train: Annotated[Path | None, typer.Option(help="File of in-context examples (JSONL, Belebele, SIB-200).")] = None,
+    shots: Annotated[int, typer.Option(help="In-context examples per prompt (fewer when the context overflows).")] = 5,
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N items of each task.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens per generated answer.")] = 64,
+    mc_mode: Annotated[
+        str, typer.Option(help="Multiple choice: generate (first letter of a short answer) or score (likelihood).")
+    ] = "generate",
+    calibration_n: Annotated[int, typer.Option(help="Prompts sampled per task for trimix-ppl-task.")] = 50,
+    grid_alpha: GridAlpha = None,
+    grid_beta: GridBeta = None,
+    plot_file: Annotated[
+        Path | None, typer.Option("--plot", help="Draw per-task bars and landscapes to a PNG.")
+    ] = None,
+    n_ctx: NCtx = None,
+    threads: Threads = 0,
+    n_gpu_layers: NGpu = -1,
+    verbose: Verbose = False,
+) -> None:
+    """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable."""
+    with errors(verbose):
+        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        options = tm.LoadOptions(
+            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
+        run_eval(
+            tasks,
+            setup,
+            methods=methods,
+            out=out,
+            train=train,
+            shots=shots,
+            limit=limit,
+            max_tokens=max_tokens,
+            mc_mode=mc_mode,
+            calibration_n=calibration_n,
+            grid_alpha=grid_alpha,
+            grid_beta=grid_beta,
+            plot_file=plot_file,
+            options=options,
+        )
+        err.print(
+            f"[dim]predictions: {out / 'predictions.jsonl'}; results: {out / 'results.json'}, {out / 'results.md'}[/]",
+            soft_wrap=True,
+        )
 
 
 def _weights_text(weights: dict[str, float]) -> str:

@@ -302,6 +302,30 @@ class Engine:
                 grid_nll.close()
         return scorer.scores, (grid_nll.scores if grid_nll is not None else None)
 
+    def continuation_nll(self, prompt: str | np.ndarray, continuation: str, fusion: FusionPlan) -> float:
+        """Mean NLL per token of ``continuation`` after ``prompt`` under ``fusion`` (multiple choice
+        by likelihood). Positions before the continuation produce logits that are not read."""
+        ref = self.models[self.reference_role]
+        head = self._as_tokens(prompt)
+        tail = ref.tokenize(continuation, add_bos=False)
+        if len(tail) == 0:
+            raise TrimixError("an answer option is empty")
+        seq = np.concatenate([head, tail]).astype(np.int32)
+        scorer = PerplexityScorer({"m": fusion}, self.vocab.n_vocab)
+        sizes = [self.models[r].n_vocab for r in fusion.roles]
+        chunk = Selector().chunk_rows(self.vocab.n_vocab, sizes, min(self.models[r].n_batch for r in fusion.roles))
+        seen = 0
+
+        def fold(rows: Mapping[str, np.ndarray], targets: np.ndarray) -> None:
+            nonlocal seen
+            j0 = max(0, len(head) - 1 - seen)  # row j predicts seq[seen + j + 1]
+            if j0 < len(targets):
+                scorer.add({r: x[j0 : len(targets)] for r, x in rows.items()}, targets[j0:])
+            seen += len(next(iter(rows.values())))
+
+        self.evaluate_prompt(seq, fusion.roles, fold, chunk)
+        return scorer.scores["m"].nll
+
     def _as_tokens(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(prompt, str):
             return self.tokenize(prompt)
@@ -430,6 +454,15 @@ class Generation:
             logits = fuser.fuse(rows)
             guard.apply(logits)
             tok = sample(logits)
+            if logits[tok] == -np.inf:
+                # Every token was masked: Contrastive Decoding's plausibility set held only tokens
+                # the UTF-8 guard forbids. Relax the plausibility constraint, never the guard.
+                logits = fuser.fuse(rows, constrained=False)
+                guard.apply(logits)
+                tok = sample(logits)
+                if logits[tok] == -np.inf:
+                    self.finish_reason = "no-valid-token"
+                    break
             if eog[tok]:
                 self.finish_reason = "eog"
                 break

@@ -113,8 +113,10 @@ class Fuser:
         self._order = [r for r in fusion.roles if fusion.weights.get(r, 0.0) != 0.0]
         self._log_alpha = np.float32(math.log(fusion.plausibility_alpha))
 
-    def fuse(self, rows: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Fused logits of one position; ``rows[role]`` may be longer than the shared vocabulary."""
+    def fuse(self, rows: Mapping[str, np.ndarray], constrained: bool = True) -> np.ndarray:
+        """Fused logits of one position; ``rows[role]`` may be longer than the shared vocabulary.
+        ``constrained=False`` skips the plausibility constraint (the fallback when it and the UTF-8
+        guard together leave no token)."""
         n, out, tmp, w = self.n_vocab, self.out, self._tmp, self.plan.weights
         if not self._order:
             out.fill(0.0)
@@ -128,7 +130,7 @@ class Fuser:
             else:
                 np.multiply(row, weight, out=tmp)
                 np.add(out, tmp, out=out)
-        if self.plan.plausibility_role is not None:
+        if constrained and self.plan.plausibility_role is not None:
             gate = rows[self.plan.plausibility_role][:n]
             # p_i >= alpha * p_max  <=>  logit_i >= logit_max + log(alpha)
             np.less(gate, gate.max() + self._log_alpha, out=self._mask)

@@ -1,0 +1,188 @@
+"""``trimix eval``: the paper's comparison on your tasks, models and language, resumable."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import trimix_cpp as tm
+from trimix_cpp.evaluation.results import Results, build_results
+from trimix_cpp.evaluation.runner import (
+    GenerationSettings,
+    Runner,
+    Task,
+    calibration_path,
+    needed_roles,
+    parse_methods,
+    score_task,
+)
+from trimix_cpp.evaluation.tasks import PromptSettings, TaskData, load_belebele, load_jsonl, load_milic, load_sib200
+from trimix_cpp.selection import parse_grid
+
+from .common import err
+
+
+def load_task_spec(spec: str, train: Path | None, settings: PromptSettings) -> TaskData:
+    """``FILE.jsonl``, ``milic:ROOT:TASK:LANG``, ``belebele:FILE:LANG`` or ``sib200:FILE:LANG``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "milic":
+        root, task, lang = [*rest.rsplit(":", 2), "", "", ""][:3]
+        if not (root and task and lang):
+            raise tm.TrimixError(f"write a MiLiC-Eval task as milic:ROOT:TASK:LANG, got {spec!r}")
+        return load_milic(root, task, lang, settings=settings)
+    if kind in ("belebele", "sib200"):
+        path, _, lang = rest.rpartition(":")
+        if not path or not lang:
+            raise tm.TrimixError(f"write it as {kind}:FILE:LANG, got {spec!r}")
+        loader = load_belebele if kind == "belebele" else load_sib200
+        return loader(path, lang, train_path=train, settings=settings)
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise tm.TrimixError(f"task file not found: {path}")
+        return load_jsonl(path, train_path=train, settings=settings)
+    raise tm.TrimixError(
+        f"unknown task {spec!r} (give FILE.jsonl, milic:ROOT:TASK:LANG, belebele:FILE:LANG or sib200:FILE:LANG)"
+    )
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def show(results: Results, console: Console) -> None:
+    table = Table(title="results (upper-bound is an oracle: it picks weights with the labels)", title_justify="left")
+    table.add_column("method")
+    for t in results.tasks:
+        table.add_column(f"{t}\n{results.metrics[t]}", justify="right")
+    table.add_column("avg", justify="right")
+    table.add_column("gain vs best single", justify="right")
+    best_avg = max((results.average(m) for m in results.methods if m != "upper-bound"), default=math.nan)
+    for m in results.methods:
+        avg = results.average(m)
+        cells = [f"{results.scores[t][m]:.2f}" if m in results.scores[t] else "-" for t in results.tasks]
+        gain = results.gain(m)
+        style = "bold" if avg == best_avg else ("dim" if m == "upper-bound" else "")
+        table.add_row(
+            m,
+            *cells,
+            "-" if math.isnan(avg) else f"{avg:.2f}",
+            "-" if math.isnan(gain) else f"{gain:+.1f}%",
+            style=style,
+        )
+    console.print(table)
+
+
+def plot(results: Results, out_dir: Path, path: Path) -> None:
+    """Per-task bars of every method, and the calibration PPL landscape of each task."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise tm.TrimixError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    landscapes = [(t, calibration_path(out_dir, t)) for t in results.tasks]
+    landscapes = [(t, p) for t, p in landscapes if p.is_file()]
+    cols = 1 + len(landscapes)
+    fig, axes = plt.subplots(1, cols, figsize=(6 + 4 * len(landscapes), 4), squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / max(len(results.methods), 1)
+    for k, m in enumerate(results.methods):
+        vals = [results.scores[t].get(m, math.nan) for t in results.tasks]
+        ax.bar([i + k * width for i in range(len(results.tasks))], vals, width, label=m)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results.tasks))], results.tasks, fontsize=8)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=6)
+    for j, (t, p) in enumerate(landscapes, start=1):
+        cal = json.loads(p.read_text(encoding="utf-8"))
+        a_ax = axes[0][j]
+        im = a_ax.imshow([[math.exp(v) for v in row] for row in cal["mean_nll"]], cmap="viridis_r")
+        a_ax.set_xticks(range(len(cal["grid_beta"])), [f"{b:g}" for b in cal["grid_beta"]])
+        a_ax.set_yticks(range(len(cal["grid_alpha"])), [f"{a:g}" for a in cal["grid_alpha"]])
+        a_ax.set_xlabel("beta (small-cpt)")
+        a_ax.set_ylabel("alpha (large-ins)")
+        a_ax.set_title(f"{t}: prompt perplexity", fontsize=9)
+        fig.colorbar(im, ax=a_ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run_eval(
+    tasks: list[str],
+    setup,
+    *,
+    methods: str,
+    out: Path,
+    train: Path | None,
+    shots: int,
+    limit: int | None,
+    max_tokens: int,
+    mc_mode: str,
+    calibration_n: int,
+    grid_alpha: str | None,
+    grid_beta: str | None,
+    plot_file: Path | None,
+    options: tm.LoadOptions,
+) -> Results:
+    """Load the models once, run every method over every task (skipping what the run folder has),
+    score, write and show the results."""
+    if mc_mode not in ("generate", "score"):
+        raise tm.TrimixError(f"--mc-mode is generate or score, got {mc_mode!r}")
+    ga, gb = parse_grid(grid_alpha), parse_grid(grid_beta)
+    specs = parse_methods(methods, ga, gb)
+    paths = setup.paths(needed_roles(specs), "evaluation")
+    settings = GenerationSettings(max_tokens=max_tokens, mc_mode=mc_mode)
+    console = Console(stderr=True)
+    task_scores, metrics, notes = {}, {}, {}
+    with tm.Engine(paths, options) as engine:
+        budget = PromptSettings(
+            shots=shots,
+            max_prompt=engine.n_ctx - max(max_tokens, settings.math_max_tokens) - 8,
+            count_tokens=lambda text: len(engine.tokenize(text)),
+        )
+        loaded = [load_task_spec(t, train, budget) for t in tasks]
+        runner = Runner(engine, out, settings, ga, gb, calibration_n)
+        try:
+            for data in loaded:
+                for w in data.warnings:
+                    err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
+                items = list(data.items[:limit] if limit else data.items)
+                if not items:
+                    raise tm.TrimixError(f"task {data.task} has no items to evaluate")
+                task = Task(data.task, items)
+                concrete = runner.expand(task, specs)
+                shots_used = sorted({it.n_shots for it in items})
+                notes[task.name] = [f"in-context examples per prompt: {', '.join(map(str, shots_used))}"]
+                with _progress(console) as bar:
+                    pid = bar.add_task(task.name, total=runner.pending(task, concrete), rate="")
+                    t_start, done = time.perf_counter(), 0
+                    for _ in runner.run(task, concrete):
+                        done += 1
+                        bar.update(pid, advance=1, rate=f"{done / (time.perf_counter() - t_start):.2f} it/s")
+                task_scores[task.name] = score_task(task, [m.name for m in concrete], runner.log)
+                metrics[task.name] = items[0].metric
+        finally:
+            runner.close()
+    results = build_results([m.name for m in specs], task_scores, metrics, notes)
+    results.write(out)
+    show(results, Console())
+    if plot_file is not None:
+        plot(results, out, plot_file)
+    return results

@@ -1,0 +1,297 @@
+"""Running every method over a task's items, resumably, and scoring the predictions.
+
+A run is a folder. Each prediction is appended to ``predictions.jsonl`` (and flushed to disk) the
+moment it exists, keyed by (task, item id, method); rerunning the same command reads that file and
+skips what is done, so Ctrl-C or a crash loses at most the item in flight. Results are computed from
+the predictions alone and written atomically.
+
+Methods: each single model (``large-ins``, ``small-cpt``, ``small-base``), ``proxy``, ``contrastive``,
+fixed TriMix weights (``trimix@A:B``), TriMix with per-prompt selection (``trimix-ppl``,
+``trimix-ent``), TriMix with one pair per task from a calibration sample of the task's own prompts
+(``trimix-ppl-task``: no labels), and ``upper-bound``: every grid pair is run and the best pair per
+task *by the task metric* is reported. That last one looks at the labels: it is an oracle, a ceiling
+for the label-free choices, not a method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..engine import Engine
+from ..errors import TrimixError
+from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
+from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector, choose
+from .metrics import score_outputs
+
+SINGLE_NAMES = {"large-ins": LARGE_INS, "small-cpt": SMALL_CPT, "small-base": SMALL_BASE, "large-base": LARGE_BASE}
+DEFAULT_METHODS = "large-ins,small-cpt,small-base,proxy,contrastive,trimix-ppl,trimix-ent,trimix-ppl-task,upper-bound"
+
+
+class EvalItem(Protocol):
+    """What the runner needs of a task item (see :mod:`trimix_cpp.evaluation.tasks`)."""
+
+    id: str
+    prompt: str
+    gold: str
+    options: Sequence[str] | None
+    kind: str  # "generate" | "choice" | "math"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One column of the results table. ``fusion`` is fixed weights or a per-prompt selector;
+    ``task_level`` methods get their weights from the whole task before any item runs."""
+
+    name: str
+    fusion: FusionPlan | Selector | None = None
+    task_level: str | None = None  # "ppl-task" | "upper-bound"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        if isinstance(self.fusion, FusionPlan):
+            return self.fusion.roles
+        return SELECTION_ROLES
+
+
+def parse_methods(spec: str, grid_alpha: Sequence[float] = DEFAULT_GRID, grid_beta: Sequence[float] = DEFAULT_GRID):
+    """The ``--methods`` list, in order, as :class:`MethodSpec` objects."""
+    out: list[MethodSpec] = []
+    for name in (x.strip() for x in spec.split(",") if x.strip()):
+        if name in SINGLE_NAMES:
+            out.append(MethodSpec(name, plan("single", role=SINGLE_NAMES[name])))
+        elif name in ("proxy", "contrastive"):
+            out.append(MethodSpec(name, plan(name)))
+        elif name.startswith("trimix@"):
+            try:
+                a, b = (float(x) for x in name[len("trimix@") :].split(":"))
+            except ValueError:
+                raise TrimixError(f"write fixed TriMix weights as trimix@ALPHA:BETA, got {name!r}") from None
+            out.append(MethodSpec(name, plan("trimix", alpha=a, beta=b)))
+        elif name in ("trimix-ppl", "trimix-ent"):
+            out.append(MethodSpec(name, Selector(name.split("-")[1], tuple(grid_alpha), tuple(grid_beta))))
+        elif name == "trimix-ppl-task":
+            out.append(MethodSpec(name, task_level="ppl-task"))
+        elif name == "upper-bound":
+            out.append(MethodSpec(name, task_level="upper-bound"))
+        else:
+            raise TrimixError(
+                f"unknown method {name!r} (use large-ins, small-cpt, small-base, proxy, contrastive, trimix@A:B, "
+                "trimix-ppl, trimix-ent, trimix-ppl-task, upper-bound)"
+            )
+    if not out:
+        raise TrimixError("--methods is empty")
+    return out
+
+
+class PredictionLog:
+    """Append-only JSONL of predictions; the record of what a run has done."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[tuple[str, str, str], dict] = {}
+        if path.exists():
+            with path.open("rb") as handle:
+                for raw in handle:
+                    try:
+                        rec = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        continue  # a line cut short by a crash: that item simply runs again
+                    self.records[(rec["task"], rec["id"], rec["method"])] = rec
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a", encoding="utf-8")
+
+    def done(self, task: str, item_id: str, method: str) -> bool:
+        return (task, item_id, method) in self.records
+
+    def append(self, rec: dict) -> None:
+        self._handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self.records[(rec["task"], rec["id"], rec["method"])] = rec
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int = 64
+    stop: tuple[str, ...] = ("\n",)
+    mc_max_tokens: int = 2
+    math_max_tokens: int = 256
+    mc_mode: str = "generate"  # or "score": rank options by fused log-likelihood
+
+
+@dataclass
+class Task:
+    """A task as the runner sees it: a name (with its language) and its items."""
+
+    name: str
+    items: Sequence[EvalItem]
+
+
+def calibration_path(out_dir: Path, task: str) -> Path:
+    """Where a run keeps a task's calibrated pair and its landscape."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    return out_dir / f"calibration-{safe}.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class Runner:
+    """Runs methods over tasks with one loaded :class:`Engine` (models load once per run)."""
+
+    engine: Engine
+    out_dir: Path
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    grid_alpha: tuple[float, ...] = DEFAULT_GRID
+    grid_beta: tuple[float, ...] = DEFAULT_GRID
+    calibration_n: int = 50
+    calibration_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.log = PredictionLog(self.out_dir / "predictions.jsonl")
+
+    def close(self) -> None:
+        self.log.close()
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def expand(self, task: Task, methods: Sequence[MethodSpec]) -> list[MethodSpec]:
+        """Concrete per-item methods: task-level ones become fixed weights (calibrated, or the grid)."""
+        out: list[MethodSpec] = []
+        for m in methods:
+            if m.task_level == "ppl-task":
+                a, b = self.calibrate(task)
+                out.append(MethodSpec(m.name, plan("trimix", alpha=a, beta=b)))
+            elif m.task_level == "upper-bound":
+                for a in self.grid_alpha:
+                    for b in self.grid_beta:
+                        name = f"trimix@{a:g}:{b:g}"
+                        if all(x.name != name for x in out):
+                            out.append(MethodSpec(name, plan("trimix", alpha=a, beta=b)))
+            else:
+                out.append(m)
+        return out
+
+    def calibrate(self, task: Task) -> tuple[float, float]:
+        """One pair for the task: mean prompt NLL over a seeded sample of its prompts (no labels),
+        remembered in the run folder so a resumed run uses the same pair."""
+        path = calibration_path(self.out_dir, task.name)
+        if path.exists():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return float(saved["alpha"]), float(saved["beta"])
+        prompts = [it.prompt for it in task.items]
+        sample = random.Random(self.calibration_seed).sample(prompts, min(self.calibration_n, len(prompts)))
+        selector = Selector("ppl", self.grid_alpha, self.grid_beta)
+        mean_nll = sum(self.engine.select(p, selector).scores for p in sample) / len(sample)
+        a, b = choose(selector.alphas, selector.betas, mean_nll)
+        record = {
+            "alpha": a,
+            "beta": b,
+            "n_prompts": len(sample),
+            "grid_alpha": list(selector.alphas),
+            "grid_beta": list(selector.betas),
+            "mean_nll": mean_nll.tolist(),
+        }
+        write_atomic(path, json.dumps(record) + "\n")
+        return a, b
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def pending(self, task: Task, methods: Sequence[MethodSpec]) -> int:
+        return sum(1 for m in methods for it in task.items if not self.log.done(task.name, it.id, m.name))
+
+    def run(self, task: Task, methods: Sequence[MethodSpec]) -> Iterator[dict]:
+        """Predict every (item, method) not yet in the log; yields each new record."""
+        for m in methods:
+            for it in task.items:
+                if self.log.done(task.name, it.id, m.name):
+                    continue
+                rec = self.predict(task, it, m)
+                self.log.append(rec)
+                yield rec
+
+    def predict(self, task: Task, item: EvalItem, method: MethodSpec) -> dict:
+        s = self.settings
+        t0 = time.perf_counter()
+        selection = None
+        if item.kind == "choice" and s.mc_mode == "score":
+            output, weights, selection = self._score_options(item, method)
+        else:
+            max_tokens = {"choice": s.mc_max_tokens, "math": s.math_max_tokens}.get(item.kind, s.max_tokens)
+            gen = self.engine.generate(item.prompt, method.fusion, max_tokens=max_tokens, stop=list(s.stop)).run()
+            output, weights = gen.text, gen.fusion.weights
+            if gen.selection is not None:
+                selection = {"alpha": gen.selection.chosen[0], "beta": gen.selection.chosen[1]}
+        rec = {
+            "task": task.name,
+            "id": item.id,
+            "method": method.name,
+            "output": output,
+            "weights": weights,
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
+        if selection:
+            rec["selected"] = selection
+        return rec
+
+    def _score_options(self, item: EvalItem, method: MethodSpec) -> tuple[str, dict, dict | None]:
+        """Multiple choice by likelihood: the option whose text the fused model finds most likely
+        after the prompt (mean NLL per token), answered as its letter."""
+        fusion = method.fusion
+        selection = None
+        if isinstance(fusion, Selector):
+            sel = self.engine.select(item.prompt, fusion)
+            fusion = plan("trimix", alpha=sel.chosen[0], beta=sel.chosen[1])
+            selection = {"alpha": sel.chosen[0], "beta": sel.chosen[1]}
+        assert isinstance(fusion, FusionPlan)
+        best, best_nll = 0, math.inf
+        for k, option in enumerate(item.options or []):
+            nll = self.engine.continuation_nll(item.prompt, " " + option, fusion)
+            if nll < best_nll:
+                best, best_nll = k, nll
+        return "ABCDEFGH"[best], fusion.weights, selection
+
+
+def needed_roles(methods: Sequence[MethodSpec]) -> tuple[str, ...]:
+    used = set()
+    for m in methods:
+        used |= set(m.roles)
+    return tuple(r for r in ROLES if r in used)
+
+
+def score_task(task: Task, method_names: Sequence[str], log: PredictionLog) -> dict[str, float]:
+    """The task metric of each method, over the items it has predictions for."""
+    out: dict[str, float] = {}
+    for name in method_names:
+        items, outputs = [], []
+        for it in task.items:
+            rec = log.records.get((task.name, it.id, name))
+            if rec is not None:
+                items.append(it)
+                outputs.append(rec["output"])
+        if items:
+            out[name] = score_outputs(items, outputs)
+    return out
+
+
+def upper_bound(scores: Mapping[str, float]) -> tuple[str, float] | None:
+    """The grid pair with the best metric (the oracle), ties to the first pair in grid order."""
+    grid = [(k, v) for k, v in scores.items() if k.startswith("trimix@")]
+    if not grid:
+        return None
+    return max(grid, key=lambda kv: kv[1])

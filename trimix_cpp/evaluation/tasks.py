@@ -1,0 +1,796 @@
+"""Readers that turn evaluation files into prompts with in-context examples, and their gold answers.
+
+Formats read here:
+
+* MiLiC-Eval, the authors' benchmark: ``<root>/<task>/<lang>/{train_1,train_2,train_3,dev,test}.json``,
+  each a JSON list of records with an ``id`` (tasks and fields in :data:`MILIC_TASKS`);
+* Belebele: JSONL records with ``flores_passage``, ``question``, ``mc_answer1``..``mc_answer4`` and
+  ``correct_answer_num`` (1-4), read as four-option multiple choice;
+* SIB-200: TSV with the header ``index_id category text``, read as topic classification;
+* a plain JSONL task: ``{"input", "gold", "options"?, "id"?}``, generation, or multiple choice when a
+  record has options.
+
+Prompts follow the authors' English templates (all in :data:`TEMPLATES`): each block is an
+instruction line, the item, and an answer cue; an in-context example is the same block followed by
+its answer, and examples are separated by a blank line. The first ``shots`` records of the train
+file are the examples (for classification, taken in turn from each label so every label is shown),
+the same for every item, as in the authors' code. When a prompt budget is set and an item's prompt
+would not fit, that item gets fewer examples, and :attr:`Item.n_shots` says how many.
+
+A malformed record (a missing field, a wrong type, a line that is not JSON) does not stop reading: it
+is skipped and reported as a :class:`RecordWarning` naming the file, the line (or the record index
+of a JSON list) and the field. A file that cannot be read at all raises :class:`TaskError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import string
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrimixError
+from .metrics import METRICS, Kind, Metric
+
+LANGUAGE_NAMES: dict[str, str] = {
+    # MiLiC-Eval's codes, then ISO 639-3 codes as FLORES, Belebele and SIB-200 use them (``bod_Tibt``).
+    "bo": "Tibetan",
+    "ug": "Uyghur",
+    "kk": "Kazakh",
+    "mn": "Mongolian",
+    "en": "English",
+    "zh": "Chinese",
+    "bod": "Tibetan",
+    "uig": "Uyghur",
+    "kaz": "Kazakh",
+    "khk": "Mongolian",
+    "mvf": "Mongolian",
+    "eng": "English",
+    "zho": "Chinese",
+    "ben": "Bengali",
+    "tam": "Tamil",
+    "tel": "Telugu",
+    "ory": "Odia",
+    "ori": "Odia",
+}
+
+# Every prompt block, by template name. A block ends with its answer cue; the authors leave a space
+# after the cue of open generation ("English: ") and none after "Answer:", and an in-context
+# example is the block with its answer after the cue, separated from it by exactly one space.
+TEMPLATES: dict[str, str] = {
+    "translation": (
+        "Please translate the following {src_name} text into {tgt_name}.\n{src_name}: {source}\n{tgt_name}: "
+    ),
+    "title_generation": "Please write a title for the following article in {language}.\nArticle: {content}\nTitle: ",
+    "text_classification": (
+        "Please classify the following {language} text.\nText: {text}\nCandidate labels: {labels}\nAnswer:"
+    ),
+    "response_selection": (
+        "Please select an appropriate response for the following {language} dialogue.\n"
+        "Context:\n{context}\nOptions:\n{options}\nAnswer:"
+    ),
+    "reading_comprehension": (
+        "Please read the following {language} dialogue and answer the question.\n"
+        "Context:\n{context}\nQuestion: {question}\nOptions:\n{options}\nAnswer:"
+    ),
+    "math": (
+        "Please solve the following {language} math problem step by step.\nProblem: {question}\nStep-by-step solution: "
+    ),
+    "belebele": (
+        "Please read the following {language} passage and answer the question.\n"
+        "Passage: {passage}\nQuestion: {question}\nOptions:\n{options}\nAnswer:"
+    ),
+    "sib200": (
+        "Please classify the topic of the following {language} text.\nText: {text}\nCandidate labels: {labels}\nAnswer:"
+    ),
+    "plain": "{instruction}{input}",
+    "plain_choice": "{instruction}{input}\nOptions:\n{options}\nAnswer:",
+}
+
+MILIC_SPLITS = ("train_1", "train_2", "train_3", "dev", "test")
+LETTERS = string.ascii_uppercase
+
+
+class TaskError(TrimixError):
+    """A task file is missing, unreadable, or not in the expected format as a whole."""
+
+
+@dataclass(frozen=True)
+class RecordWarning:
+    """A record skipped (or kept with a caveat) while reading, and where it is."""
+
+    path: str
+    field: str | None
+    message: str
+    line: int | None = None
+    index: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.index is not None:
+            where += f" record [{self.index}]"
+        what = f"field {self.field!r}: " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One in-context example: its id and the block shown in the prompt, answer included."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One evaluation item: the full prompt, the gold answer, and how to score a generation.
+
+    ``kind`` names the answer rule: ``generate`` scores the first line of the generation as it is
+    (a translation, a title, a class label), ``choice`` reads a letter A.. from its first character
+    (``gold`` is that letter, ``options`` the texts it indexes), ``math`` reads its last number
+    (``gold`` is the number as text). For classification ``options`` holds the candidate labels.
+    ``shot_ids`` are the in-context examples the prompt holds, ``n_shots`` of them.
+    """
+
+    id: str
+    prompt: str
+    gold: str
+    options: tuple[str, ...] | None
+    kind: Kind
+    metric: Metric
+    n_shots: int
+    shot_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """What a reader returns: the items, the examples offered to them, and what was skipped.
+
+    ``task`` names the task and its language (``translation:ug-en``, ``belebele:bod_Tibt``): item ids
+    repeat across the languages of a parallel benchmark, so (task, id) is the key of a prediction.
+    """
+
+    task: str
+    items: tuple[Item, ...]
+    examples: tuple[Example, ...]
+    warnings: tuple[RecordWarning, ...]
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How prompts are built.
+
+    ``shots``: in-context examples per prompt at most (the authors use 3 to 5).
+    ``max_passage_chars``: the texts of title generation and classification are cut to this many
+    characters, as the authors cut theirs (1024), so one long article cannot crowd out the examples.
+    Reading passages are never cut: the answer may lie in the part that would go.
+    ``max_prompt``: the budget of a whole prompt, in characters, or in tokens when ``count_tokens``
+    is given (pass the model's own tokenizer count). An item whose prompt would overflow gets fewer
+    examples; one that overflows with none is kept and reported.
+    """
+
+    shots: int = 5
+    max_passage_chars: int = 1024
+    max_prompt: int | None = None
+    count_tokens: Callable[[str], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shots < 0:
+            raise TaskError(f"shots must be 0 or more, got {self.shots}")
+        if self.max_passage_chars < 1:
+            raise TaskError(f"max_passage_chars must be at least 1, got {self.max_passage_chars}")
+        if self.max_prompt is not None and self.max_prompt < 1:
+            raise TaskError(f"max_prompt must be at least 1, got {self.max_prompt}")
+
+    def cost(self, prompt: str) -> int:
+        return self.count_tokens(prompt) if self.count_tokens is not None else len(prompt)
+
+
+def language_name(code: str) -> str:
+    """English name of a language code (``ug``, ``uig``, ``uig_Arab``); an unknown code is returned as is."""
+    return LANGUAGE_NAMES.get(code, LANGUAGE_NAMES.get(code.split("_")[0], code))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading files: each reader yields (where, record) and reports lines it cannot parse.
+
+
+@dataclass(frozen=True)
+class _Where:
+    line: int | None = None
+    index: int | None = None
+
+
+_Reader = Callable[[Path, list[RecordWarning]], Iterator[tuple[_Where, Any]]]
+
+
+class _Bad(Exception):
+    """A record field is missing or malformed; caught per record and turned into a warning."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _open_text(path: Path) -> str:
+    if not path.is_file():
+        raise TaskError(f"no task file {path}")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"cannot read task file {path} as UTF-8 text: {e}") from None
+
+
+def _read_json_list(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
+    text = _open_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TaskError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise TaskError(f"{path} holds a JSON {type(data).__name__}; a task file is a JSON list of records")
+    for i, record in enumerate(data):
+        yield _Where(index=i), record
+
+
+def _read_jsonl(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
+    # Split on newlines only: str.splitlines() would also split at U+2028 or U+0085, which JSON allows
+    # unescaped inside a string.
+    for n, line in enumerate(_open_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            warnings.append(RecordWarning(str(path), None, f"not valid JSON ({e.msg}, column {e.colno})", line=n))
+            continue
+        yield _Where(line=n), record
+
+
+def _tsv_reader(columns: Sequence[str]) -> _Reader:
+    def read(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
+        rows = csv.DictReader(io.StringIO(_open_text(path), newline=""), delimiter="\t")
+        missing = [c for c in columns if c not in (rows.fieldnames or ())]
+        if missing:
+            raise TaskError(f"{path}: the header has no column {', '.join(missing)} (expected {' '.join(columns)})")
+        for row in rows:
+            # line_num is the row's last physical line; the header is line 1.
+            yield _Where(line=rows.line_num), row
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------------------
+# Field access: each helper returns a clean value or raises _Bad naming the field.
+
+
+def _require(record: Mapping[str, Any], key: str) -> Any:
+    if key not in record or record[key] is None:
+        raise _Bad(key, "missing")
+    return record[key]
+
+
+def _text(record: Mapping[str, Any], key: str) -> str:
+    value = _require(record, key)
+    if not isinstance(value, str):
+        raise _Bad(key, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _Bad(key, "empty")
+    return value
+
+
+def _ident(record: Mapping[str, Any], key: str = "id") -> str:
+    value = _require(record, key)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad(key, f"expected a string or an integer, got {type(value).__name__}")
+    if isinstance(value, str) and not value.strip():
+        raise _Bad(key, "empty")
+    return str(value)
+
+
+def _texts(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = _require(record, key)
+    if not isinstance(value, list) or not value:
+        raise _Bad(key, f"expected a non-empty list of strings, got {type(value).__name__}")
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise _Bad(key, f"element {i} is a {type(v).__name__}, not a string")
+    return tuple(value)
+
+
+def _options(record: Mapping[str, Any], key: str = "options") -> tuple[str, ...]:
+    options = _texts(record, key)
+    if len(options) > len(LETTERS):
+        raise _Bad(key, f"{len(options)} options; at most {len(LETTERS)} can be lettered")
+    return options
+
+
+def _letter(record: Mapping[str, Any], key: str, n_options: int) -> str:
+    value = _text(record, key).strip()
+    if value not in LETTERS[:n_options]:
+        raise _Bad(key, f"expected one of {', '.join(LETTERS[:n_options])}, got {value!r}")
+    return value
+
+
+def _number(record: Mapping[str, Any], key: str) -> str:
+    """A number as canonical text: ``18`` for 18 and 18.0, ``24.2`` for 24.2."""
+    value = _require(record, key)
+    if isinstance(value, bool):
+        raise _Bad(key, "expected a number, got bool")
+    if isinstance(value, str):
+        try:
+            value = float(value.replace(",", "").strip())
+        except ValueError:
+            raise _Bad(key, f"expected a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+        raise _Bad(key, f"expected a finite number, got {value!r}")
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _clip(text: str, limit: int) -> str:
+    """The first ``limit`` characters, backing off so that no base letter loses its combining marks."""
+    if len(text) <= limit:
+        return text
+    cut = limit
+    while cut > 0 and unicodedata.category(text[cut])[0] == "M":
+        cut -= 1
+    return text[:cut]
+
+
+def _lettered(options: Sequence[str]) -> str:
+    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing records into the pieces of a prompt block.
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A record reduced to what prompts need: template fields, gold, and the answer an example shows."""
+
+    id: str
+    fields: dict[str, str]
+    gold: str
+    shown: str
+    options: tuple[str, ...] | None = None
+    label: str | None = None
+    where: _Where = _Where()
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What parsing needs beyond the record: the translation direction and the passage limit."""
+
+    source: str
+    target: str
+    max_passage_chars: int
+
+
+_Parser = Callable[[Mapping[str, Any], _Context], _Parsed]
+
+
+def _parse_translation(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    target = _text(r, c.target)
+    return _Parsed(_ident(r), {"source": _text(r, c.source)}, gold=target, shown=target)
+
+
+def _parse_title(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    title = _text(r, "title")
+    return _Parsed(_ident(r), {"content": _clip(_text(r, "content"), c.max_passage_chars)}, gold=title, shown=title)
+
+
+def _label_text(r: Mapping[str, Any]) -> str:
+    label = _require(r, "label")
+    if isinstance(label, str) and label.strip():
+        return label.strip()
+    if isinstance(label, dict) and isinstance(label.get("en"), str) and label["en"].strip():
+        return label["en"].strip()
+    raise _Bad("label", 'expected {"en": "...", ...} or a string')
+
+
+def _parse_classification(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    label = _label_text(r)
+    text = _clip(_text(r, "text"), c.max_passage_chars)
+    return _Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label)
+
+
+def _parse_dialogue_choice(r: Mapping[str, Any], c: _Context, with_question: bool) -> _Parsed:
+    fields = {"context": "\n".join(_texts(r, "context"))}
+    if with_question:
+        fields["question"] = _text(r, "question")
+    options = _options(r)
+    fields["options"] = _lettered(options)
+    answer = _letter(r, "answer", len(options))
+    return _Parsed(_ident(r), fields, gold=answer, shown=answer, options=options)
+
+
+def _parse_response(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    return _parse_dialogue_choice(r, c, with_question=False)
+
+
+def _parse_comprehension(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    return _parse_dialogue_choice(r, c, with_question=True)
+
+
+def _parse_math(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    answer = _number(r, "answer")
+    shown = f"The answer is {answer}."
+    if r.get("cot") is not None:
+        # The authors' examples show a worked solution, in English under "en".
+        cot = r["cot"]
+        if isinstance(cot, dict):
+            cot = cot.get("en")
+        if not isinstance(cot, str) or not cot.strip():
+            raise _Bad("cot", 'expected a worked solution, a string or {"en": "...", ...}')
+        shown = cot.strip()
+    return _Parsed(_ident(r), {"question": _text(r, "question")}, gold=answer, shown=shown)
+
+
+def _parse_belebele(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    options = tuple(_text(r, f"mc_answer{i}") for i in range(1, 5))
+    number = _require(r, "correct_answer_num")
+    if isinstance(number, str) and number.strip().isdigit():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 4:
+        raise _Bad("correct_answer_num", f"expected 1, 2, 3 or 4, got {number!r}")
+    fields = {
+        "passage": _text(r, "flores_passage"),
+        "question": _text(r, "question"),
+        "options": _lettered(options),
+    }
+    if "link" in r and "question_number" in r:
+        ident = f"{r['link']}#{r['question_number']}"
+    else:
+        ident = _ident(r) if "id" in r else ""
+    return _Parsed(ident, fields, gold=LETTERS[number - 1], shown=LETTERS[number - 1], options=options)
+
+
+def _parse_sib(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    if None in r:
+        raise _Bad(None, "more columns than the header")
+    label = _text(r, "category").strip()
+    text = _clip(_text(r, "text"), c.max_passage_chars)
+    return _Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label)
+
+
+def _parse_plain(r: Mapping[str, Any], c: _Context) -> _Parsed:
+    fields = {"input": _text(r, "input")}
+    ident = _ident(r) if "id" in r else ""
+    if r.get("options") is None:
+        gold = _text(r, "gold")
+        return _Parsed(ident, fields, gold=gold, shown=gold)
+    options = _options(r)
+    fields["options"] = _lettered(options)
+    gold = _text(r, "gold").strip()
+    if gold not in LETTERS[: len(options)]:
+        if gold not in options:
+            raise _Bad("gold", f"neither a letter A-{LETTERS[len(options) - 1]} nor one of the options: {gold!r}")
+        gold = LETTERS[options.index(gold)]
+    return _Parsed(ident, fields, gold=gold, shown=gold, options=options)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    template: str
+    kind: Kind
+    metric: Metric
+    parse: _Parser
+    labelled: bool = False  # classification: candidate labels are collected and listed in the prompt
+
+
+MILIC_TASKS: dict[str, _Spec] = {
+    "translation": _Spec("translation", "generate", "chrf++", _parse_translation),
+    "title_generation": _Spec("title_generation", "generate", "rouge-l", _parse_title),
+    "text_classification": _Spec("text_classification", "generate", "accuracy", _parse_classification, labelled=True),
+    "response_selection": _Spec("response_selection", "choice", "accuracy", _parse_response),
+    "reading_comprehension": _Spec("reading_comprehension", "choice", "accuracy", _parse_comprehension),
+    "math": _Spec("math", "math", "accuracy", _parse_math),
+}
+_BELEBELE = _Spec("belebele", "choice", "accuracy", _parse_belebele)
+_SIB200 = _Spec("sib200", "generate", "accuracy", _parse_sib, labelled=True)
+_PLAIN = _Spec("plain", "generate", "chrf++", _parse_plain)
+_PLAIN_CHOICE = _Spec("plain_choice", "choice", "accuracy", _parse_plain)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building prompts.
+
+
+def _warning(path: Path, where: _Where, field_name: str | None, message: str) -> RecordWarning:
+    return RecordWarning(str(path), field_name, message, line=where.line, index=where.index)
+
+
+def _parse_file(
+    path: Path, read: _Reader, parse: _Parser, context: _Context, warnings: list[RecordWarning]
+) -> list[_Parsed]:
+    """Every well-formed record of a file; each other one becomes a warning. Ids must be unique."""
+    parsed: list[_Parsed] = []
+    seen: set[str] = set()
+    for where, record in read(path, warnings):
+        if not isinstance(record, Mapping):
+            warnings.append(_warning(path, where, None, f"expected an object, got {type(record).__name__}"))
+            continue
+        try:
+            p = parse(record, context)
+        except _Bad as bad:
+            warnings.append(_warning(path, where, bad.field, bad.message))
+            continue
+        # A record without an id of its own is named after its place in the file.
+        ident = p.id or f"{path.stem}:{where.line if where.line is not None else where.index}"
+        if ident in seen:
+            warnings.append(_warning(path, where, "id", f"duplicate id {ident!r}; the record is skipped"))
+            continue
+        seen.add(ident)
+        parsed.append(replace(p, id=ident, where=where))
+    return parsed
+
+
+def _pick_examples(train: Sequence[_Parsed], k: int, labelled: bool) -> list[_Parsed]:
+    """The first ``k`` train records; for classification, one label after another so each is shown."""
+    if not labelled:
+        return list(train[:k])
+    by_label: dict[str | None, list[_Parsed]] = {}
+    for p in train:
+        by_label.setdefault(p.label, []).append(p)
+    picked: list[_Parsed] = []
+    depth = 0
+    while len(picked) < k and any(depth < len(group) for group in by_label.values()):
+        picked.extend(group[depth] for group in by_label.values() if depth < len(group))
+        depth += 1
+    return picked[:k]
+
+
+def _solved(block: str, answer: str) -> str:
+    """An example: the block with its answer one space after the cue."""
+    return block + ("" if block.endswith(" ") else " ") + answer
+
+
+def _fit(examples: Sequence[Example], block: str, settings: PromptSettings) -> tuple[str, int, int | None]:
+    """The prompt with as many examples as the budget allows: (prompt, examples used, cost if over budget)."""
+    n = len(examples)
+    while True:
+        prompt = "".join(f"{e.text}\n\n" for e in examples[:n]) + block
+        if settings.max_prompt is None:
+            return prompt, n, None
+        cost = settings.cost(prompt)
+        if cost <= settings.max_prompt:
+            return prompt, n, None
+        if n == 0:
+            return prompt, 0, cost
+        n -= 1
+
+
+def _build(
+    task: str,
+    spec: _Spec,
+    items: Sequence[_Parsed],
+    train: Sequence[_Parsed],
+    paths: tuple[Path, Path | None],
+    common: Mapping[str, str],
+    settings: PromptSettings,
+    warnings: list[RecordWarning],
+) -> TaskData:
+    """Render examples and items with the task's template; ``paths`` are (evaluated file, train file)."""
+    path, train_path = paths
+    template = TEMPLATES[spec.template]
+    fields = dict(common)
+    labels: tuple[str, ...] | None = None
+    if spec.labelled:
+        # Candidate labels in order of first appearance, from the train file when there is one.
+        labels = tuple(dict.fromkeys(p.label for p in (train or items) if p.label is not None))
+        fields["labels"] = ", ".join(labels)
+    label_source = train_path if train else path
+
+    examples = tuple(
+        Example(p.id, _solved(template.format(**fields, **p.fields), p.shown))
+        for p in _pick_examples(train, settings.shots, spec.labelled)
+    )
+    built: list[Item] = []
+    for p in items:
+        prompt, n, over = _fit(examples, template.format(**fields, **p.fields), settings)
+        if over is not None:
+            message = f"the prompt costs {over} with no examples, over the budget of {settings.max_prompt}; kept"
+            warnings.append(_warning(path, p.where, None, message))
+        if labels is not None and p.gold not in labels:
+            message = f"{p.gold!r} is not a candidate label (from {label_source}): the item cannot be answered"
+            warnings.append(_warning(path, p.where, "label", message))
+        options = labels if labels is not None else p.options
+        shot_ids = tuple(e.id for e in examples[:n])
+        built.append(Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids))
+    return TaskData(task, tuple(built), examples, tuple(warnings))
+
+
+def _load(
+    task: str,
+    spec: _Spec,
+    read: _Reader,
+    paths: tuple[Path, Path | None],
+    context: _Context,
+    common: Mapping[str, str],
+    settings: PromptSettings,
+) -> TaskData:
+    path, train_path = paths
+    warnings: list[RecordWarning] = []
+    train: list[_Parsed] = []
+    if train_path is not None and (settings.shots > 0 or spec.labelled):
+        train = _parse_file(train_path, read, spec.parse, context, warnings)
+    items = _parse_file(path, read, spec.parse, context, warnings)
+    return _build(task, spec, items, train, paths, common, settings, warnings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public readers.
+
+
+def load_milic(
+    root: str | Path,
+    task: str,
+    lang: str,
+    *,
+    split: str = "test",
+    train_split: str = "train_1",
+    source: str | None = None,
+    target: str | None = None,
+    settings: PromptSettings | None = None,
+) -> TaskData:
+    """A MiLiC-Eval task: ``<root>/<task>/<lang>/<split>.json`` with examples from ``train_split``.
+
+    For translation, ``source`` and ``target`` are the record keys (language codes) to translate
+    from and into; the default is ``lang`` into English, and ``source="en"`` alone means English into
+    ``lang``. With ``settings.shots == 0`` no train file is needed, except that classification takes
+    its candidate labels from it when it exists (from the evaluated split otherwise).
+    """
+    settings = settings or PromptSettings()
+    if task not in MILIC_TASKS:
+        raise TaskError(f"unknown MiLiC-Eval task {task!r}; known: {', '.join(MILIC_TASKS)}")
+    for s in (split, train_split):
+        if s not in MILIC_SPLITS:
+            raise TaskError(f"unknown split {s!r}; MiLiC-Eval has {', '.join(MILIC_SPLITS)}")
+    folder = Path(root) / task / lang
+    path = folder / f"{split}.json"
+    if not path.is_file():
+        raise TaskError(f"no file {path}; MiLiC-Eval files are <root>/<task>/<lang>/<split>.json")
+    train_file = folder / f"{train_split}.json"
+    if not train_file.is_file() and settings.shots > 0:
+        raise TaskError(f"no train file {train_file} for {settings.shots} in-context examples (or use shots=0)")
+    train_path = train_file if train_file.is_file() else None
+
+    source = source or lang
+    target = target or ("en" if source == lang else lang)
+    context = _Context(source, target, settings.max_passage_chars)
+    common = {"language": language_name(lang), "src_name": language_name(source), "tgt_name": language_name(target)}
+    name = f"translation:{source}-{target}" if task == "translation" else f"{task}:{lang}"
+    return _load(name, MILIC_TASKS[task], _read_json_list, (path, train_path), context, common, settings)
+
+
+def load_belebele(
+    path: str | Path,
+    language: str,
+    *,
+    train_path: str | Path | None = None,
+    settings: PromptSettings | None = None,
+) -> TaskData:
+    """A Belebele JSONL file as four-option multiple choice (gold letter A-D).
+
+    Belebele has no train split: examples come from ``train_path`` (for instance records of the
+    same language held out of the evaluation), or there are none. ``language`` is a code
+    (``bod_Tibt``, ``uig``) or an English name, used in the instruction line.
+    """
+    return _load_file(f"belebele:{language}", _BELEBELE, _read_jsonl, path, train_path, language, settings)
+
+
+def load_sib200(
+    path: str | Path,
+    language: str,
+    *,
+    train_path: str | Path | None = None,
+    settings: PromptSettings | None = None,
+) -> TaskData:
+    """A SIB-200 TSV file as topic classification; the candidate topics come from ``train_path``."""
+    read = _tsv_reader(("index_id", "category", "text"))
+    return _load_file(f"sib200:{language}", _SIB200, read, path, train_path, language, settings)
+
+
+def _load_file(
+    task: str,
+    spec: _Spec,
+    read: _Reader,
+    path: str | Path,
+    train_path: str | Path | None,
+    language: str,
+    settings: PromptSettings | None,
+) -> TaskData:
+    settings = settings or PromptSettings()
+    context = _Context("", "", settings.max_passage_chars)
+    paths = (Path(path), Path(train_path) if train_path is not None else None)
+    return _load(task, spec, read, paths, context, {"language": language_name(language)}, settings)
+
+
+def load_jsonl(
+    path: str | Path,
+    *,
+    train_path: str | Path | None = None,
+    instruction: str | None = None,
+    metric: Metric = "chrf++",
+    settings: PromptSettings | None = None,
+) -> TaskData:
+    """A plain JSONL task of ``{"input", "gold", "options"?, "id"?}`` records.
+
+    The first well-formed record decides the task's kind: with ``options`` it is multiple choice
+    (``gold`` a letter or one of the option texts) scored by accuracy, without it generation scored
+    by ``metric``; records of the other kind are skipped with a warning, since one task has one
+    metric. ``input`` should end with its own answer cue (``"...\\nEnglish:"``); ``instruction``, when
+    given, is a first line added to every block. A record without an id is named ``<file stem>:<line>``.
+    """
+    settings = settings or PromptSettings()
+    if metric not in METRICS:
+        raise TaskError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    paths = (Path(path), Path(train_path) if train_path is not None else None)
+    context = _Context("", "", settings.max_passage_chars)
+    warnings: list[RecordWarning] = []
+    train: list[_Parsed] = []
+    if paths[1] is not None and settings.shots > 0:
+        train = _parse_file(paths[1], _read_jsonl, _parse_plain, context, warnings)
+    items = _parse_file(paths[0], _read_jsonl, _parse_plain, context, warnings)
+    choice = bool(items) and items[0].options is not None
+    spec = _PLAIN_CHOICE if choice else replace(_PLAIN, metric=metric)
+
+    def same_kind(records: list[_Parsed], file: Path) -> list[_Parsed]:
+        kept = []
+        for p in records:
+            if (p.options is not None) == choice:
+                kept.append(p)
+            else:
+                message = "this task is " + ("multiple choice" if choice else "generation") + "; the record is skipped"
+                warnings.append(_warning(file, p.where, "options", message))
+        return kept
+
+    items = same_kind(items, paths[0])
+    train = same_kind(train, paths[1]) if paths[1] is not None else []
+    common = {"instruction": f"{instruction}\n" if instruction else ""}
+    return _build(f"jsonl:{paths[0].stem}", spec, items, train, paths, common, settings, warnings)
+
+
+LOADERS: dict[str, Callable[..., TaskData]] = {
+    "milic": load_milic,
+    "belebele": load_belebele,
+    "sib200": load_sib200,
+    "jsonl": load_jsonl,
+}
+
+
+def load_task(fmt: str, *args: Any, **kwargs: Any) -> TaskData:
+    """Dispatch to the reader of a format name in :data:`LOADERS`, passing the arguments through."""
+    if fmt not in LOADERS:
+        raise TaskError(f"unknown task format {fmt!r}; known: {', '.join(LOADERS)}")
+    return LOADERS[fmt](*args, **kwargs)
+
+
+__all__ = [
+    "LANGUAGE_NAMES",
+    "LOADERS",
+    "MILIC_SPLITS",
+    "MILIC_TASKS",
+    "TEMPLATES",
+    "Example",
+    "Item",
+    "PromptSettings",
+    "RecordWarning",
+    "TaskData",
+    "TaskError",
+    "language_name",
+    "load_belebele",
+    "load_jsonl",
+    "load_milic",
+    "load_sib200",
+    "load_task",
+]
