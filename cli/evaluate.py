@@ -152,9 +152,12 @@ def run_eval(
     console = Console(stderr=True)
     task_scores, metrics, notes = {}, {}, {}
     with tm.Engine(paths, options) as engine:
+        room = engine.n_ctx - max_tokens - 8
+        if room < 16:
+            raise tm.TrimixError(f"a context of {engine.n_ctx} tokens leaves no room for prompts after -n {max_tokens}")
         budget = PromptSettings(
             shots=shots,
-            max_prompt=engine.n_ctx - max(max_tokens, settings.math_max_tokens) - 8,
+            max_prompt=room,
             count_tokens=lambda text: len(engine.tokenize(text)),
         )
         loaded = [load_task_spec(t, train, budget) for t in tasks]

@@ -139,3 +139,13 @@ def test_gemma_tibetan_sampling_is_valid_utf8(gemma):
             pieces = list(gen)
             assert "".join(pieces) == gen.text and "\ufffd" not in gen.text
             assert _python_prefix_ok(b"".join(eng.vocab.pieces[t] for t in gen.token_ids))
+
+
+def test_contrastive_with_guard_never_dead_ends(engine):
+    """Plausibility can keep only bytes the guard forbids; the constraint is relaxed, not the guard."""
+    paths = {r: engine.models[r].path for r in ("small_cpt", "small_base")}
+    with tm.Engine(paths, tm.LoadOptions(n_ctx=256, n_gpu_layers=0)) as eng:
+        for i in range(6):
+            gen = eng.generate(f"English: the cat {i}\nUyghur:", tm.plan("contrastive"), max_tokens=8).run()
+            assert len(gen.token_ids) == 8
+            assert _python_prefix_ok(_generated_bytes(eng, gen.token_ids))

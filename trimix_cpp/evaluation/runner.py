@@ -98,6 +98,12 @@ class PredictionLog:
         self.path = path
         self.records: dict[tuple[str, str, str], dict] = {}
         if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                # a record cut short by a crash mid-write: drop it (its item runs again), so the
+                # next record starts on a line of its own
+                with path.open("r+b") as handle:
+                    handle.truncate(data.rfind(b"\n") + 1)
             with path.open("rb") as handle:
                 for raw in handle:
                     try:
@@ -126,7 +132,6 @@ class GenerationSettings:
     max_tokens: int = 64
     stop: tuple[str, ...] = ("\n",)
     mc_max_tokens: int = 2
-    math_max_tokens: int = 256
     mc_mode: str = "generate"  # or "score": rank options by fused log-likelihood
 
 
@@ -232,7 +237,7 @@ class Runner:
         if item.kind == "choice" and s.mc_mode == "score":
             output, weights, selection = self._score_options(item, method)
         else:
-            max_tokens = {"choice": s.mc_max_tokens, "math": s.math_max_tokens}.get(item.kind, s.max_tokens)
+            max_tokens = s.mc_max_tokens if item.kind == "choice" else s.max_tokens
             gen = self.engine.generate(item.prompt, method.fusion, max_tokens=max_tokens, stop=list(s.stop)).run()
             output, weights = gen.text, gen.fusion.weights
             if gen.selection is not None:
