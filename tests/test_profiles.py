@@ -159,3 +159,19 @@ def test_template_markup_becomes_control_tokens_but_user_text_does_not(dirs, tin
         raw = eng.tokenize("</s>the cat").tolist()
         assert 2 not in raw  # typed by a user, the same text is just characters
         assert setup.prompt(eng, "the cat", raw=True) == "the cat"
+
+
+def test_demo_trio_is_fusable_and_writes_uyghur_script(monkeypatch):
+    for var in ("TRIMIX_PROFILES", "TRIMIX_MODELS"):
+        monkeypatch.delenv(var, raising=False)
+    c = trimix("models", "check", "--lang", "demo", "--json")
+    out = json.loads(c.stdout)
+    assert c.returncode == 0 and out["fusable"] and out["shared_vocab"] == 49152
+    assert {m["role"] for m in out["models"]} == set(TRIO) and out["memory_estimate_bytes"] > 0
+    sizes = [m["weights_bytes"] for m in out["models"] if m["role"] != "large_ins"]
+    assert sum(sizes) <= 60 * 2**20  # the two committed small models
+    g = trimix("generate", "--lang", "demo", "--json", "-n", "12", "ئالاقەداشنى ئۆچۈرۈش")
+    res = json.loads(g.stdout)
+    assert g.returncode == 0 and res["selection"]["strategy"] == "ppl"
+    assert res["selection"]["chosen"]["beta"] > res["selection"]["chosen"]["alpha"]  # the paper's finding
+    assert any("\u0600" <= ch <= "\u06ff" for ch in res["text"])  # Arabic-script Uyghur
