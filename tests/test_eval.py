@@ -67,6 +67,8 @@ def test_milic_layout_all_methods(tiny_trio, tmp_path):
     root = milic(tmp_path / "data")
     out = tmp_path / "run"
     args = [
+        "--plot",
+        str(tmp_path / "plot.png"),
         f"milic:{root}:translation:ug",
         f"milic:{root}:reading_comprehension:ug",
         *models(tiny_trio),
@@ -105,6 +107,7 @@ def test_milic_layout_all_methods(tiny_trio, tmp_path):
     cal = json.loads(next(out.glob("calibration-translation*.json")).read_text())
     assert len(cal["mean_nll"]) == 2 and cal["n_prompts"] == 2
     assert "| upper-bound (oracle) |" in (out / "results.md").read_text()
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log.close()
 
 

@@ -62,6 +62,11 @@ def _finite(name: str, value: float | None) -> float:
     return v
 
 
+def _tidy(x: float) -> float:
+    """1 - 0.1 - 1.0 is -0.09999999999999998 in binary; report -0.1 (a difference of 1e-17)."""
+    return round(x, 12)
+
+
 def plan(
     method: str,
     *,
@@ -78,11 +83,11 @@ def plan(
     """
     if method == "trimix":
         a, b = _finite("alpha", alpha), _finite("beta", beta)
-        w = {LARGE_INS: a, SMALL_CPT: b, SMALL_BASE: 1.0 - a - b}
+        w = {LARGE_INS: a, SMALL_CPT: b, SMALL_BASE: _tidy(1.0 - a - b)}
         return FusionPlan(method, w, params={"alpha": a, "beta": b})
     if method == "trimix4":
         a, b, g = _finite("alpha", alpha), _finite("beta", beta), _finite("gamma", gamma)
-        w = {LARGE_INS: a, SMALL_CPT: b, SMALL_BASE: 1.0 - b - g, LARGE_BASE: g - a}
+        w = {LARGE_INS: a, SMALL_CPT: b, SMALL_BASE: _tidy(1.0 - b - g), LARGE_BASE: _tidy(g - a)}
         return FusionPlan(method, w, params={"alpha": a, "beta": b, "gamma": g})
     if method == "proxy":
         b = _finite("beta", 1.0 if beta is None else beta)
