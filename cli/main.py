@@ -108,6 +108,11 @@ class Setup:
                 raise tm.TrimixError(f"{what} needs {flag(r)} (the path of its GGUF file) or --lang with a profile")
         return out
 
+    def load_options(self, n_ctx: int | None, threads: int, n_gpu_layers: int, verbose: bool) -> tm.LoadOptions:
+        return tm.LoadOptions(
+            n_ctx=self.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
+        )
+
     def n_ctx(self, given: int | None) -> int:
         if given is not None:
             return given
@@ -240,9 +245,7 @@ def generate(
         paths = setup.paths(roles, f"method {method}")
         sampling = tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         sampling.validate()
-        options = tm.LoadOptions(
-            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         stops = [unescape(s) for s in stop] if stop is not None else list(prof.stop if prof else [])
         with tm.Engine({r: paths[r] for r in roles}, options) as engine:
             gen = engine.generate(
@@ -315,9 +318,7 @@ def select_cmd(
         text = read_prompt(prompt, file)
         paths = setup.paths(SELECTION_ROLES, "selection")
         selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
-        options = tm.LoadOptions(
-            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         with tm.Engine(paths, options) as engine:
             sel = engine.select(setup.prompt(engine, text, raw), selector)
         if as_json:
@@ -354,9 +355,7 @@ def calibrate(
         paths = setup.paths(SELECTION_ROLES, "calibration")
         sample = sample_prompts(read_prompts(prompts), n, seed)
         selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
-        options = tm.LoadOptions(
-            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         with tm.Engine(paths, options) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
             formatted = [setup.prompt(engine, p, raw) for p in sample]
@@ -428,9 +427,7 @@ def ppl(
         setup = Setup.make(lang, large_ins, small_cpt, small_base)
         roles = {r for p in plans.values() for r in p.roles} | (set(SELECTION_ROLES) if want_grid else set())
         paths = setup.paths(tuple(r for r in tm.ROLES if r in roles), "scoring")
-        options = tm.LoadOptions(
-            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         grid = _selector("ppl", grid_alpha, grid_beta, max_logits_mib) if want_grid else None
         with tm.Engine(paths, options) as engine:
             scores, grid_scores = engine.perplexity(
@@ -502,9 +499,7 @@ def eval_cmd(
     """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable."""
     with errors(verbose):
         setup = Setup.make(lang, large_ins, small_cpt, small_base)
-        options = tm.LoadOptions(
-            n_ctx=setup.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         run_eval(
             tasks,
             setup,
