@@ -8,7 +8,7 @@ the predictions alone and written atomically.
 Methods: each single model (``large-ins``, ``small-cpt``, ``small-base``), ``proxy``, ``contrastive``,
 fixed TriMix weights (``trimix@A:B``), TriMix with per-prompt selection (``trimix-ppl``,
 ``trimix-ent``), TriMix with one pair per task from a calibration sample of the task's own prompts
-(``trimix-ppl-task``: no labels), and ``upper-bound``: every grid pair is run and the best pair per
+(``trimix-ppl-task``, ``trimix-ent-task``: no labels), and ``upper-bound``: every grid pair is run and the best pair per
 task *by the task metric* is reported. That last one looks at the labels: it is an oracle, a ceiling
 for the label-free choices, not a method.
 """
@@ -32,7 +32,9 @@ from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector, choose
 from .metrics import score_outputs
 
 SINGLE_NAMES = {"large-ins": LARGE_INS, "small-cpt": SMALL_CPT, "small-base": SMALL_BASE, "large-base": LARGE_BASE}
-DEFAULT_METHODS = "large-ins,small-cpt,small-base,proxy,contrastive,trimix-ppl,trimix-ent,trimix-ppl-task,upper-bound"
+DEFAULT_METHODS = (
+    "large-ins,small-cpt,small-base,proxy,contrastive,trimix-ppl,trimix-ent,trimix-ppl-task,trimix-ent-task,upper-bound"
+)
 
 
 class EvalItem(Protocol):
@@ -52,7 +54,7 @@ class MethodSpec:
 
     name: str
     fusion: FusionPlan | Selector | None = None
-    task_level: str | None = None  # "ppl-task" | "upper-bound"
+    task_level: str | None = None  # "ppl-task" | "ent-task" | "upper-bound"
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -77,14 +79,14 @@ def parse_methods(spec: str, grid_alpha: Sequence[float] = DEFAULT_GRID, grid_be
             out.append(MethodSpec(name, plan("trimix", alpha=a, beta=b)))
         elif name in ("trimix-ppl", "trimix-ent"):
             out.append(MethodSpec(name, Selector(name.split("-")[1], tuple(grid_alpha), tuple(grid_beta))))
-        elif name == "trimix-ppl-task":
-            out.append(MethodSpec(name, task_level="ppl-task"))
+        elif name in ("trimix-ppl-task", "trimix-ent-task"):
+            out.append(MethodSpec(name, task_level=name.removeprefix("trimix-")))
         elif name == "upper-bound":
             out.append(MethodSpec(name, task_level="upper-bound"))
         else:
             raise TrimixError(
                 f"unknown method {name!r} (use large-ins, small-cpt, small-base, proxy, contrastive, trimix@A:B, "
-                "trimix-ppl, trimix-ent, trimix-ppl-task, upper-bound)"
+                "trimix-ppl, trimix-ent, trimix-ppl-task, trimix-ent-task, upper-bound)"
             )
     if not out:
         raise TrimixError("--methods is empty")
@@ -179,8 +181,8 @@ class Runner:
         """Concrete per-item methods: task-level ones become fixed weights (calibrated, or the grid)."""
         out: list[MethodSpec] = []
         for m in methods:
-            if m.task_level == "ppl-task":
-                a, b = self.calibrate(task)
+            if m.task_level in ("ppl-task", "ent-task"):
+                a, b = self.calibrate(task, m.task_level.split("-")[0])
                 out.append(MethodSpec(m.name, plan("trimix", alpha=a, beta=b)))
             elif m.task_level == "upper-bound":
                 for a in self.grid_alpha:
@@ -192,16 +194,17 @@ class Runner:
                 out.append(m)
         return out
 
-    def calibrate(self, task: Task) -> tuple[float, float]:
-        """One pair for the task: mean prompt NLL over a seeded sample of its prompts (no labels),
-        remembered in the run folder so a resumed run uses the same pair."""
-        path = calibration_path(self.out_dir, task.name)
+    def calibrate(self, task: Task, strategy: str = "ppl") -> tuple[float, float]:
+        """One pair for the task: the lowest mean prompt NLL (``ppl``) or mean first-token entropy
+        (``ent``) over a seeded sample of its prompts (no labels), remembered in the run folder so a
+        resumed run uses the same pair."""
+        path = calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}")
         if path.exists():
             saved = json.loads(path.read_text(encoding="utf-8"))
             return float(saved["alpha"]), float(saved["beta"])
         prompts = [it.prompt for it in task.items]
         sample = random.Random(self.calibration_seed).sample(prompts, min(self.calibration_n, len(prompts)))
-        selector = Selector("ppl", self.grid_alpha, self.grid_beta)
+        selector = Selector(strategy, self.grid_alpha, self.grid_beta)
         mean_nll = sum(self.engine.select(p, selector).scores for p in sample) / len(sample)
         a, b = choose(selector.alphas, selector.betas, mean_nll)
         record = {
@@ -210,7 +213,8 @@ class Runner:
             "n_prompts": len(sample),
             "grid_alpha": list(selector.alphas),
             "grid_beta": list(selector.betas),
-            "mean_nll": mean_nll.tolist(),
+            "strategy": strategy,
+            "mean_nll" if strategy == "ppl" else "mean_entropy": mean_nll.tolist(),
         }
         write_atomic(path, json.dumps(record) + "\n")
         return a, b
