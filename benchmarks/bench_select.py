@@ -7,7 +7,7 @@ each measured in a fresh process so peak memory is its own:
   logits computed by llama.cpp and left unread (the floor: generation needs this evaluation anyway);
 * ``select``: ``Engine.select``, the same evaluations plus the reduction of every chunk's logits into
   the 36-pair grid's NLL sums; ``overhead = select - eval`` as a share of ``eval``;
-* variants of the reduction on the same logits (one thread; no power chains), and the naive dense
+* variants of the reduction on the same logits (two threads; no power chains), and the naive dense
   loop (36 float32 logsumexps per position) timed on a sample of positions and scaled up;
 * peak RSS of each process.
 
@@ -69,8 +69,8 @@ def run_one(kind: str, n: int, max_mib: float) -> dict[str, float]:
                     return
                 a, b, c = (np.array(rows[r][: len(targets)]) for r in ("large_ins", "small_cpt", "small_base"))
                 for name, threads, grid in (
-                    ("default", None, DEFAULT_GRID),
-                    ("1 thread", 1, DEFAULT_GRID),
+                    ("default (1 thread)", None, DEFAULT_GRID),
+                    ("2 threads", 2, DEFAULT_GRID),
                     ("no power chain", None, tuple(g + 1e-7 for g in DEFAULT_GRID)),
                 ):
                     with GridNLL(grid, grid, eng.vocab.n_vocab, threads) as g:
