@@ -23,6 +23,7 @@ import trimix_cpp as tm
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
+from trimix_cpp.evaluation.runner import parse_methods as eval_methods
 from trimix_cpp.profiles import Profile, find_profile
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose, parse_grid
 
@@ -367,28 +368,15 @@ def calibrate(
 
 def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:
     """``large-ins,small-cpt,proxy,contrastive,trimix@0.1:0.9,trimix-grid`` -> named plans, and whether
-    the whole TriMix grid is wanted."""
+    the whole TriMix grid is wanted. Method names are the evaluation's; only fixed-weight ones apply."""
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    grid = "trimix-grid" in items
+    rest = [x for x in items if x != "trimix-grid"]
     plans: dict[str, tm.FusionPlan] = {}
-    grid = False
-    for item in (x.strip() for x in spec.split(",") if x.strip()):
-        role = item.replace("-", "_")
-        if role in tm.ROLES:
-            plans[item] = tm.plan("single", role=role)
-        elif item in ("proxy", "contrastive"):
-            plans[item] = tm.plan(item)
-        elif item.startswith("trimix@"):
-            try:
-                a, b = (float(x) for x in item[len("trimix@") :].split(":"))
-            except ValueError:
-                raise tm.TrimixError(f"write fixed TriMix weights as trimix@ALPHA:BETA, got {item!r}") from None
-            plans[item] = tm.plan("trimix", alpha=a, beta=b)
-        elif item == "trimix-grid":
-            grid = True
-        else:
-            raise tm.TrimixError(
-                f"unknown method {item!r} in --methods (use large-ins, small-cpt, small-base, large-base, proxy, "
-                "contrastive, trimix@A:B, trimix-grid)"
-            )
+    for m in eval_methods(",".join(rest)) if rest else []:
+        if not isinstance(m.fusion, tm.FusionPlan):
+            raise tm.TrimixError(f"{m.name} picks weights per prompt or per task; for perplexity use trimix-grid")
+        plans[m.name] = m.fusion
     if not plans and not grid:
         raise tm.TrimixError("--methods is empty")
     return plans, grid
