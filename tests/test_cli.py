@@ -7,7 +7,7 @@ import json
 import pytest
 from test_errors import trimix
 
-from cli.main import unescape
+from trimix_cli.main import unescape
 
 
 def _trio_args(trio) -> list[str]:

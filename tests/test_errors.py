@@ -15,7 +15,9 @@ OPTS = tm.LoadOptions(n_ctx=64, n_gpu_layers=0)
 
 
 def trimix(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], input=stdin, capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "trimix_cli.main", *args], input=stdin, capture_output=True, timeout=300
+    )
 
 
 def test_missing_file(tmp_path, tiny_trio):

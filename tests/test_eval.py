@@ -60,7 +60,9 @@ def milic(root: Path) -> Path:
 
 
 def run_eval(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", "eval", *args], capture_output=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "trimix_cli.main", "eval", *args], capture_output=True, timeout=600, **kw
+    )
 
 
 def test_milic_layout_all_methods(tiny_trio, tmp_path):
@@ -118,7 +120,7 @@ def test_resume_after_kill_neither_redoes_nor_loses(tiny_trio, tmp_path):
     common = [*models(tiny_trio), "-n", "12", "--n-ctx", "256", "--methods", "large-ins,small-cpt,trimix@0.3:0.6"]
     out = tmp_path / "run"
     args = [str(task), "--out", str(out), *common]
-    cmd = [sys.executable, "-m", "cli.main", "eval", *args]
+    cmd = [sys.executable, "-m", "trimix_cli.main", "eval", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     preds = out / "predictions.jsonl"
     deadline = time.time() + 120
