@@ -14,7 +14,14 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
 from trimix_cpp.modelinfo import kv_cache_bytes
-from trimix_cpp.profiles import Profile, all_profiles, find_profile, user_profiles_dir, write_profile
+from trimix_cpp.profiles import (
+    Profile,
+    all_profiles,
+    check_new_profile,
+    find_profile,
+    user_profiles_dir,
+    write_profile,
+)
 
 from .common import Verbose, err, errors
 
@@ -121,8 +128,7 @@ def add(
     """Write a user profile after checking that its models load and fuse."""
     with errors(verbose):
         tm._llama.set_verbose(verbose)
-        if not lang.replace("-", "").replace("_", "").isalnum():
-            raise tm.TrimixError(f"--lang takes a language code such as bod or uig, got {lang!r}")
+        check_new_profile(lang, name, n_ctx)  # before the models load, and so that the file reads back
         models = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base}
         if large_base is not None:
             models[tm.LARGE_BASE] = large_base

