@@ -10,26 +10,25 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp.calibrate import calibrate as run_calibration
-from trimix_cpp.calibrate import load_weights, read_prompts, sample_prompts
+from trimix_cpp.calibrate import read_prompts, sample_prompts
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
-from trimix_cpp.profiles import Profile, find_profile
-from trimix_cpp.selection import SELECTION_ROLES, Selector, choose, parse_grid
+from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
+from trimix_cpp.modelset import ModelSet
+from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
 from . import render
-from .common import Verbose, err, errors, flag
+from .common import Verbose, err, errors
 from .evaluate import run_eval
 
 app = typer.Typer(
@@ -85,47 +84,8 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     return prompt
 
 
-@dataclass
-class Setup:
-    """Model files and defaults from ``--lang``'s profile, overridden by explicit flags."""
-
-    profile: Profile | None
-    explicit: dict[str, Path]
-
-    @classmethod
-    def make(cls, lang: str | None, large_ins=None, small_cpt=None, small_base=None, large_base=None) -> Setup:
-        given = {tm.LARGE_INS: large_ins, tm.SMALL_CPT: small_cpt, tm.SMALL_BASE: small_base, tm.LARGE_BASE: large_base}
-        profile = find_profile(lang) if lang else None
-        return cls(profile, {r: p for r, p in given.items() if p is not None})
-
-    def paths(self, roles: tuple[str, ...], what: str) -> dict[str, Path]:
-        out = {}
-        for r in roles:
-            if r in self.explicit:
-                out[r] = self.explicit[r]
-            elif self.profile is not None and r in self.profile.models:
-                out[r] = self.profile.locate(r)
-            else:
-                raise tm.TrimixError(f"{what} needs {flag(r)} (the path of its GGUF file) or --lang with a profile")
-        return out
-
-    def load_options(self, n_ctx: int | None, threads: int, n_gpu_layers: int, verbose: bool) -> tm.LoadOptions:
-        return tm.LoadOptions(
-            n_ctx=self.n_ctx(n_ctx), n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose
-        )
-
-    def n_ctx(self, given: int | None) -> int:
-        if given is not None:
-            return given
-        return self.profile.n_ctx if self.profile else 4096
-
-    def prompt(self, engine: tm.Engine, text: str, raw: bool) -> str | np.ndarray:
-        """The user's text, or its token ids once placed in the profile's template. A template is
-        the profile author's, so control-token text in it (chat markup) is parsed as control tokens,
-        the way llama.cpp tokenizes chat templates."""
-        if raw or self.profile is None or self.profile.template == "{prompt}":
-            return text
-        return engine.tokenize(self.profile.format_prompt(text), special=True)
+def _model_set(lang: str | None, **paths: Path | None) -> ModelSet:
+    return ModelSet.make(lang, paths)
 
 
 # Shared option declarations -----------------------------------------------------------------------
@@ -164,12 +124,16 @@ GridBeta = Annotated[
     str | None, typer.Option("--grid-beta", help="Beta values to try (default 0.1,0.3,0.5,0.7,0.9,1).")
 ]
 MaxLogits = Annotated[
-    float, typer.Option("--max-logits-mib", help="Memory bound for perplexity selection's logits, in MiB.")
+    float | None,
+    typer.Option("--max-logits-mib", help="Memory bound for perplexity selection's logits, in MiB (default 512)."),
 ]
 
 
-def _selector(strategy: str, grid_alpha: str | None, grid_beta: str | None, max_logits_mib: float) -> Selector:
-    return Selector(strategy, parse_grid(grid_alpha), parse_grid(grid_beta), max_logits_mib)
+def _selector(strategy: str, grid_alpha: str | None, grid_beta: str | None, max_logits_mib: float | None) -> Selector:
+    choice = MethodChoice(select=strategy, grid_alpha=grid_alpha, grid_beta=grid_beta, max_logits_mib=max_logits_mib)
+    fusion = resolve_fusion(choice)
+    assert isinstance(fusion, Selector)
+    return fusion
 
 
 @app.command()
@@ -187,20 +151,22 @@ def generate(
     alpha: Annotated[float | None, typer.Option(help="Weight of the large instruction model.")] = None,
     beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
     gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
-    role: Annotated[str, typer.Option(help="The model used by --method single.")] = tm.LARGE_INS,
+    role: Annotated[str | None, typer.Option(help="The model used by --method single (default large_ins).")] = None,
     select: SelectOpt = None,
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = 512.0,
+    max_logits_mib: MaxLogits = None,
     weights_from: Annotated[
         Path | None, typer.Option("--weights-from", help="Use the (alpha, beta) saved by trimix calibrate.")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", "--temp", help="0 is greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 1.0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top probability.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed: same seed, same output.")] = 0,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", "--temp", help="Sampling temperature (default 0: greedy).")
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1: off).")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output (default 0).")] = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this string (repeatable; '\\n' is a newline).")
     ] = None,
@@ -214,41 +180,38 @@ def generate(
     n_gpu_layers: NGpu = -1,
     verbose: Verbose = False,
 ) -> None:
-    """Generate text with fused logits, streaming whole characters to stdout."""
+    """Generate text with fused logits, streaming whole characters to stdout.
+
+    Sampling follows llama.cpp's order: top-k, top-p and min-p on the distribution at temperature 1,
+    then the temperature, then the draw. Flags that the chosen method or decoding would ignore are
+    refused.
+    """
     with errors(verbose):
-        setup = Setup.make(lang, large_ins, small_cpt, small_base, large_base)
-        prof = setup.profile
+        setup = _model_set(
+            lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base
+        )
         text = read_prompt(prompt, file)
-        method = method or (prof.method if prof else "trimix")
-        if weights_from is not None:
-            if select not in (None, "fixed") or alpha is not None or beta is not None:
-                raise tm.TrimixError("--weights-from sets alpha and beta: drop --alpha/--beta/--select")
-            alpha, beta = load_weights(weights_from, setup.paths(SELECTION_ROLES, "--weights-from"))
-            select = "fixed"
-        if select is None:
-            if method != "trimix" or alpha is not None or beta is not None:
-                select = "fixed"
-            else:
-                select = prof.select if prof else "ppl"
-        if select == "fixed":
-            if prof is not None and method == "trimix":
-                alpha = prof.alpha if alpha is None else alpha
-                beta = prof.beta if beta is None else beta
-            fusion: tm.FusionPlan | Selector = tm.plan(method, alpha=alpha, beta=beta, gamma=gamma, role=role)
-            roles = fusion.roles
-        else:
-            if method != "trimix":
-                raise tm.TrimixError(
-                    f"--select {select} chooses TriMix weights; it does not apply to --method {method}"
-                )
-            fusion = _selector(select, grid_alpha, grid_beta, max_logits_mib)
-            roles = SELECTION_ROLES
-        paths = setup.paths(roles, f"method {method}")
-        sampling = tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-        sampling.validate()
+        choice = MethodChoice(
+            method=method,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            role=role,
+            select=select,
+            grid_alpha=grid_alpha,
+            grid_beta=grid_beta,
+            max_logits_mib=max_logits_mib,
+            weights_from=weights_from,
+        )
+        fusion = resolve_fusion(choice, setup.profile, lambda roles: setup.paths(roles, "--weights-from"))
+        method_name = fusion.method if isinstance(fusion, tm.FusionPlan) else "trimix"
+        check_models_used(fusion, list(setup.explicit), method_name)
+        roles = fusion_roles(fusion)
+        paths = setup.paths(roles, f"method {method_name}")
+        sampling = sampling_params(temperature, top_k, top_p, min_p, seed)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        stops = [unescape(s) for s in stop] if stop is not None else list(prof.stop if prof else [])
-        with tm.Engine({r: paths[r] for r in roles}, options) as engine:
+        stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
+        with tm.Engine(paths, options) as engine:
             gen = engine.generate(
                 setup.prompt(engine, text, raw),
                 fusion,
@@ -278,6 +241,8 @@ def generate(
             if gen.selection is not None:
                 payload["selection"] = gen.selection.as_dict()
             sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        if gen.selection is not None and gen.selection.note:
+            err.print(f"[yellow]note:[/] {gen.selection.note}", soft_wrap=True)
         t = gen.timings
         chosen = (
             f" ({gen.selection.strategy} chose alpha={used.params['alpha']:g} beta={used.params['beta']:g})"
@@ -306,7 +271,7 @@ def select_cmd(
     ] = "ppl",
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = 512.0,
+    max_logits_mib: MaxLogits = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     n_ctx: NCtx = None,
     threads: Threads = 0,
@@ -315,7 +280,7 @@ def select_cmd(
 ) -> None:
     """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
     with errors(verbose):
-        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         text = read_prompt(prompt, file)
         paths = setup.paths(SELECTION_ROLES, "selection")
         selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
@@ -326,6 +291,8 @@ def select_cmd(
             sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
         else:
             render.landscape(Console(), sel)
+        if sel.note:
+            err.print(f"[yellow]note:[/] {sel.note}", soft_wrap=True)
         err.print(f"[dim]{sel.n_tokens} prompt tokens, selection took {sel.seconds:.2f} s[/]", soft_wrap=True)
 
 
@@ -344,7 +311,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = 512.0,
+    max_logits_mib: MaxLogits = None,
     n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
@@ -352,7 +319,10 @@ def calibrate(
 ) -> None:
     """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
     with errors(verbose):
-        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        from trimix_cpp.calibrate import check_output_path
+
+        check_output_path(output)
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         paths = setup.paths(SELECTION_ROLES, "calibration")
         sample = sample_prompts(read_prompts(prompts), n, seed)
         selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
@@ -399,7 +369,7 @@ def ppl(
     window: Annotated[int | None, typer.Option(help="Tokens per scoring window (default: the context).")] = None,
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = 512.0,
+    max_logits_mib: MaxLogits = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     n_ctx: NCtx = None,
     threads: Threads = 0,
@@ -412,15 +382,16 @@ def ppl(
             raise tm.TrimixError(f"text file not found: {text_file}")
         text = _decode_utf8(text_file.read_bytes(), f"text file {text_file}")
         plans, want_grid = parse_methods(methods)
-        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        if not want_grid and (grid_alpha is not None or grid_beta is not None):
+            raise tm.TrimixError("--grid-alpha/--grid-beta apply to trimix-grid, which --methods does not list")
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         roles = {r for p in plans.values() for r in p.roles} | (set(SELECTION_ROLES) if want_grid else set())
         paths = setup.paths(tuple(r for r in tm.ROLES if r in roles), "scoring")
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         grid = _selector("ppl", grid_alpha, grid_beta, max_logits_mib) if want_grid else None
         with tm.Engine(paths, options) as engine:
-            scores, grid_scores = engine.perplexity(
-                text, plans, window=window, max_logits_mib=max_logits_mib, grid=grid
-            )
+            budget = 512.0 if max_logits_mib is None else max_logits_mib
+            scores, grid_scores = engine.perplexity(text, plans, window=window, max_logits_mib=budget, grid=grid)
         rows = [
             {"method": name, "nll": s.nll, "ppl": s.ppl, "tokens": s.n_tokens, "masked": s.n_masked}
             for name, s in scores.items()
@@ -456,7 +427,14 @@ def ppl(
 @app.command("eval")
 def eval_cmd(
     tasks: Annotated[
-        list[str], typer.Argument(help="FILE.jsonl, milic:ROOT:TASK:LANG, belebele:FILE:LANG or sib200:FILE:LANG.")
+        list[str],
+        typer.Argument(
+            help="FILE.jsonl, milic:ROOT:TASK:LANG[:SRC-TGT], belebele:FILE:LANG or sib200:FILE:LANG. MiLiC-Eval "
+            "TASK is a folder as distributed (translation_dialogue, title_generation_200, text_classification, "
+            "response_selection, reading_comprehension, math); translation goes from LANG into English unless "
+            "a direction follows: milic:ROOT:translation_dialogue:ug:en-ug translates English into Uyghur "
+            "(the paper's LRL-G), ...:ug:ug-en Uyghur into English (ENG-G, the default)."
+        ),
     ],
     lang: Lang = None,
     large_ins: LargeIns = None,
@@ -474,6 +452,13 @@ def eval_cmd(
         str, typer.Option(help="Multiple choice: generate (first letter of a short answer) or score (likelihood).")
     ] = "generate",
     calibration_n: Annotated[int, typer.Option(help="Prompts sampled per task for trimix-ppl-task.")] = 50,
+    rouge_tokenizer: Annotated[
+        str,
+        typer.Option(
+            help="ROUGE-L tokens: xlsum (XL-Sum's multilingual ROUGE, as MiLiC-Eval scores titles) or script "
+            "(letters, marks and digits of any script; symbols dropped)."
+        ),
+    ] = "xlsum",
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
     plot_file: Annotated[
@@ -486,7 +471,7 @@ def eval_cmd(
 ) -> None:
     """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable."""
     with errors(verbose):
-        setup = Setup.make(lang, large_ins, small_cpt, small_base)
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         run_eval(
             tasks,
@@ -503,6 +488,7 @@ def eval_cmd(
             grid_beta=grid_beta,
             plot_file=plot_file,
             options=options,
+            rouge_tokenizer=rouge_tokenizer,
         )
         err.print(
             f"[dim]predictions: {out / 'predictions.jsonl'}; results: {out / 'results.json'}, {out / 'results.md'}[/]",

@@ -58,3 +58,32 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x[np.isfinite(x)])
     z = x - m
     return z - np.log(np.sum(np.exp(z)))
+
+
+def llama_sampler_probs(logits: np.ndarray, top_k: int, top_p: float, min_p: float, temperature: float) -> np.ndarray:
+    """The distribution llama.cpp's own sampler chain (top-k, top-p, min-p, temperature, in
+    llama.cpp's default order) leaves for the final draw, as a dense vector over the vocabulary."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    n = len(logits)
+    data = (lc.llama_token_data * n)()
+    for i, x in enumerate(np.asarray(logits, dtype=np.float32).tolist()):
+        data[i].id, data[i].logit, data[i].p = i, x, 0.0
+    arr = lc.llama_token_data_array(data, n, -1, False)
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    try:
+        if top_k > 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(top_k))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(top_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(min_p, 1))
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
+        lc.llama_sampler_apply(chain, ctypes.byref(arr))
+    finally:
+        lc.llama_sampler_free(chain)
+    ids = np.array([arr.data[i].id for i in range(arr.size)])
+    kept = np.array([arr.data[i].logit for i in range(arr.size)], dtype=np.float64)
+    out = np.zeros(n)
+    out[ids] = np.exp(kept - kept.max())
+    return out / out.sum()

@@ -163,13 +163,13 @@ def test_cli_missing_profile_file_is_one_line(dirs):
 
 
 def test_template_markup_becomes_control_tokens_but_user_text_does_not(dirs, tiny_trio):
-    from trimix_cli.main import Setup
+    from trimix_cpp.modelset import ModelSet
 
     env, _, _ = dirs
     write(
         env / "tpl.toml", profile_text("tpl", {"large_ins": str(tiny_trio["large_ins"])}, 'template = "</s>{prompt}"')
     )
-    setup = Setup.make("tpl")
+    setup = ModelSet.make("tpl")
     with tm.Engine(setup.paths(("large_ins",), "test"), tm.LoadOptions(n_ctx=128, n_gpu_layers=0)) as eng:
         ids = setup.prompt(eng, "the cat", raw=False).tolist()
         assert ids[:2] == [1, 2]  # BOS, then </s> from the template as the control token

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import llama_sampler_probs
 
 import trimix_cpp as tm
 
@@ -57,3 +58,42 @@ def test_masked_tokens_are_never_drawn():
 def test_bad_parameters(bad):
     with pytest.raises(tm.TrimixError):
         tm.make_sampler(tm.SamplingParams(**bad), 7)
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p,temperature",
+    [
+        (0, 1.0, 0.0, 0.7),
+        (40, 1.0, 0.0, 1.0),
+        (0, 0.9, 0.0, 0.7),
+        (0, 1.0, 0.05, 1.5),
+        (50, 0.8, 0.02, 0.5),
+        (0, 0.5, 0.0, 3.0),  # top-p judged before the temperature flattens the distribution
+        (200, 0.95, 0.1, 2.0),  # min-p after top-p, both at temperature 1
+    ],
+)
+def test_same_distribution_as_llama_cpp_sampler_chain(top_k, top_p, min_p, temperature):
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal(3000) * 3.0).astype(np.float32)
+    sampler = tm.sampling.TokenSampler(
+        tm.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=1), len(logits)
+    )
+    ours = sampler.distribution(logits).astype(np.float64)
+    ref = llama_sampler_probs(logits, top_k, top_p, min_p, temperature)
+    assert set(np.flatnonzero(ours)) == set(np.flatnonzero(ref))
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = LOGITS.copy()
+    for t in (1e-40, 1e-300, 5e-324):
+        draws = _draw(tm.SamplingParams(temperature=t, seed=5), logits, 50)
+        assert set(draws.tolist()) == {0}
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(seed=-1), dict(seed=2**64), dict(top_k=1.5), dict(temperature=True), dict(temperature=1e309)]
+)
+def test_bad_seed_and_types(bad):
+    with pytest.raises(tm.TrimixError):
+        tm.make_sampler(tm.SamplingParams(**{"temperature": 1.0, **bad}), 7)

@@ -27,6 +27,10 @@ from .errors import ContextOverflowError, ModelFileError, TrimixError
 __all__ = ["LlamaModel", "gpu_offload_supported", "set_verbose", "system_info"]
 
 _GGUF_MAGIC = b"GGUF"
+# ggml's thread pool holds at most this many threads (GGML_MAX_N_THREADS); far more crashes it.
+MAX_THREADS = 512
+# Positions llama.cpp can address in one context; larger requests only fail later, less clearly.
+MAX_N_CTX = 1 << 24
 _backend_ready = False
 _verbose = False
 
@@ -86,6 +90,20 @@ def check_gguf_file(path: Path) -> None:
         )
 
 
+def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> None:
+    """Refuse context, batch and thread counts that llama.cpp would crash on or misread."""
+    for value, flag in ((n_ctx, "--n-ctx"), (n_batch, "n_batch")):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N_CTX:
+            raise TrimixError(f"{flag} must be a whole number from 1 to {MAX_N_CTX}, got {value!r}")
+    if n_threads is not None and (
+        isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 0 <= n_threads <= MAX_THREADS
+    ):
+        raise TrimixError(
+            f"--threads must be from 0 (every core) to {MAX_THREADS}, got {n_threads!r} "
+            f"(this machine has {default_threads()} cores)"
+        )
+
+
 class LlamaModel:
     """One GGUF model with one llama.cpp context, one batch and a single sequence.
 
@@ -106,6 +124,7 @@ class LlamaModel:
     ) -> None:
         _ensure_backend()
         self.path = Path(path)
+        check_load_numbers(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
         check_gguf_file(self.path)
         self._model = None
         self._ctx = None
@@ -153,8 +172,13 @@ class LlamaModel:
                 "(out of memory? try a smaller --n-ctx)"
             )
         self._ctx = ctx
-        self.n_ctx = int(_lc.llama_n_ctx(ctx))
-        self.n_batch = n_batch
+        # llama.cpp rounds the context up (to a multiple of 256) and clamps the batch to the context
+        # it was asked for; a batch longer than its real n_batch aborts the process. So the batch is
+        # read back, and the context the caller asked for stays the limit even when llama.cpp
+        # allocated more.
+        self.n_ctx = min(n_ctx, int(_lc.llama_n_ctx(ctx)))
+        self.n_batch = min(n_batch, int(_lc.llama_n_batch(ctx)))
+        n_batch = self.n_batch
         self._mem = _lc.llama_get_memory(ctx)
         self._batch = _lc.llama_batch_init(n_batch, 0, 1)
         # numpy views over the batch's own arrays: filling a batch is then a slice assignment.

@@ -33,6 +33,10 @@ def _flag(role: str) -> str:
     return "--" + role.replace("_", "-")
 
 
+def _weights_text(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{r}={w:g}" for r, w in weights.items())
+
+
 @dataclass
 class LoadOptions:
     """How llama.cpp loads each model. ``n_gpu_layers=-1`` puts every layer on the GPU when the
@@ -101,7 +105,9 @@ def build_shared_vocab(names: Sequence[str], models: Sequence[_llama.LlamaModel]
     for tok in np.flatnonzero((ref_attrs & (ATTR_CONTROL | _USER_DEFINED)) != 0):
         eog[tok] = models[0].is_eog(int(tok))
     banned = padding_mask(n, specials, attrs)
-    return SharedVocab(n_vocab=n, pieces=pieces, banned=banned, eog=eog)
+    marked = np.flatnonzero((ref_attrs & (ATTR_CONTROL | _USER_DEFINED)) != 0)
+    texts = {ref_pieces[t].decode("utf-8", "replace"): int(t) for t in marked.tolist() if ref_pieces[t]}
+    return SharedVocab(n_vocab=n, pieces=pieces, banned=banned, eog=eog, specials=texts)
 
 
 class Engine:
@@ -135,6 +141,7 @@ class Engine:
         self.reference_role = LARGE_INS if LARGE_INS in self.models else ordered[0]
         self.n_ctx = min(m.n_ctx for m in self.models.values())
         self._guards: dict[bool, Utf8Guard] = {}
+        self._running: Generation | None = None  # the generation that owns the KV caches now
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -142,6 +149,26 @@ class Engine:
         for m in getattr(self, "models", {}).values():
             m.close()
         self.models = {}
+
+    @property
+    def closed(self) -> bool:
+        return not self.models
+
+    def _check_open(self) -> None:
+        if not self.models:
+            raise TrimixError("this Engine is closed (open a new one: with tm.Engine(paths) as engine: ...)")
+
+    def _check_idle(self) -> None:
+        """Every model has one KV cache, so one thing at a time may use it: a prompt evaluation, or
+        one generation from its first step to its last. Starting another while a generation is
+        unfinished would overwrite its cache and silently corrupt it, so it is refused."""
+        self._check_open()
+        running = self._running
+        if running is not None and running.finish_reason is None:
+            raise TrimixError(
+                "another generation on this Engine is still running (finish it, or call its close(), "
+                "before starting a new one)"
+            )
 
     def __enter__(self) -> Engine:
         return self
@@ -158,6 +185,7 @@ class Engine:
     def tokenize(self, prompt: str, special: bool = False) -> np.ndarray:
         """The prompt's token ids, shared by every model. ``special`` parses control-token text
         (chat markup in a profile's template) into control tokens."""
+        self._check_open()
         ref = self.models[self.reference_role]
         return ref.tokenize(prompt, add_bos=ref.add_bos, special=special)
 
@@ -186,6 +214,7 @@ class Engine:
         the views when it returns, since the next chunk overwrites them.
         """
         self.check_prompt(tokens)
+        self._check_idle()
         roles = tuple(roles or self.roles)
         models = [self.models[r] for r in roles]
         for m in models:
@@ -210,6 +239,7 @@ class Engine:
         The prompt is evaluated exactly once per model, and that evaluation leaves every KV cache
         ready for generation (:meth:`generate` with a :class:`Selector` relies on it).
         """
+        self._check_open()
         missing = [r for r in SELECTION_ROLES if r not in self.models]
         if missing:
             raise WeightError(f"weight selection needs the {missing[0]} model ({_flag(missing[0])})")
@@ -217,6 +247,7 @@ class Engine:
         t0 = time.perf_counter()
         n_vocab = self.vocab.n_vocab
         fallbacks = 0
+        strategy, note = selector.strategy, None
         if selector.strategy == "ppl":
             chunk = selector.chunk_rows(
                 n_vocab, [self.models[r].n_vocab for r in SELECTION_ROLES], min(m.n_batch for m in self.models.values())
@@ -227,15 +258,27 @@ class Engine:
                     grid.add(rows[LARGE_INS], rows[SMALL_CPT], rows[SMALL_BASE], targets)
 
                 self.evaluate_prompt(tokens, SELECTION_ROLES, fold, chunk)
-                scores, single = grid.scores.mean_nll, grid.scores.single_mean_nll()
-                fallbacks = grid.scores.n_dense_fallback
+                if grid.scores.n_rows:
+                    scores, single = grid.scores.mean_nll, grid.scores.single_mean_nll()
+                    fallbacks = grid.scores.n_dense_fallback
+            if not grid.scores.n_rows:
+                # A one-token prompt predicts nothing, so it has no perplexity. The same evaluation
+                # already holds the next token's logits: choose by their entropy instead.
+                strategy, note = "ent", f"the prompt has {len(tokens)} token, so no perplexity: chose by entropy"
+                last = {r: self.models[r].logits_row(-1)[:n_vocab] for r in SELECTION_ROLES}
+                scores = entropy_grid(
+                    last[LARGE_INS], last[SMALL_CPT], last[SMALL_BASE], selector.alphas, selector.betas
+                )
+                single = {}
         else:
             self.evaluate_prompt(tokens, SELECTION_ROLES)
             last = {r: self.models[r].logits_row(-1)[:n_vocab] for r in SELECTION_ROLES}
             scores = entropy_grid(last[LARGE_INS], last[SMALL_CPT], last[SMALL_BASE], selector.alphas, selector.betas)
             single = {}
         return Selection(
-            strategy=selector.strategy,
+            strategy=strategy,
+            requested=selector.strategy,
+            note=note,
             alphas=selector.alphas,
             betas=selector.betas,
             scores=scores,
@@ -264,14 +307,22 @@ class Engine:
         missing = [r for r in roles if r not in self.models]
         if missing:
             raise WeightError(f"scoring needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
+        self._check_open()
         ref = self.models[self.reference_role]
         tokens = ref.tokenize(text, add_bos=False)
         bos = [ref.bos_id] if ref.add_bos else []
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 8):
+            raise TrimixError(f"--window must be a whole number of at least 8 tokens, got {window!r}")
         width = min(window or self.n_ctx, self.n_ctx) - len(bos) - 1
         if width < 2:
-            raise TrimixError(f"a scoring window of {window} tokens is too small (give at least 8)")
+            raise TrimixError(f"a scoring window of {window or self.n_ctx} tokens is too small (give at least 8)")
         if len(tokens) < 1:
             raise TrimixError("the text to score is empty")
+        if len(tokens) + len(bos) < 2:
+            raise TrimixError(
+                "the text is a single token and this model adds no BOS token, so no token is predicted "
+                "(give a longer text)"
+            )
         n_vocab = self.vocab.n_vocab
         scorer = PerplexityScorer(plans, n_vocab)
         grid_nll = GridNLL(grid.alphas, grid.betas, n_vocab, grid.threads) if grid else None
@@ -358,14 +409,25 @@ class Engine:
         picks TriMix's (alpha, beta) on this prompt during the prompt evaluation generation needs
         anyway.
         """
+        self._check_open()
         roles = SELECTION_ROLES if isinstance(fusion, Selector) else fusion.roles
         missing = [r for r in roles if r not in self.models]
         if missing:
             raise WeightError(f"this method needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
-        if max_tokens < 0:
-            raise TrimixError(f"--max-tokens must be >= 0, got {max_tokens}")
+        check_max_tokens(max_tokens)
         tokens = self._as_tokens(prompt)
         return Generation(self, tokens, fusion, sampling or SamplingParams(), max_tokens, list(stop), utf8_guard)
+
+
+def check_max_tokens(max_tokens: object) -> None:
+    """A whole number of tokens: a float such as NaN would compare false against every count and
+    run generation to the end of the context."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise TrimixError(f"--max-tokens must be a whole number >= 0, got {max_tokens!r}")
+
+
+class NonFiniteLogitsError(TrimixError):
+    """The fused logits of a step hold NaN or infinity."""
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -414,6 +476,12 @@ class Generation:
             pass
         return self
 
+    def close(self) -> None:
+        """Stop early (a generation abandoned half-way still holds the engine until closed)."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        self._it.close()
+
     def _emit(self, piece: str) -> str:
         self.text += piece
         return piece
@@ -441,6 +509,7 @@ class Generation:
         models = [eng.models[r] for r in roles]
         fuser = Fuser(fusion, vocab.n_vocab)
         guard = eng.guard(self.utf8_guard)
+        eng._running = self
 
         rows = {r: m.logits_row(-1) for r, m in zip(roles, models)}
         pending = ""
@@ -452,6 +521,14 @@ class Generation:
                 self.finish_reason = "length"
                 break
             logits = fuser.fuse(rows)
+            top = logits.max()
+            if not np.isfinite(top):
+                self.finish_reason = "error"
+                raise NonFiniteLogitsError(
+                    f"the fused logits of step {len(self.token_ids) + 1} are not finite ({top}): a model "
+                    f"gave NaN or infinite logits, or the weights {_weights_text(fusion.weights)} are too "
+                    "large (use weights of a size like those of the paper, in [-1, 1])"
+                )
             guard.apply(logits)
             tok = sample(logits)
             if logits[tok] == -np.inf:

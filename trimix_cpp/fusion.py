@@ -32,6 +32,10 @@ METHODS = ("trimix", "trimix4", "proxy", "contrastive", "single")
 # probability is at least this fraction of small-cpt's most probable token.
 PLAUSIBILITY_ALPHA = 0.1
 
+# The largest weight accepted. The paper's weights lie in [0, 1] and accuracy collapses well before
+# 10 (its Table 10); far larger weights only turn float32 logits into infinities.
+MAX_WEIGHT = 1000.0
+
 
 @dataclass(frozen=True)
 class FusionPlan:
@@ -59,6 +63,11 @@ def _finite(name: str, value: float | None) -> float:
         raise WeightError(f"--{name} must be a number, got {value!r}") from None
     if not math.isfinite(v):
         raise WeightError(f"--{name} must be a finite number, got {value!r} (use a value such as 0.5)")
+    if abs(v) > MAX_WEIGHT:
+        raise WeightError(
+            f"--{name} {value!r} is beyond ±{MAX_WEIGHT:g}: the fused logits would overflow "
+            "(TriMix's weights lie in [0, 1]; use a value such as 0.5)"
+        )
     return v
 
 

@@ -1,10 +1,15 @@
 """Choosing the next token from fused logits.
 
 ``make_sampler`` builds one small callable from the usual knobs (temperature, top-k, top-p, min-p,
-seed). Greedy decoding is a plain argmax. Sampling works in preallocated buffers the size of the
-vocabulary: the probabilities, a scratch copy for the in-place partition that finds the top-k
-threshold, and a float64 cumulative sum that an inverse-CDF draw searches. Only top-p sorts, and it
-sorts just the tokens that survived the other filters.
+seed). Greedy decoding is a plain argmax. Sampling follows llama.cpp's sampler chain, in its order:
+top-k, then top-p, then min-p (all three judged on the distribution at temperature 1), then the
+temperature, then the draw. The same settings therefore keep the same tokens as llama.cpp's own
+samplers would.
+
+Everything works in preallocated buffers the size of the vocabulary: the kept probabilities, a
+scratch copy for the in-place partition that finds the top-k threshold, a mask, and a float64
+cumulative sum that an inverse-CDF draw searches. Only top-p sorts, and it sorts just the tokens
+that survived top-k.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from .errors import TrimixError
 
 Sampler = Callable[[np.ndarray], int]
 
+_F32_MAX = float(np.finfo(np.float32).max)
+MAX_SEED = 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,59 +38,91 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int = 0
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
     def validate(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise TrimixError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise TrimixError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise TrimixError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not (0.0 <= self.min_p < 1.0):
-            raise TrimixError(f"--min-p must be in [0, 1), got {self.min_p}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise TrimixError(f"--temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise TrimixError(f"--top-k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise TrimixError(f"--top-p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p < 1.0):
+            raise TrimixError(f"--min-p must be in [0, 1) (0 turns it off), got {self.min_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise TrimixError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}")
 
 
 def greedy(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-class _Sampler:
+class TokenSampler:
+    """A seeded sampler over one vocabulary; :meth:`distribution` is the exact distribution that
+    :meth:`__call__` draws from (speculative decoding and the tests need it as a vector)."""
+
     def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        params.validate()
         self.p = params
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.probs = np.empty(n_vocab, dtype=np.float32)
         self.scratch = np.empty(n_vocab, dtype=np.float32)
         self.mask = np.empty(n_vocab, dtype=bool)
         self.cdf = np.empty(n_vocab, dtype=np.float64)
+        # 1/T, kept finite: a temperature so small that 1/T overflows float32 still means "only
+        # the most likely tokens", which (l - max) * F32_MAX gives without a NaN.
+        self._inv_t = np.float32(min(1.0 / params.temperature, _F32_MAX)) if params.temperature > 0 else None
 
-    def __call__(self, logits: np.ndarray) -> int:
-        p, probs, mask = self.p, self.probs, self.mask
-        # Unnormalised probabilities with the maximum at 1, so min-p is a plain threshold.
-        np.subtract(logits, logits.max(), out=probs)
-        np.multiply(probs, np.float32(1.0 / p.temperature), out=probs)
-        np.exp(probs, out=probs)
-        if p.top_k and p.top_k < len(probs):
-            self.scratch[:] = probs
-            k_index = len(probs) - p.top_k
+    def keep_mask(self, logits: np.ndarray) -> np.ndarray:
+        """``self.mask``: True for every token top-k, top-p and min-p drop (judged at T = 1)."""
+        p, w, mask = self.p, self.probs, self.mask
+        np.subtract(logits, logits.max(), out=w)
+        np.exp(w, out=w)  # unnormalised probabilities at T = 1, the maximum at 1
+        np.equal(w, 0.0, out=mask)  # masked (-inf) tokens
+        if p.top_k and p.top_k < len(w):
+            self.scratch[:] = w
+            k_index = len(w) - p.top_k
             self.scratch.partition(k_index)
-            np.less(probs, self.scratch[k_index], out=mask)
-            np.putmask(probs, mask, 0.0)
-        if p.min_p > 0.0:
-            np.less(probs, np.float32(p.min_p), out=mask)
-            np.putmask(probs, mask, 0.0)
+            mask |= w < self.scratch[k_index]
         if p.top_p < 1.0:
-            keep = np.flatnonzero(probs)
-            ordered = keep[np.argsort(-probs[keep], kind="stable")]
-            cum = np.cumsum(probs[ordered], dtype=np.float64)
-            cut = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1
-            probs[ordered[cut:]] = 0.0
+            keep = np.flatnonzero(~mask)
+            ordered = keep[np.argsort(-w[keep], kind="stable")]
+            cum = np.cumsum(w[ordered], dtype=np.float64)
+            cut = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1  # the first prefix holding top_p
+            mask[ordered[cut:]] = True
+        if p.min_p > 0.0:
+            mask |= w < np.float32(p.min_p)
+        return mask
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The normalised probabilities (float32, in ``self.probs``) the next draw uses."""
+        mask = self.keep_mask(logits)
+        w = self.probs
+        np.subtract(logits, logits.max(), out=w)
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the top tokens to -inf
+            np.multiply(w, self._inv_t, out=w)
+        np.exp(w, out=w)
+        np.putmask(w, mask, 0.0)
+        total = w.sum(dtype=np.float64)
+        np.multiply(w, np.float32(1.0 / total), out=w)
+        return w
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from ``probs`` (normalised or not), with this sampler's random stream."""
         np.cumsum(probs, dtype=np.float64, out=self.cdf)
         u = self.rng.random() * self.cdf[-1]
         return int(min(np.searchsorted(self.cdf, u, side="right"), len(probs) - 1))
+
+    def __call__(self, logits: np.ndarray) -> int:
+        return self.draw(self.distribution(logits))
 
 
 def make_sampler(params: SamplingParams, n_vocab: int) -> Sampler:
     """A callable that maps fused logits (masked tokens at -inf) to the next token id."""
     params.validate()
-    if params.temperature == 0.0:
+    if params.greedy:
         return greedy
-    return _Sampler(params, n_vocab)
+    return TokenSampler(params, n_vocab)

@@ -39,7 +39,7 @@ from itertools import pairwise
 import numpy as np
 
 from .errors import TrimixError, WeightError
-from .fusion import LARGE_INS, SMALL_BASE, SMALL_CPT
+from .fusion import LARGE_INS, MAX_WEIGHT, SMALL_BASE, SMALL_CPT
 
 DEFAULT_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 STRATEGIES = ("fixed", "ppl", "ent")
@@ -64,6 +64,10 @@ def parse_grid(values: Sequence[float] | str | None) -> tuple[float, ...]:
         raise WeightError("the weight grid is empty (give numbers such as 0.1,0.3,0.5)")
     if not all(math.isfinite(v) for v in grid):
         raise WeightError(f"grid weights must be finite numbers, got {values!r}")
+    if any(abs(v) > MAX_WEIGHT for v in grid):
+        raise WeightError(
+            f"grid weights must lie within ±{MAX_WEIGHT:g}, got {values!r} (the paper's grid is 0.1,0.3,...,1)"
+        )
     return grid
 
 
@@ -386,6 +390,8 @@ class Selection:
     n_tokens: int
     seconds: float = 0.0
     dense_fallbacks: int = 0
+    requested: str = ""  # the strategy asked for; differs from ``strategy`` when it could not apply
+    note: str | None = None  # why, in one line
 
     def grid(self) -> list[dict[str, float]]:
         out = []
@@ -401,10 +407,13 @@ class Selection:
         return out
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "strategy": self.strategy,
             "chosen": {"alpha": self.chosen[0], "beta": self.chosen[1]},
             "grid": self.grid(),
             "single_ppl": {r: math.exp(v) for r, v in self.single_nll.items()},
             "prompt_tokens": self.n_tokens,
         }
+        if self.note:
+            out |= {"requested": self.requested, "note": self.note}
+        return out

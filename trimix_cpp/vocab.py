@@ -9,7 +9,7 @@ tokens). Those ids are fused over the ids all models share and a padding id is n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,13 +28,15 @@ class SharedVocab:
 
     ``pieces`` are the bytes each id adds to generated text (empty for control tokens);
     ``banned`` marks ids that must never be sampled: padding and unused entries, and the
-    ``<unk>`` token.
+    ``<unk>`` token. ``specials`` maps the text of each control or user-defined token
+    (``<|im_start|>``) to its id, for parsing a prompt template's markup.
     """
 
     n_vocab: int
     pieces: list[bytes]
     banned: np.ndarray
     eog: np.ndarray
+    specials: dict[str, int] = field(default_factory=dict)
 
     @property
     def max_piece_len(self) -> int:

@@ -1,0 +1,168 @@
+"""From what a user asked for to what runs: method, weights, selection, sampling.
+
+The command line, the evaluation and the server all take the same choices (a method, maybe weights,
+maybe a selection strategy and its grid, a profile's defaults), so the rules live here once:
+
+* the method comes from the request, else the profile, else ``trimix``;
+* TriMix's (alpha, beta) come from ``--alpha/--beta``, else from a weights file, else from the
+  selection strategy (``ppl`` by default, or the profile's), else from the profile's fixed pair;
+* a setting that the chosen mode would ignore is refused with one line that says why, never
+  dropped in silence: ``--alpha`` with ``--method proxy`` (Proxy Tuning fixes the large model's
+  weight at 1), ``--grid-alpha`` with fixed weights, ``--top-p`` with greedy decoding, and so on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TrimixError, WeightError
+from .fusion import LARGE_BASE, LARGE_INS, METHODS, ROLES, FusionPlan, plan
+from .sampling import SamplingParams
+from .selection import SELECTION_ROLES, STRATEGIES, Selector, parse_grid
+
+# Which of alpha, beta, gamma each method takes (the others are refused).
+_METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "trimix": ("alpha", "beta"),
+    "trimix4": ("alpha", "beta", "gamma"),
+    "proxy": ("beta",),
+    "contrastive": ("beta",),
+    "single": (),
+}
+_WHY_NOT = {
+    "proxy": "Proxy Tuning weighs the large model by 1 and the small pair by --beta",
+    "contrastive": "Contrastive Decoding uses only the small models, weighted by --beta",
+    "single": "a single model has no weights",
+    "trimix": "Eq. 5 TriMix has no separate scaling weight (use --method trimix4)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """What was asked for; ``None`` means "not given" so that a default and an explicit value can
+    be told apart (only an explicit value can be refused as ignored)."""
+
+    method: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    role: str | None = None
+    select: str | None = None
+    grid_alpha: Sequence[float] | str | None = None
+    grid_beta: Sequence[float] | str | None = None
+    max_logits_mib: float | None = None
+    weights_from: str | Path | None = None
+
+
+def resolve_fusion(
+    choice: MethodChoice,
+    profile: object | None = None,
+    locate: Callable[[tuple[str, ...]], Mapping[str, Path]] | None = None,
+) -> FusionPlan | Selector:
+    """The fixed weights (a :class:`FusionPlan`) or the per-prompt :class:`Selector` to run.
+
+    ``profile`` supplies defaults (``method``, ``select``, ``alpha``, ``beta``); ``locate`` maps
+    roles to model files and is needed only to check a ``weights_from`` file against the models.
+    """
+    c = choice
+    method = c.method or getattr(profile, "method", None) or "trimix"
+    if method not in METHODS:
+        raise WeightError(f"unknown method {method!r} (choose one of {', '.join(METHODS)})")
+    given = {k: v for k, v in (("alpha", c.alpha), ("beta", c.beta), ("gamma", c.gamma)) if v is not None}
+    for name in given:
+        if name not in _METHOD_WEIGHTS[method]:
+            raise WeightError(f"--method {method} takes no {_flag(name)}: {_WHY_NOT[method]}")
+    if c.role is not None and method != "single":
+        raise WeightError(f"--role chooses the model of --method single; --method {method} uses several")
+    if c.select is not None and c.select not in STRATEGIES:
+        raise WeightError(f"unknown selection strategy {c.select!r} (choose fixed, ppl or ent)")
+    if method != "trimix":
+        if c.select not in (None, "fixed"):
+            raise WeightError(f"--select {c.select} chooses TriMix's weights; it does not apply to --method {method}")
+        if c.weights_from is not None:
+            raise WeightError(f"--weights-from holds TriMix's (alpha, beta); it does not apply to --method {method}")
+        _refuse_grid(c, f"--method {method} has fixed weights")
+        return plan(method, alpha=c.alpha, beta=c.beta, gamma=c.gamma, role=c.role or LARGE_INS)
+
+    if c.weights_from is not None:
+        if given or c.select not in (None, "fixed"):
+            raise WeightError("--weights-from sets alpha and beta: drop --alpha/--beta/--select")
+        _refuse_grid(c, "--weights-from fixes the weights")
+        if locate is None:
+            raise TrimixError("--weights-from needs the model files to check it against")
+        from .calibrate import load_weights
+
+        a, b = load_weights(c.weights_from, locate(SELECTION_ROLES))
+        return plan("trimix", alpha=a, beta=b)
+
+    select = c.select
+    if select is None:
+        select = "fixed" if given else (getattr(profile, "select", None) or "ppl")
+    if select == "fixed":
+        _refuse_grid(c, "fixed weights select nothing")
+        alpha = c.alpha if c.alpha is not None else getattr(profile, "alpha", None)
+        beta = c.beta if c.beta is not None else getattr(profile, "beta", None)
+        return plan("trimix", alpha=alpha, beta=beta)
+    if given:
+        raise WeightError(
+            f"--select {select} chooses alpha and beta itself: drop {', '.join(_flag(k) for k in given)} "
+            "or use --select fixed"
+        )
+    if select == "ent" and c.max_logits_mib is not None:
+        raise WeightError("--max-logits-mib bounds perplexity selection's memory; --select ent does not use it")
+    return Selector(
+        select,
+        parse_grid(c.grid_alpha),
+        parse_grid(c.grid_beta),
+        512.0 if c.max_logits_mib is None else c.max_logits_mib,
+    )
+
+
+def _refuse_grid(c: MethodChoice, why: str) -> None:
+    for name, value in (("grid_alpha", c.grid_alpha), ("grid_beta", c.grid_beta), ("max_logits_mib", c.max_logits_mib)):
+        if value is not None:
+            raise WeightError(f"{_flag(name)} applies to --select ppl/ent, but {why}")
+
+
+def fusion_roles(fusion: FusionPlan | Selector) -> tuple[str, ...]:
+    """The model roles a fixed plan or a selector needs, in canonical order."""
+    return SELECTION_ROLES if isinstance(fusion, Selector) else fusion.roles
+
+
+def check_models_used(fusion: FusionPlan | Selector, given: Sequence[str], method: str) -> None:
+    """Refuse an explicitly given model file that the method would not load."""
+    used = fusion_roles(fusion)
+    for role in ROLES:
+        if role in given and role not in used:
+            extra = " (only --method trimix4 uses it)" if role == LARGE_BASE else ""
+            raise WeightError(f"--method {method} does not use {_flag(role)}{extra}; drop it")
+
+
+def sampling_params(
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+) -> SamplingParams:
+    """Sampling settings from optional flags; the filters and the seed need a temperature > 0,
+    since greedy decoding would ignore them."""
+    t = 0.0 if temperature is None else temperature
+    params = SamplingParams(
+        temperature=t,
+        top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p,
+        min_p=0.0 if min_p is None else min_p,
+        seed=0 if seed is None else seed,
+    )
+    params.validate()
+    if params.greedy:
+        for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed)):
+            if value is not None:
+                raise TrimixError(f"{_flag(name)} applies to sampling, but decoding is greedy: set --temperature > 0")
+    return params
