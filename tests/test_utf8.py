@@ -13,8 +13,28 @@ import trimix_cpp as tm
 from trimix_cpp.utf8 import ACCEPT, REJECT, StreamDecoder, transition_table
 
 
+def _decodes(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _python_prefix_ok(data: bytes) -> bool:
-    """Is ``data`` valid UTF-8 or a valid prefix of it? (Python's own decoder is the oracle.)"""
+    """Is ``data`` valid UTF-8 or a valid prefix of it? Python's own decoder is the oracle: some
+    completion of at most three continuation bytes must decode. (Its incremental decoder alone is
+    not enough: it accepts ED A0, a surrogate's start, until the third byte arrives.)"""
+    if _decodes(data):
+        return True
+    if not _python_incremental_ok(data):
+        return False
+    return any(
+        _decodes(data + bytes([first]) + b"\x80" * (k - 1)) for k in (1, 2, 3) for first in range(0x80, 0xC0)
+    )
+
+
+def _python_incremental_ok(data: bytes) -> bool:
     dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
     try:
         dec.decode(data, final=False)
