@@ -7,19 +7,25 @@ from dataclasses import dataclass
 
 import pytest
 
+from trimix_cpp.errors import TrimixError
 from trimix_cpp.evaluation.metrics import (
     ScriptTokenizer,
+    XLSumTokenizer,
     accuracy,
     chrf_pp,
     extract_choice,
     first_line,
     last_number,
+    make_rouge_tokenizer,
     rouge_l,
     score_outputs,
 )
 
 needs_sacrebleu = pytest.mark.skipif(importlib.util.find_spec("sacrebleu") is None, reason="sacrebleu not installed")
 needs_rouge = pytest.mark.skipif(importlib.util.find_spec("rouge_score") is None, reason="rouge-score not installed")
+needs_onmt = pytest.mark.skipif(importlib.util.find_spec("pyonmttok") is None, reason="pyonmttok not installed")
+# The two ROUGE tokenizers agree on the examples below (words of letters, split at punctuation).
+BOTH = pytest.mark.parametrize("tok", ["script", pytest.param("xlsum", marks=needs_onmt)])
 
 # "Tashi delek" (four syllables) and a shorter variant that drops the third syllable.
 BO_REF = "བཀྲ་ཤིས་བདེ་ལེགས།"
@@ -99,45 +105,50 @@ def test_tokenizer_other_scripts() -> None:
 
 
 @needs_rouge
-def test_default_rouge_score_tokenizer_scores_tibetan_zero_and_ours_does_not() -> None:
+@BOTH
+def test_default_rouge_score_tokenizer_scores_tibetan_zero_and_ours_does_not(tok: str) -> None:
     from rouge_score.rouge_scorer import RougeScorer
 
     # The package's own tokenizer keeps only [a-z0-9]: no tokens at all, so even a perfect match is 0.
     assert RougeScorer(["rougeL"]).score(BO_REF, BO_REF)["rougeL"].fmeasure == 0.0
-    assert rouge_l([BO_REF], [BO_REF]) == pytest.approx(100.0)
+    assert rouge_l([BO_REF], [BO_REF], tok) == pytest.approx(100.0)
 
 
 @needs_rouge
-def test_rouge_l_tibetan_syllables() -> None:
+@BOTH
+def test_rouge_l_tibetan_syllables(tok: str) -> None:
     # ref: བཀྲ ཤིས བདེ ལེགས (4), hyp: བཀྲ ཤིས ལེགས (3); LCS = བཀྲ ཤིས ལེགས = 3.
     # P = 3/3 = 1, R = 3/4, F = 2PR/(P+R) = 1.5/1.75 = 6/7.
-    assert rouge_l([BO_HYP], [BO_REF]) == pytest.approx(600 / 7)
+    assert rouge_l([BO_HYP], [BO_REF], tok) == pytest.approx(600 / 7)
 
 
 @needs_rouge
-def test_rouge_l_uyghur_words() -> None:
+@BOTH
+def test_rouge_l_uyghur_words(tok: str) -> None:
     ref = "مەن ئۇيغۇر تىلىنى ياخشى كۆرىمەن"  # "I like the Uyghur language": 5 words
     hyp = "مەن تىلىنى بەك ياخشى كۆرىمەن."  # "I like the language very much": 5 words, full stop dropped
     # LCS = مەن تىلىنى ياخشى كۆرىمەن = 4; P = 4/5, R = 4/5, F = 4/5.
-    assert rouge_l([hyp], [ref]) == pytest.approx(80.0)
+    assert rouge_l([hyp], [ref], tok) == pytest.approx(80.0)
 
 
 @needs_rouge
-def test_rouge_l_english_and_mean_over_pairs() -> None:
+@BOTH
+def test_rouge_l_english_and_mean_over_pairs(tok: str) -> None:
     # ref: the cat sat on the mat (6), hyp: the cat was on the mat (6); LCS = the cat on the mat = 5.
     # P = R = F = 5/6.
-    assert rouge_l(["The cat was on the mat"], ["the cat sat on the mat"]) == pytest.approx(500 / 6)
+    assert rouge_l(["The cat was on the mat"], ["the cat sat on the mat"], tok) == pytest.approx(500 / 6)
     # Mean of the Tibetan 6/7 and the English 5/6: (36/42 + 35/42) / 2 = 71/84.
-    both = rouge_l([BO_HYP, "The cat was on the mat"], [BO_REF, "the cat sat on the mat"])
+    both = rouge_l([BO_HYP, "The cat was on the mat"], [BO_REF, "the cat sat on the mat"], tok)
     assert both == pytest.approx(7100 / 84)
 
 
 @needs_rouge
-def test_rouge_l_kazakh_case_and_empty() -> None:
-    assert rouge_l(["ҚАЗАҚ ТІЛІ"], ["қазақ тілі"]) == pytest.approx(100.0)
-    assert rouge_l([""], ["қазақ тілі"]) == 0.0  # no tokens: 0, not an error
+@BOTH
+def test_rouge_l_kazakh_case_and_empty(tok: str) -> None:
+    assert rouge_l(["ҚАЗАҚ ТІЛІ"], ["қазақ тілі"], tok) == pytest.approx(100.0)
+    assert rouge_l([""], ["қазақ тілі"], tok) == 0.0  # no tokens: 0, not an error
     with pytest.raises(ValueError):
-        rouge_l(["a"], [])
+        rouge_l(["a"], [], tok)
 
 
 # --- chrF++ --------------------------------------------------------------------------------------
@@ -199,3 +210,73 @@ def test_score_outputs_choice_math_and_labels() -> None:
 @needs_rouge
 def test_score_outputs_rouge() -> None:
     assert score_outputs([_Item("generate", "rouge-l", BO_REF)], [BO_HYP + "\nmore"]) == pytest.approx(600 / 7)
+
+
+# --- XL-Sum's tokenization (MiLiC-Eval's ROUGE) ---------------------------------------------------
+
+
+@needs_onmt
+def test_xlsum_tokenizer_tibetan_syllables() -> None:
+    tok = XLSumTokenizer()
+    # The tsheg U+0F0B and shad U+0F0D are punctuation (Po): they split and vanish; the subjoined ra
+    # U+0FB2 and the vowel signs (Mn) stay inside their syllable.
+    assert tok.tokenize(BO_REF) == ["བཀྲ", "ཤིས", "བདེ", "ལེགས"]
+    assert tok.tokenize("སྐུ་གཟུགས་བདེ་པོ་ཡིན་པས། ") == ["སྐུ", "གཟུགས", "བདེ", "པོ", "ཡིན", "པས"]
+    # Tibetan digits are numbers: aggressive mode splits them from the letters after them.
+    assert tok.tokenize("ལོ་༢༠༢༣ལོར།") == ["ལོ", "༢༠༢༣", "ལོར"]
+
+
+@needs_onmt
+def test_xlsum_tokenizer_uyghur() -> None:
+    tok = XLSumTokenizer()
+    # The Arabic comma U+060C and question mark U+061F are punctuation; the hyphen is ASCII punctuation.
+    assert tok.tokenize("ئۇيغۇر تىلى، ياخشىمۇ؟") == ["ئۇيغۇر", "تىلى", "ياخشىمۇ"]
+    assert tok.tokenize("2023-يىلى") == ["2023", "يىلى"]
+    # Digits and letters written together are two tokens (the script tokenizer keeps one).
+    assert tok.tokenize("30يۈەن") == ["30", "يۈەن"]
+    assert ScriptTokenizer().tokenize("30يۈەن") == ["30يۈەن"]
+    # A symbol that is not ASCII (S*) is not punctuation: it stays, as a token of its own.
+    assert tok.tokenize("¥50 ©") == ["¥", "50", "©"]
+    # ASCII symbols count as punctuation.
+    assert tok.tokenize("$50+3") == ["50", "3"]
+
+
+@needs_onmt
+def test_xlsum_tokenizer_mongolian_drops_the_vowel_separator() -> None:
+    tok = XLSumTokenizer()
+    # qar-a "black": U+182C U+1820 U+1837, the Mongolian vowel separator U+180E (a format character,
+    # Cf), then U+1820. The separator is deleted without splitting the word.
+    word = "\u182c\u1820\u1837\u180e\u1820"
+    assert tok.tokenize(word) == ["\u182c\u1820\u1837\u1820"]
+    # The free variation selector U+180B is a mark (Mn): it stays. The Mongolian full stop U+1803 splits.
+    assert tok.tokenize("\u182e\u1823\u1829\u182d\u180b\u1823\u182f\u1803 \u182c\u1821") == [
+        "\u182e\u1823\u1829\u182d\u180b\u1823\u182f",
+        "\u182c\u1821",
+    ]
+    # ZWNJ (Cf) and a control character (Cc) vanish too; tab and newline are spaces.
+    assert tok.tokenize("ab\u200ccd\x07ef\tgh\nij") == ["abcdef", "gh", "ij"]
+
+
+@needs_onmt
+def test_xlsum_tokenizer_lowercases_without_normalising_and_splits_cjk() -> None:
+    tok = XLSumTokenizer()
+    assert tok.tokenize("ҚАЗАҚ Тілі — жақсы.") == ["қазақ", "тілі", "жақсы"]
+    assert tok.tokenize("维吾尔语 good") == ["维", "吾", "尔", "语", "good"]
+    # No NFC: a decomposed é stays decomposed (XL-Sum does not normalise); the script tokenizer composes it.
+    assert tok.tokenize("e\u0301t\u00e9") == ["e\u0301t\u00e9"]
+    assert tok.tokenize("  ") == [] and tok.tokenize("") == []
+
+
+@needs_rouge
+@needs_onmt
+def test_rouge_l_tokenizers_differ_where_digits_touch_letters() -> None:
+    ref, hyp = "30 يۈەن", "30يۈەن"
+    assert rouge_l([hyp], [ref], "xlsum") == pytest.approx(100.0)
+    assert rouge_l([hyp], [ref], "script") == 0.0
+    assert score_outputs([_Item("generate", "rouge-l", ref)], [hyp], "script") == 0.0
+    assert score_outputs([_Item("generate", "rouge-l", ref)], [hyp]) == pytest.approx(100.0)  # xlsum by default
+
+
+def test_unknown_rouge_tokenizer() -> None:
+    with pytest.raises(TrimixError, match="unknown ROUGE tokenizer 'nltk'; choose xlsum or script"):
+        make_rouge_tokenizer("nltk")

@@ -13,14 +13,19 @@ authors do (their generation stops at the first newline).
 
 ROUGE-L needs care. The ``rouge_score`` package's default tokenizer lowercases and then keeps only
 ``[a-z0-9]``, so a Tibetan, Uyghur, Kazakh or Mongolian title has no tokens at all and every pair
-scores 0. :class:`ScriptTokenizer` keeps letters, marks and digits of every script and splits on
-whitespace, punctuation and symbols, which also separates Tibetan syllables at the tsheg (``་``) and
-shad (``།``) while keeping vowel signs and subjoined letters inside their syllable. It matches the
-language-agnostic path of XL-Sum's multilingual ROUGE (the one MiLiC-Eval points to), without that
-fork's dependencies on segmenters for Chinese, Japanese and Thai that none of these languages use.
+scores 0. Two tokenizers that keep every script are offered (:data:`ROUGE_TOKENIZERS`):
 
-sacrebleu and rouge-score are imported when a metric is first computed, so reading task files does
-not require them.
+* ``xlsum`` (the default, :class:`XLSumTokenizer`): the tokenization of XL-Sum's multilingual ROUGE,
+  which MiLiC-Eval scores its titles with, so scores compare with the paper's. It keeps symbols as
+  tokens and splits digits from letters (``30يۈەن`` is two tokens), as OpenNMT's aggressive mode does.
+* ``script`` (:class:`ScriptTokenizer`): runs of letters, marks and digits of any script, NFC
+  normalised; symbols are dropped and ``30يۈەن`` stays one token. It needs no extra package.
+
+Both separate Tibetan syllables at the tsheg (``་``) and shad (``།``) while keeping vowel signs and
+subjoined letters inside their syllable.
+
+sacrebleu, rouge-score and pyonmttok are imported when a metric is first computed, so reading task
+files does not require them.
 """
 
 from __future__ import annotations
@@ -29,14 +34,18 @@ import re
 import string
 import unicodedata
 from collections.abc import Hashable, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, Literal, Protocol
+
+from ..errors import TrimixError
 
 Kind = Literal["generate", "choice", "math"]
 Metric = Literal["chrf++", "rouge-l", "accuracy"]
+RougeTokenizer = Literal["xlsum", "script"]
 
 KINDS: tuple[Kind, ...] = ("generate", "choice", "math")
 METRICS: tuple[Metric, ...] = ("chrf++", "rouge-l", "accuracy")
+ROUGE_TOKENIZERS: tuple[RougeTokenizer, ...] = ("xlsum", "script")
 
 # A number: an optional sign that is not a subtraction (no digit, letter or ")" right before it), then
 # either digits grouped by commas in threes or plain digits, then an optional decimal part. ``\d``
@@ -135,22 +144,95 @@ class ScriptTokenizer:
         return tokens
 
 
-def rouge_l(hyps: Sequence[str], refs: Sequence[str]) -> float:
-    """ROUGE-L F1 with :class:`ScriptTokenizer`, averaged over pairs, 0-100.
+def _xlsum_punctuation(ch: str) -> bool:
+    """XL-Sum's punctuation: every ASCII character that is not a letter, digit or space (``$``, ``+``,
+    ``^`` too), and every character of a Unicode punctuation category (P*), which takes in the Tibetan
+    tsheg and shad, the Arabic comma and question mark, and the Mongolian full stop."""
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _cjk_ideograph(cp: int) -> bool:
+    """CJK ideographs, each of which XL-Sum's default path makes a token of its own."""
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+class XLSumTokenizer:
+    """ROUGE tokens as XL-Sum's multilingual ROUGE makes them for a language without a segmenter.
+
+    The steps, in order: lowercase; drop NUL, U+FFFD and every control, format, surrogate, private-use
+    or unassigned character (category C*, so U+180E, the Mongolian vowel separator, and ZWNJ vanish
+    without splitting their word) except tab and newlines, which are whitespace; split on whitespace
+    and punctuation (:func:`_xlsum_punctuation`), dropping the punctuation; run OpenNMT's tokenizer in
+    ``aggressive`` mode over the words joined by spaces, which splits letters from digits and from
+    symbols (pyonmttok, the library XL-Sum uses); put each CJK ideograph on its own; split on spaces.
+    No stemming, and no Unicode normalisation (XL-Sum does none).
+    """
+
+    def __init__(self) -> None:
+        try:
+            import pyonmttok
+        except ImportError:
+            raise TrimixError(
+                "ROUGE-L with the xlsum tokenizer needs pyonmttok: pip install -e '.[eval]' "
+                "(or score with --rouge-tokenizer script)"
+            ) from None
+        self._aggressive = pyonmttok.Tokenizer("aggressive")
+
+    def tokenize(self, text: str) -> list[str]:
+        """Split ``text`` into lowercase tokens the way XL-Sum's ROUGE does."""
+        cleaned: list[str] = []
+        for ch in text.lower():
+            if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+                cleaned.append(" ")
+            elif ch in "\x00\ufffd" or unicodedata.category(ch).startswith("C"):
+                continue
+            elif _xlsum_punctuation(ch):
+                cleaned.append(" ")
+            else:
+                cleaned.append(ch)
+        words = "".join(cleaned).split()
+        if not words:
+            return []
+        pieces, _ = self._aggressive.tokenize(" ".join(words))
+        spaced = "".join(f" {ch} " if _cjk_ideograph(ord(ch)) else ch for ch in " ".join(pieces))
+        return spaced.split()
+
+
+def make_rouge_tokenizer(name: str) -> ScriptTokenizer | XLSumTokenizer:
+    """The tokenizer named ``xlsum`` or ``script`` (see the module docstring for how they differ)."""
+    if name == "xlsum":
+        return XLSumTokenizer()
+    if name == "script":
+        return ScriptTokenizer()
+    raise TrimixError(f"unknown ROUGE tokenizer {name!r}; choose {' or '.join(ROUGE_TOKENIZERS)}")
+
+
+def rouge_l(hyps: Sequence[str], refs: Sequence[str], tokenizer: str = "xlsum") -> float:
+    """ROUGE-L F1 averaged over pairs, 0-100, with the tokenizer named ``xlsum`` or ``script``.
 
     A pair where either side has no tokens scores 0, as in ``rouge_score``.
     """
     _check_lengths(hyps, refs)
-    scorer = _rouge_scorer()
+    scorer = _rouge_scorer(tokenizer)
     total = sum(scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(hyps, refs))
     return 100.0 * total / len(refs)
 
 
-@lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
+@cache
+def _rouge_scorer(tokenizer: str) -> Any:
+    made = make_rouge_tokenizer(tokenizer)
     from rouge_score.rouge_scorer import RougeScorer
 
-    return RougeScorer(["rougeL"], tokenizer=ScriptTokenizer())
+    return RougeScorer(["rougeL"], tokenizer=made)
 
 
 class Scorable(Protocol):
@@ -169,10 +251,11 @@ class Scorable(Protocol):
     def options(self) -> Sequence[str] | None: ...
 
 
-def score_outputs(items: Sequence[Scorable], outputs: Sequence[str]) -> float:
+def score_outputs(items: Sequence[Scorable], outputs: Sequence[str], rouge_tokenizer: str = "xlsum") -> float:
     """Score raw generations against a task's items with the task's metric and answer rule.
 
     All items must share one metric (a task has one). Each output is first cut to its first line.
+    ``rouge_tokenizer`` names the tokenizer of ROUGE-L (``xlsum`` or ``script``).
     """
     _check_lengths(outputs, items)
     metrics = {item.metric for item in items}
@@ -184,7 +267,7 @@ def score_outputs(items: Sequence[Scorable], outputs: Sequence[str]) -> float:
     if metric == "chrf++":
         return chrf_pp(lines, golds)
     if metric == "rouge-l":
-        return rouge_l(lines, golds)
+        return rouge_l(lines, golds, rouge_tokenizer)
     if metric != "accuracy":
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     preds: list[Hashable | None] = []
