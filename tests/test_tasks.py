@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,13 +15,17 @@ from trimix_cpp.evaluation.metrics import score_outputs
 from trimix_cpp.evaluation.tasks import (
     PromptSettings,
     RecordWarning,
+    TaskData,
     TaskError,
+    check_limit,
     language_name,
     load_belebele,
     load_jsonl,
     load_milic,
     load_sib200,
+    load_spec,
     load_task,
+    milic_kind,
 )
 
 UG_TRAIN = [
@@ -118,12 +125,12 @@ def test_classification_labels_from_train_and_examples_cover_labels(tmp_path: Pa
     # One example of each label first (1 then 3), not the first two records (both "nature").
     assert [e.id for e in data.examples] == ["1", "3"]
     item = data.items[0]
-    assert item.options == ("nature", "education")
-    assert item.prompt.count("Candidate labels: nature, education\n") == 3
+    assert item.options == ("education", "nature")  # sorted, the same in every process
+    assert item.prompt.count("Candidate labels: education, nature\n") == 3
     assert item.prompt.endswith(
-        "Please classify the following Tibetan text.\nText: དཔེ་ཆ་\nCandidate labels: nature, education\nAnswer:"
+        "Please classify the following Tibetan text.\nText: དཔེ་ཆ་\nCandidate labels: education, nature\nAnswer:"
     )
-    assert "Text: སློབ་གྲྭ་\nCandidate labels: nature, education\nAnswer: education\n\n" in item.prompt
+    assert "Text: སློབ་གྲྭ་\nCandidate labels: education, nature\nAnswer: education\n\n" in item.prompt
     assert (item.gold, item.kind, item.metric) == ("education", "generate", "accuracy")
     # "sports" is in no train record: kept, and reported.
     [warning] = data.warnings
@@ -332,12 +339,12 @@ def test_sib200(tmp_path: Path) -> None:
     data = load_sib200(path, "uig_Arab", train_path=train, settings=PromptSettings(shots=2))
     assert [(i.id, i.gold) for i in data.items] == [("10", "health"), ("12", "travel")]
     item = data.items[0]
-    assert item.options == ("sports", "health")
+    assert item.options == ("health", "sports")
     assert item.prompt.endswith(
         "Please classify the topic of the following Uyghur text.\n"
-        'Text: دوختۇر "ياخشى"\nCandidate labels: sports, health\nAnswer:'
+        'Text: دوختۇر "ياخشى"\nCandidate labels: health, sports\nAnswer:'
     )
-    assert "Text: توپ ئويۇنى\nCandidate labels: sports, health\nAnswer: sports\n\n" in item.prompt
+    assert "Text: توپ ئويۇنى\nCandidate labels: health, sports\nAnswer: sports\n\n" in item.prompt
     assert [(w.line, w.field) for w in data.warnings] == [(3, "text"), (4, "label")]
 
     write_lines(tmp_path / "bad.tsv", ["id\tcategory\ttext", "1\tsports\tx"])
@@ -405,3 +412,171 @@ def test_jsonl_lines_split_on_newline_only(tmp_path: Path) -> None:
     data = load_jsonl(path, settings=PromptSettings(shots=0))
     assert [i.id for i in data.items] == ["t:1", "t:2"] and data.items[0].prompt == text
     assert data.warnings == ()
+
+
+# --- MiLiC-Eval as distributed, task specs, passages cut to fit, label order ---------------------
+
+
+def test_distributed_folder_names_and_translation_directions(tmp_path: Path) -> None:
+    write_milic(tmp_path, "translation_dialogue", "ug", "train_1", UG_TRAIN)
+    write_milic(tmp_path, "translation_dialogue", "ug", "test", UG_TEST)
+    title = {"id": "a", "content": "ئۇيغۇر تىلى", "title": "تىل"}
+    write_milic(tmp_path, "title_generation_200", "ug", "train_1", [title])
+    write_milic(tmp_path, "title_generation_200", "ug", "test", [dict(title, id="b")])
+    assert milic_kind("translation_dialogue") == "translation"
+    assert milic_kind("title_generation_200") == "title_generation"
+    assert milic_kind("text_classification") == "text_classification"
+
+    into_en = load_spec(f"milic:{tmp_path}:translation_dialogue:ug")
+    assert into_en.task == "translation_dialogue:ug-en"
+    assert into_en.items[0].prompt.endswith("Uyghur: خەير خوش\nEnglish: ") and into_en.items[0].gold == "Goodbye"
+    assert load_spec(f"milic:{tmp_path}:translation_dialogue:ug:ug-en").items == into_en.items
+    into_ug = load_spec(f"milic:{tmp_path}:translation_dialogue:ug:en-ug")
+    assert into_ug.task == "translation_dialogue:en-ug"
+    assert into_ug.items[0].prompt.endswith("English: Goodbye\nUyghur: ") and into_ug.items[0].gold == "خەير خوش"
+    assert into_ug.files == (
+        str(tmp_path / "translation_dialogue" / "ug" / "test.json"),
+        str(tmp_path / "translation_dialogue" / "ug" / "train_1.json"),
+    )
+    titles = load_spec(f"milic:{tmp_path}:title_generation_200:ug")
+    assert titles.task == "title_generation_200:ug" and titles.items[0].metric == "rouge-l"
+
+
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("milic:ROOT:poetry:ug", "unknown MiLiC-Eval task 'poetry'"),
+        ("milic:ROOT:title_generation_200:ug:en-ug", "translation direction is for translation tasks only"),
+        ("milic:ROOT:translation_dialogue:en-ug", "give the language folder, then the direction"),
+        ("milic:ROOT:translation_dialogue:ug:ug-ug", "into itself"),
+        ("milic:ROOT:ug", "milic:ROOT:TASK:LANG[:SRC-TGT]"),
+        ("sib200:only", "sib200:FILE:LANG"),
+        ("tasks.csv", "unknown task"),
+    ],
+)
+def test_bad_task_specs_are_one_line(tmp_path: Path, spec: str, needle: str) -> None:
+    write_milic(tmp_path, "translation_dialogue", "ug", "test", UG_TEST)
+    write_milic(tmp_path, "title_generation_200", "ug", "test", [{"id": "a", "content": "x", "title": "y"}])
+    with pytest.raises(TaskError, match=None) as info:
+        load_spec(spec.replace("ROOT", str(tmp_path)), settings=PromptSettings(shots=0))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_passage_is_cut_to_fit_when_no_examples_are_left(tmp_path: Path) -> None:
+    # A passage of 300 characters cannot fit a budget of 250 even alone: it is cut (never the run).
+    long_text = "ئۇيغۇر تىلى " * 25
+    train = [
+        {"id": "e", "text": "قىسقا", "label": {"en": "sports"}},
+        {"id": "f", "text": "ت", "label": {"en": "health"}},
+    ]
+    test = [
+        {"id": "long", "text": long_text, "label": {"en": "health"}},
+        {"id": "short", "text": "قىسقا تېكىست", "label": {"en": "sports"}},
+    ]
+    path = write_milic(tmp_path, "text_classification", "ug", "test", test)
+    write_milic(tmp_path, "text_classification", "ug", "train_1", train)
+    settings = PromptSettings(shots=1, max_prompt=250)
+    data = load_milic(tmp_path, "text_classification", "ug", settings=settings)
+    cut, short = data.items
+    assert len(cut.prompt) <= 250 and cut.n_shots == 0
+    assert cut.cut_to is not None and 0 < cut.cut_to < len(long_text)
+    assert f"Text: {long_text[: cut.cut_to]}\nCandidate labels" in cut.prompt
+    # the most that fits: one more character would not
+    assert len(cut.prompt) + 1 > 250 or cut.cut_to == len(long_text) - 1
+    assert short.cut_to is None and short.n_shots == 1
+    [w] = data.warnings
+    assert w.path == str(path) and w.field == "text" and "1 of 2 passages" in w.message
+    assert f"cut to {cut.cut_to}-{cut.cut_to} characters" in w.message
+
+    # The same with a token counter (here: words), as trimix eval counts with the model's tokenizer.
+    words = PromptSettings(shots=0, max_prompt=30, count_tokens=lambda t: len(t.split()))
+    item = load_milic(tmp_path, "text_classification", "ug", settings=words).items[0]
+    assert item.cut_to is not None and len(item.prompt.split()) <= 30
+
+    # Reading passages are never cut: the item stays whole and is reported.
+    rc = {"id": "c", "context": [long_text], "question": "?", "options": ["a", "b"], "answer": "A"}
+    write_milic(tmp_path, "reading_comprehension", "ug", "test", [rc])
+    data = load_milic(tmp_path, "reading_comprehension", "ug", settings=PromptSettings(shots=0, max_prompt=200))
+    assert data.items[0].cut_to is None and long_text in data.items[0].prompt
+    [w] = data.warnings
+    assert "over the budget of 200" in w.message
+
+
+def test_candidate_labels_are_sorted_and_the_same_in_every_process(tmp_path: Path) -> None:
+    labels = ["travel", "health", "sports", "livelihood", "science/technology", "entertainment", "politics"]
+    train = [{"id": str(i), "text": f"t{i}", "label": {"en": label}} for i, label in enumerate(labels)]
+    write_milic(tmp_path, "text_classification", "ug", "train_1", train)
+    write_milic(tmp_path, "text_classification", "ug", "test", train[:1])
+    item = load_milic(tmp_path, "text_classification", "ug", settings=PromptSettings(shots=0)).items[0]
+    assert item.options == tuple(sorted(labels))
+    script = (
+        "import sys; from trimix_cpp.evaluation.tasks import *; "
+        "print(load_milic(sys.argv[1], 'text_classification', 'ug').items[0].prompt)"
+    )
+    prompts = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, env=env, check=True)
+        prompts.add(r.stdout)
+    assert len(prompts) == 1
+
+
+def test_limit_below_one_is_refused() -> None:
+    data = TaskData("t", tuple(range(5)), (), ())  # type: ignore[arg-type]
+    assert data.head(None) == (0, 1, 2, 3, 4) and data.head(2) == (0, 1) and data.head(9) == (0, 1, 2, 3, 4)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(TaskError, match="--limit must be a whole number of items, 1 or more"):
+            data.head(bad)  # type: ignore[arg-type]
+    check_limit(None)
+
+
+# --- the real benchmark files (skipped where they are not) ---------------------------------------
+
+SHARED = Path(os.environ.get("TRIMIX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+MILIC = SHARED / "milic-eval"
+needs_data = pytest.mark.skipif(not MILIC.is_dir(), reason=f"no MiLiC-Eval files in {MILIC}")
+
+REAL_TASKS = {
+    # spec -> (name, records in test.json, kind, metric)
+    "math:ug": ("math:ug", 200, "math", "accuracy"),
+    "reading_comprehension:ug": ("reading_comprehension:ug", 200, "choice", "accuracy"),
+    "response_selection:ug": ("response_selection:ug", 407, "choice", "accuracy"),
+    "text_classification:ug": ("text_classification:ug", 504, "generate", "accuracy"),
+    "title_generation_200:ug": ("title_generation_200:ug", 200, "generate", "rouge-l"),
+    "translation_dialogue:ug": ("translation_dialogue:ug-en", 673, "generate", "chrf++"),
+    "translation_dialogue:ug:en-ug": ("translation_dialogue:en-ug", 673, "generate", "chrf++"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("spec", list(REAL_TASKS))
+def test_every_shared_milic_task_loads(spec: str) -> None:
+    name, n, kind, metric = REAL_TASKS[spec]
+    settings = PromptSettings(shots=3, max_prompt=4000)
+    data = load_spec(f"milic:{MILIC}:{spec}", settings=settings)
+    assert data.task == name and len(data.items) == n
+    assert {(i.kind, i.metric) for i in data.items} == {(kind, metric)}
+    assert all(len(i.prompt) <= 4000 for i in data.items)
+    assert [w for w in data.warnings if w.field != "text" and w.field != "content"] == []
+    if kind == "choice":
+        assert {len(i.options or ()) for i in data.items} <= {3, 4}
+    if name.startswith("text_classification"):
+        assert data.items[0].options == ("health", "livelihood", "sports", "travel")
+
+
+@needs_data
+def test_shared_classification_fits_a_small_context_by_cutting() -> None:
+    data = load_spec(f"milic:{MILIC}:text_classification:ug", settings=PromptSettings(shots=3, max_prompt=600))
+    cut = [i for i in data.items if i.cut_to is not None]
+    assert cut and all(len(i.prompt) <= 600 for i in data.items)
+    [w] = [w for w in data.warnings if w.field == "text"]
+    assert f"{len(cut)} of 504 passages" in w.message
+
+
+@needs_data
+def test_shared_sib200_loads() -> None:
+    folder = SHARED / "sib-200" / "uig_Arab"
+    data = load_spec(f"sib200:{folder / 'test.tsv'}:uig_Arab", train=folder / "train.tsv")
+    assert data.task == "sib200:uig_Arab" and len(data.items) == 204 and data.warnings == ()
+    labels = tuple(sorted((folder / "labels.txt").read_text(encoding="utf-8").split()))
+    assert data.items[0].options == labels

@@ -3,7 +3,8 @@
 Formats read here:
 
 * MiLiC-Eval, the authors' benchmark: ``<root>/<task>/<lang>/{train_1,train_2,train_3,dev,test}.json``,
-  each a JSON list of records with an ``id`` (tasks and fields in :data:`MILIC_TASKS`);
+  each a JSON list of records with an ``id`` (tasks and fields in :data:`MILIC_TASKS`; a folder named
+  ``<task>_<variant>``, as distributed: ``translation_dialogue``, ``title_generation_200``, is that task);
 * Belebele: JSONL records with ``flores_passage``, ``question``, ``mc_answer1``..``mc_answer4`` and
   ``correct_answer_num`` (1-4), read as four-option multiple choice;
 * SIB-200: TSV with the header ``index_id category text``, read as topic classification;
@@ -14,8 +15,14 @@ Prompts follow the authors' English templates (all in :data:`TEMPLATES`): each b
 instruction line, the item, and an answer cue; an in-context example is the same block followed by
 its answer, and examples are separated by a blank line. The first ``shots`` records of the train
 file are the examples (for classification, taken in turn from each label so every label is shown),
-the same for every item, as in the authors' code. When a prompt budget is set and an item's prompt
-would not fit, that item gets fewer examples, and :attr:`Item.n_shots` says how many.
+the same for every item, as in the authors' code. Candidate labels are listed in sorted order, so a
+prompt is the same in every process (the authors' code lists them in the order of a Python set,
+which changes from one process to the next). When a prompt budget is set and an item's prompt would
+not fit, that item gets fewer examples, and :attr:`Item.n_shots` says how many; when it does not fit
+with none, the passage of a title or classification item is cut further until it does
+(:attr:`Item.cut_to`), since one long article must not stop a run.
+
+:func:`load_spec` reads the one-string task specs of ``trimix eval`` (:data:`SPEC_HELP`).
 
 A malformed record (a missing field, a wrong type, a line that is not JSON) does not stop reading: it
 is skipped and reported as a :class:`RecordWarning` naming the file, the line (or the record index
@@ -25,8 +32,10 @@ of a JSON list) and the field. A file that cannot be read at all raises :class:`
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import re
 import string
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -95,6 +104,16 @@ TEMPLATES: dict[str, str] = {
 MILIC_SPLITS = ("train_1", "train_2", "train_3", "dev", "test")
 LETTERS = string.ascii_uppercase
 
+# Bumped whenever prompts change in a way TEMPLATES does not show (how examples are picked, how
+# passages are cut, label order), so that a run folder is never resumed with other prompts.
+PROMPT_RULES = 2
+
+
+def prompt_format() -> str:
+    """The identity of the prompt format: the rules' version and a digest of every template."""
+    digest = hashlib.sha256(json.dumps(TEMPLATES, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return f"{PROMPT_RULES}:{digest}"
+
 
 class TaskError(TrimixError):
     """A task file is missing, unreadable, or not in the expected format as a whole."""
@@ -136,7 +155,9 @@ class Item:
     (a translation, a title, a class label), ``choice`` reads a letter A.. from its first character
     (``gold`` is that letter, ``options`` the texts it indexes), ``math`` reads its last number
     (``gold`` is the number as text). For classification ``options`` holds the candidate labels.
-    ``shot_ids`` are the in-context examples the prompt holds, ``n_shots`` of them.
+    ``shot_ids`` are the in-context examples the prompt holds, ``n_shots`` of them. ``cut_to`` is the
+    number of passage characters kept when the passage had to be cut to fit the prompt budget (None
+    when it was not: the fixed ``max_passage_chars`` cut does not count).
     """
 
     id: str
@@ -147,6 +168,7 @@ class Item:
     metric: Metric
     n_shots: int
     shot_ids: tuple[str, ...] = ()
+    cut_to: int | None = None
 
 
 @dataclass(frozen=True)
@@ -155,12 +177,29 @@ class TaskData:
 
     ``task`` names the task and its language (``translation:ug-en``, ``belebele:bod_Tibt``): item ids
     repeat across the languages of a parallel benchmark, so (task, id) is the key of a prediction.
+    ``files`` are the files the task was read from (items first, then examples), which a run folder
+    fingerprints so that it is never resumed on other data.
     """
 
     task: str
     items: tuple[Item, ...]
     examples: tuple[Example, ...]
     warnings: tuple[RecordWarning, ...]
+    files: tuple[str, ...] = ()
+
+    def head(self, limit: int | None) -> tuple[Item, ...]:
+        """The first ``limit`` items (all of them for None); a limit below 1 is an error, not "all"."""
+        if limit is None:
+            return self.items
+        check_limit(limit)
+        return self.items[:limit]
+
+
+def check_limit(limit: int | None) -> None:
+    """``--limit`` counts items: 0 or a negative number is a mistake (Python slicing would take it as
+    "all" or "all but the last"), so it is refused."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise TaskError(f"--limit must be a whole number of items, 1 or more, got {limit!r} (leave it out for all)")
 
 
 @dataclass(frozen=True)
@@ -364,6 +403,7 @@ class _Parsed:
     options: tuple[str, ...] | None = None
     label: str | None = None
     where: _Where = _Where()
+    cut: str | None = None  # the field that may be cut shorter to fit a prompt budget
 
 
 @dataclass(frozen=True)
@@ -385,7 +425,8 @@ def _parse_translation(r: Mapping[str, Any], c: _Context) -> _Parsed:
 
 def _parse_title(r: Mapping[str, Any], c: _Context) -> _Parsed:
     title = _text(r, "title")
-    return _Parsed(_ident(r), {"content": _clip(_text(r, "content"), c.max_passage_chars)}, gold=title, shown=title)
+    content = _clip(_text(r, "content"), c.max_passage_chars)
+    return _Parsed(_ident(r), {"content": content}, gold=title, shown=title, cut="content")
 
 
 def _label_text(r: Mapping[str, Any]) -> str:
@@ -400,7 +441,7 @@ def _label_text(r: Mapping[str, Any]) -> str:
 def _parse_classification(r: Mapping[str, Any], c: _Context) -> _Parsed:
     label = _label_text(r)
     text = _clip(_text(r, "text"), c.max_passage_chars)
-    return _Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label)
+    return _Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
 def _parse_dialogue_choice(r: Mapping[str, Any], c: _Context, with_question: bool) -> _Parsed:
@@ -459,7 +500,7 @@ def _parse_sib(r: Mapping[str, Any], c: _Context) -> _Parsed:
         raise _Bad(None, "more columns than the header")
     label = _text(r, "category").strip()
     text = _clip(_text(r, "text"), c.max_passage_chars)
-    return _Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label)
+    return _Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
 def _parse_plain(r: Mapping[str, Any], c: _Context) -> _Parsed:
@@ -569,6 +610,26 @@ def _fit(examples: Sequence[Example], block: str, settings: PromptSettings) -> t
         n -= 1
 
 
+def _cut_to_fit(block_with: Callable[[int], str], length: int, settings: PromptSettings) -> tuple[str, int] | None:
+    """The block whose passage is cut to the most characters (fewer than ``length``) that fit the
+    budget on their own, and that number; None when even an empty passage does not fit.
+
+    ``block_with(n)`` renders the block with the passage's first ``n`` characters. Cost grows with
+    ``n``, so a binary search needs about log2(length) token counts.
+    """
+    assert settings.max_prompt is not None
+    if settings.cost(block_with(0)) > settings.max_prompt:
+        return None
+    lo, hi = 0, length - 1  # the block fits with lo characters; the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if settings.cost(block_with(mid)) <= settings.max_prompt:
+            lo = mid
+        else:
+            hi = mid - 1
+    return block_with(lo), lo
+
+
 def _build(
     task: str,
     spec: _Spec,
@@ -585,8 +646,8 @@ def _build(
     fields = dict(common)
     labels: tuple[str, ...] | None = None
     if spec.labelled:
-        # Candidate labels in order of first appearance, from the train file when there is one.
-        labels = tuple(dict.fromkeys(p.label for p in (train or items) if p.label is not None))
+        # Candidate labels from the train file when there is one, sorted: the same list in every process.
+        labels = tuple(sorted({p.label for p in (train or items) if p.label is not None}))
         fields["labels"] = ", ".join(labels)
     label_source = train_path if train else path
 
@@ -595,18 +656,41 @@ def _build(
         for p in _pick_examples(train, settings.shots, spec.labelled)
     )
     built: list[Item] = []
+    cuts: list[tuple[int, int]] = []  # (characters before, after) of each passage cut to fit
     for p in items:
         prompt, n, over = _fit(examples, template.format(**fields, **p.fields), settings)
+        cut_to = None
+        if over is not None and p.cut is not None:
+            passage = p.fields[p.cut]
+
+            def block_with(k: int, p: _Parsed = p, passage: str = passage) -> str:
+                return template.format(**fields, **{**p.fields, p.cut: _clip(passage, k)})
+
+            fitted = _cut_to_fit(block_with, len(passage), settings)
+            if fitted is not None:
+                (prompt, cut_to), over = fitted, None
+                cuts.append((len(passage), cut_to))
         if over is not None:
-            message = f"the prompt costs {over} with no examples, over the budget of {settings.max_prompt}; kept"
+            message = (
+                f"the prompt costs {over} with no examples, over the budget of {settings.max_prompt}; kept "
+                "(scored as no answer if it does not fit the context: raise --n-ctx)"
+            )
             warnings.append(_warning(path, p.where, None, message))
         if labels is not None and p.gold not in labels:
             message = f"{p.gold!r} is not a candidate label (from {label_source}): the item cannot be answered"
             warnings.append(_warning(path, p.where, "label", message))
         options = labels if labels is not None else p.options
         shot_ids = tuple(e.id for e in examples[:n])
-        built.append(Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids))
-    return TaskData(task, tuple(built), examples, tuple(warnings))
+        built.append(Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids, cut_to))
+    if cuts:
+        kept = sorted(after for _, after in cuts)
+        message = (
+            f"{len(cuts)} of {len(items)} passages did not fit the prompt budget of {settings.max_prompt} even "
+            f"without examples and were cut to {kept[0]}-{kept[-1]} characters (raise --n-ctx to keep more)"
+        )
+        warnings.append(RecordWarning(str(path), next(p.cut for p in items if p.cut), message))
+    files = tuple(str(f) for f in (path, train_path) if f is not None and f.is_file())
+    return TaskData(task, tuple(built), examples, tuple(warnings), files)
 
 
 def _load(
@@ -631,6 +715,19 @@ def _load(
 # Public readers.
 
 
+def milic_kind(task: str) -> str:
+    """The task kind (a key of :data:`MILIC_TASKS`) of a MiLiC-Eval folder name: the kind itself, or
+    the kind followed by ``_`` and a variant, as the benchmark is distributed (``translation_dialogue``,
+    ``title_generation_200``)."""
+    for kind in sorted(MILIC_TASKS, key=len, reverse=True):
+        if task == kind or task.startswith(kind + "_"):
+            return kind
+    raise TaskError(
+        f"unknown MiLiC-Eval task {task!r}; known: {', '.join(MILIC_TASKS)} "
+        "(or a folder named after one of them, such as translation_dialogue)"
+    )
+
+
 def load_milic(
     root: str | Path,
     task: str,
@@ -644,14 +741,16 @@ def load_milic(
 ) -> TaskData:
     """A MiLiC-Eval task: ``<root>/<task>/<lang>/<split>.json`` with examples from ``train_split``.
 
-    For translation, ``source`` and ``target`` are the record keys (language codes) to translate
-    from and into; the default is ``lang`` into English, and ``source="en"`` alone means English into
-    ``lang``. With ``settings.shots == 0`` no train file is needed, except that classification takes
-    its candidate labels from it when it exists (from the evaluated split otherwise).
+    ``task`` is a folder name (see :func:`milic_kind`). For translation, ``source`` and ``target``
+    are the record keys (language codes) to translate from and into; the default is ``lang`` into
+    English (the paper's ENG-G task), and ``source="en"`` alone means English into ``lang`` (LRL-G).
+    With ``settings.shots == 0`` no train file is needed, except that classification takes its
+    candidate labels from it when it exists (from the evaluated split otherwise).
     """
     settings = settings or PromptSettings()
-    if task not in MILIC_TASKS:
-        raise TaskError(f"unknown MiLiC-Eval task {task!r}; known: {', '.join(MILIC_TASKS)}")
+    kind = milic_kind(task)
+    if kind != "translation" and (source or target):
+        raise TaskError(f"a translation direction is for translation tasks only, not {task!r}")
     for s in (split, train_split):
         if s not in MILIC_SPLITS:
             raise TaskError(f"unknown split {s!r}; MiLiC-Eval has {', '.join(MILIC_SPLITS)}")
@@ -666,10 +765,12 @@ def load_milic(
 
     source = source or lang
     target = target or ("en" if source == lang else lang)
+    if source == target:
+        raise TaskError(f"translation from {source!r} into itself; give two different languages (e.g. ug-en)")
     context = _Context(source, target, settings.max_passage_chars)
     common = {"language": language_name(lang), "src_name": language_name(source), "tgt_name": language_name(target)}
-    name = f"translation:{source}-{target}" if task == "translation" else f"{task}:{lang}"
-    return _load(name, MILIC_TASKS[task], _read_json_list, (path, train_path), context, common, settings)
+    name = f"{task}:{source}-{target}" if kind == "translation" else f"{task}:{lang}"
+    return _load(name, MILIC_TASKS[kind], _read_json_list, (path, train_path), context, common, settings)
 
 
 def load_belebele(
@@ -760,6 +861,53 @@ def load_jsonl(
     return _build(f"jsonl:{paths[0].stem}", spec, items, train, paths, common, settings, warnings)
 
 
+SPEC_HELP = (
+    "A task is FILE.jsonl (records {input, gold, options?}), belebele:FILE:LANG, sib200:FILE:LANG, or "
+    "milic:ROOT:TASK:LANG for MiLiC-Eval's layout ROOT/TASK/LANG/test.json (examples from train_1.json), "
+    "TASK one of its folders: translation_dialogue, title_generation_200, text_classification, "
+    "response_selection, reading_comprehension, math. Translation goes from LANG into English unless a "
+    "direction follows: milic:ROOT:translation_dialogue:ug:ug-en (into English, the paper's ENG-G) or "
+    "milic:ROOT:translation_dialogue:ug:en-ug (into Uyghur, LRL-G)."
+)
+
+_DIRECTION = re.compile(r"([A-Za-z]{2,3}(?:_[A-Za-z]+)?)-([A-Za-z]{2,3}(?:_[A-Za-z]+)?)")
+
+
+def load_spec(spec: str, *, train: str | Path | None = None, settings: PromptSettings | None = None) -> TaskData:
+    """A task from its one-string spec (:data:`SPEC_HELP`); ``train`` is the examples file of the
+    formats that have no train split of their own (JSONL, Belebele, SIB-200)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "milic":
+        parts = rest.rsplit(":", 3)
+        direction = _DIRECTION.fullmatch(parts[-1]) if len(parts) == 4 else None
+        if direction is None:
+            parts = rest.rsplit(":", 2)
+        root, task, lang = [*parts, "", "", ""][:3]
+        if not (root and task and lang):
+            raise TaskError(f"write a MiLiC-Eval task as milic:ROOT:TASK:LANG[:SRC-TGT], got {spec!r}")
+        if _DIRECTION.fullmatch(lang):
+            raise TaskError(
+                f"give the language folder, then the direction: milic:ROOT:{task}:LANG:{lang}, got {spec!r}"
+            )
+        source, target = direction.groups() if direction else (None, None)
+        return load_milic(root, task, lang, source=source, target=target, settings=settings)
+    if kind in ("belebele", "sib200"):
+        path, _, lang = rest.rpartition(":")
+        if not path or not lang:
+            raise TaskError(f"write it as {kind}:FILE:LANG, got {spec!r}")
+        loader = load_belebele if kind == "belebele" else load_sib200
+        return loader(path, lang, train_path=train, settings=settings)
+    path = Path(spec)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise TaskError(f"task file not found: {path}")
+        return load_jsonl(path, train_path=train, settings=settings)
+    raise TaskError(
+        f"unknown task {spec!r} (give FILE.jsonl, milic:ROOT:TASK:LANG[:SRC-TGT], belebele:FILE:LANG "
+        "or sib200:FILE:LANG)"
+    )
+
+
 LOADERS: dict[str, Callable[..., TaskData]] = {
     "milic": load_milic,
     "belebele": load_belebele,
@@ -780,6 +928,8 @@ __all__ = [
     "LOADERS",
     "MILIC_SPLITS",
     "MILIC_TASKS",
+    "PROMPT_RULES",
+    "SPEC_HELP",
     "TEMPLATES",
     "Example",
     "Item",
@@ -787,10 +937,14 @@ __all__ = [
     "RecordWarning",
     "TaskData",
     "TaskError",
+    "check_limit",
     "language_name",
     "load_belebele",
     "load_jsonl",
     "load_milic",
     "load_sib200",
+    "load_spec",
     "load_task",
+    "milic_kind",
+    "prompt_format",
 ]
