@@ -1,4 +1,9 @@
-"""``trimix eval``: the paper's comparison on your tasks, models and language, resumable."""
+"""``trimix eval``: the paper's comparison on your tasks, models and language, resumable.
+
+Every number is checked before a model loads, and the run folder is locked and its manifest compared
+with this run's settings before any prediction is made (see :mod:`trimix_cpp.evaluation.rundir`), so
+a mistake costs a second, not a run.
+"""
 
 from __future__ import annotations
 
@@ -13,44 +18,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp.evaluation.metrics import ROUGE_TOKENIZERS
 from trimix_cpp.evaluation.results import Results, build_results
+from trimix_cpp.evaluation.rundir import RunDir, method_identity, model_identity, task_identity
 from trimix_cpp.evaluation.runner import (
     GenerationSettings,
     Runner,
+    SettingsError,
     Task,
     calibration_path,
+    check_count,
     needed_roles,
     parse_methods,
     score_task,
 )
-from trimix_cpp.evaluation.tasks import PromptSettings, TaskData, load_belebele, load_jsonl, load_milic, load_sib200
+from trimix_cpp.evaluation.tasks import PromptSettings, TaskData, check_limit, load_spec, prompt_format
 from trimix_cpp.selection import parse_grid
 
 from .common import err
 
 
 def load_task_spec(spec: str, train: Path | None, settings: PromptSettings) -> TaskData:
-    """``FILE.jsonl``, ``milic:ROOT:TASK:LANG``, ``belebele:FILE:LANG`` or ``sib200:FILE:LANG``."""
-    kind, _, rest = spec.partition(":")
-    if kind == "milic":
-        root, task, lang = [*rest.rsplit(":", 2), "", "", ""][:3]
-        if not (root and task and lang):
-            raise tm.TrimixError(f"write a MiLiC-Eval task as milic:ROOT:TASK:LANG, got {spec!r}")
-        return load_milic(root, task, lang, settings=settings)
-    if kind in ("belebele", "sib200"):
-        path, _, lang = rest.rpartition(":")
-        if not path or not lang:
-            raise tm.TrimixError(f"write it as {kind}:FILE:LANG, got {spec!r}")
-        loader = load_belebele if kind == "belebele" else load_sib200
-        return loader(path, lang, train_path=train, settings=settings)
-    path = Path(spec)
-    if path.suffix == ".jsonl":
-        if not path.is_file():
-            raise tm.TrimixError(f"task file not found: {path}")
-        return load_jsonl(path, train_path=train, settings=settings)
-    raise tm.TrimixError(
-        f"unknown task {spec!r} (give FILE.jsonl, milic:ROOT:TASK:LANG, belebele:FILE:LANG or sib200:FILE:LANG)"
-    )
+    """``FILE.jsonl``, ``milic:ROOT:TASK:LANG[:SRC-TGT]``, ``belebele:FILE:LANG`` or ``sib200:FILE:LANG``
+    (see :data:`trimix_cpp.evaluation.tasks.SPEC_HELP`)."""
+    return load_spec(spec, train=train, settings=settings)
 
 
 def _progress(console: Console) -> Progress:
@@ -140,52 +131,125 @@ def run_eval(
     grid_beta: str | None,
     plot_file: Path | None,
     options: tm.LoadOptions,
+    rouge_tokenizer: str = "xlsum",
 ) -> Results:
     """Load the models once, run every method over every task (skipping what the run folder has),
     score, write and show the results."""
-    if mc_mode not in ("generate", "score"):
-        raise tm.TrimixError(f"--mc-mode is generate or score, got {mc_mode!r}")
+    check_limit(limit)
+    check_count("--shots", shots, minimum=0)
+    check_count("--calibration-n", calibration_n)
+    settings = GenerationSettings(max_tokens=max_tokens, mc_mode=mc_mode)
+    if rouge_tokenizer not in ROUGE_TOKENIZERS:
+        raise SettingsError(f"--rouge-tokenizer is {' or '.join(ROUGE_TOKENIZERS)}, got {rouge_tokenizer!r}")
+    if not tasks:
+        raise SettingsError("no task to evaluate (give FILE.jsonl, milic:ROOT:TASK:LANG, ...)")
     ga, gb = parse_grid(grid_alpha), parse_grid(grid_beta)
     specs = parse_methods(methods, ga, gb)
     paths = setup.paths(needed_roles(specs), "evaluation")
-    settings = GenerationSettings(max_tokens=max_tokens, mc_mode=mc_mode)
+    calibration_seed = 0
+    # A first reading without the token budget (cheap: no model) checks every spec, file and name
+    # before the run folder is made or a model loads, and gives the task files' identities.
+    preview = [load_task_spec(t, train, PromptSettings(shots=shots)) for t in tasks]
+    names = [d.task for d in preview]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SettingsError(f"two tasks are named {twice[0]}: give each task once, or rename one file")
+    for d in preview:
+        if not d.items:
+            raise tm.TrimixError(f"task {d.task} has no items to evaluate")
     console = Console(stderr=True)
     task_scores, metrics, notes = {}, {}, {}
-    with tm.Engine(paths, options) as engine:
-        room = engine.n_ctx - max_tokens - 8
-        if room < 16:
-            raise tm.TrimixError(f"a context of {engine.n_ctx} tokens leaves no room for prompts after -n {max_tokens}")
-        budget = PromptSettings(
-            shots=shots,
-            max_prompt=room,
-            count_tokens=lambda text: len(engine.tokenize(text)),
+    with RunDir(out) as run:
+        run.check(
+            settings={
+                "shots": shots,
+                "max_tokens": settings.max_tokens,
+                "mc_max_tokens": settings.mc_max_tokens,
+                "mc_mode": settings.mc_mode,
+                "stop": list(settings.stop),
+                "n_ctx": options.n_ctx,
+                "prompt_format": prompt_format(),
+            },
+            models={role: model_identity(p) for role, p in paths.items()},
+            methods={
+                m.name: method_identity(
+                    m.fusion,
+                    m.task_level,
+                    grid_alpha=ga,
+                    grid_beta=gb,
+                    calibration_n=calibration_n,
+                    calibration_seed=calibration_seed,
+                )
+                for m in specs
+            },
+            tasks={d.task: task_identity(d.files) for d in preview},
         )
-        loaded = [load_task_spec(t, train, budget) for t in tasks]
-        runner = Runner(engine, out, settings, ga, gb, calibration_n)
-        try:
-            for data in loaded:
-                for w in data.warnings:
-                    err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
-                items = list(data.items[:limit] if limit else data.items)
-                if not items:
-                    raise tm.TrimixError(f"task {data.task} has no items to evaluate")
-                task = Task(data.task, items)
-                concrete = runner.expand(task, specs)
-                shots_used = sorted({it.n_shots for it in items})
-                notes[task.name] = [f"in-context examples per prompt: {', '.join(map(str, shots_used))}"]
-                with _progress(console) as bar:
-                    pid = bar.add_task(task.name, total=runner.pending(task, concrete), rate="")
-                    t_start, done = time.perf_counter(), 0
-                    for _ in runner.run(task, concrete):
-                        done += 1
-                        bar.update(pid, advance=1, rate=f"{done / (time.perf_counter() - t_start):.2f} it/s")
-                task_scores[task.name] = score_task(task, [m.name for m in concrete], runner.log)
-                metrics[task.name] = items[0].metric
-        finally:
-            runner.close()
-    results = build_results([m.name for m in specs], task_scores, metrics, notes)
-    results.write(out)
+        run.save()
+        with tm.Engine(paths, options) as engine:
+            room = engine.n_ctx - max_tokens - 8
+            if room < 16:
+                raise tm.TrimixError(
+                    f"a context of {engine.n_ctx} tokens leaves no room for prompts after -n {max_tokens}"
+                )
+            budget = PromptSettings(
+                shots=shots,
+                max_prompt=room,
+                count_tokens=lambda text: len(engine.tokenize(text)),
+            )
+            loaded = [load_task_spec(t, train, budget) for t in tasks]
+            runner = Runner(engine, out, settings, ga, gb, calibration_n, calibration_seed)
+            try:
+                for data in loaded:
+                    _run_task(runner, data, limit, specs, console, task_scores, metrics, notes, rouge_tokenizer)
+            finally:
+                runner.close()
+        results = build_results([m.name for m in specs], task_scores, metrics, notes)
+        results.write(out)
     show(results, Console())
     if plot_file is not None:
         plot(results, out, plot_file)
     return results
+
+
+def _run_task(
+    runner: Runner,
+    data: TaskData,
+    limit: int | None,
+    specs: list,
+    console: Console,
+    task_scores: dict,
+    metrics: dict,
+    notes: dict,
+    rouge_tokenizer: str,
+) -> None:
+    """Run one task's items under every method, then score them; results go into the three dicts."""
+    for w in data.warnings:
+        err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
+    items = list(data.head(limit))
+    if not items:
+        raise tm.TrimixError(f"task {data.task} has no items to evaluate")
+    task = Task(data.task, items, pool=data.items)
+    concrete = runner.expand(task, specs)
+    shots_used = sorted({it.n_shots for it in items})
+    task_notes = [f"in-context examples per prompt: {', '.join(map(str, shots_used))}"]
+    cut = [it.cut_to for it in items if it.cut_to is not None]
+    if cut:
+        task_notes.append(
+            f"{len(cut)} of {len(items)} passages cut to {min(cut)}-{max(cut)} characters to fit the context"
+        )
+    with _progress(console) as bar:
+        pid = bar.add_task(task.name, total=runner.pending(task, concrete), rate="")
+        t_start, done = time.perf_counter(), 0
+        for _ in runner.run(task, concrete):
+            done += 1
+            bar.update(pid, advance=1, rate=f"{done / (time.perf_counter() - t_start):.2f} it/s")
+    names = [m.name for m in concrete]
+    failed = sum(1 for it in items for name in names if "error" in runner.log.records.get((task.name, it.id, name), {}))
+    if failed:
+        message = f"{failed} predictions did not fit the context and count as no answer (raise --n-ctx)"
+        task_notes.append(message)
+        err.print(f"[yellow]warning:[/] {task.name}: {escape(message)}", soft_wrap=True)
+    notes[task.name] = task_notes
+    task_scores[task.name] = score_task(task, names, runner.log, rouge_tokenizer)
+    metric = items[0].metric
+    metrics[task.name] = f"{metric} ({rouge_tokenizer})" if metric == "rouge-l" else metric

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,23 @@ def sample_prompts(prompts: Sequence[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(list(prompts), n)
 
 
+def check_output_path(path: str | Path) -> None:
+    """Refuse, before any model loads, an output path the weights file could not be written to:
+    a calibration takes minutes, and finding out only at the end loses it."""
+    path = Path(path)
+    if path.is_dir():
+        raise TrimixError(f"-o {path} is a folder; give a file path such as {path / 'weights.json'}")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise TrimixError(f"cannot write {path}: the folder {folder} {what} (create it, or choose another -o)")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise TrimixError(f"cannot write {path}: the folder {folder} is not writable ({e.strerror or e})") from None
+
+
 def model_fingerprint(paths: Mapping[str, str | Path]) -> dict[str, dict[str, object]]:
     """What a weights file remembers of each model: file name and size in bytes."""
     return {r: {"file": Path(p).name, "bytes": os.path.getsize(p)} for r, p in paths.items() if r in SELECTION_ROLES}
@@ -95,8 +113,11 @@ class Calibration:
         """Write atomically, so an interrupted run never leaves half a weights file."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            tmp.replace(path)
+        except OSError as e:
+            raise TrimixError(f"cannot write {path}: {e.strerror or e} (choose another -o)") from None
 
 
 def calibrate(

@@ -3,7 +3,10 @@
 A run is a folder. Each prediction is appended to ``predictions.jsonl`` (and flushed to disk) the
 moment it exists, keyed by (task, item id, method); rerunning the same command reads that file and
 skips what is done, so Ctrl-C or a crash loses at most the item in flight. Results are computed from
-the predictions alone and written atomically.
+the predictions alone and written atomically. What else a prediction depends on (models, settings,
+task files) is the run folder's manifest, and one process at a time writes to a folder: see
+:mod:`.rundir`. An item whose prompt does not fit the context is recorded with an ``error`` and an
+empty output (no answer) instead of stopping the run.
 
 Methods: each single model (``large-ins``, ``small-cpt``, ``small-base``), ``proxy``, ``contrastive``,
 fixed TriMix weights (``trimix@A:B``), TriMix with per-prompt selection (``trimix-ppl``,
@@ -19,6 +22,7 @@ import json
 import math
 import os
 import random
+import string
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,10 +30,11 @@ from pathlib import Path
 from typing import Protocol
 
 from ..engine import Engine
-from ..errors import TrimixError
+from ..errors import ContextOverflowError, TrimixError
 from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
 from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector, choose
-from .metrics import score_outputs
+from .metrics import ROUGE_TOKENIZERS, score_outputs
+from .rundir import read_predictions
 
 SINGLE_NAMES = {"large-ins": LARGE_INS, "small-cpt": SMALL_CPT, "small-base": SMALL_BASE, "large-base": LARGE_BASE}
 DEFAULT_METHODS = (
@@ -98,21 +103,9 @@ class PredictionLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records: dict[tuple[str, str, str], dict] = {}
-        if path.exists():
-            data = path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                # a record cut short by a crash mid-write: drop it (its item runs again), so the
-                # next record starts on a line of its own
-                with path.open("r+b") as handle:
-                    handle.truncate(data.rfind(b"\n") + 1)
-            with path.open("rb") as handle:
-                for raw in handle:
-                    try:
-                        rec = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        continue  # a line cut short by a crash: that item simply runs again
-                    self.records[(rec["task"], rec["id"], rec["method"])] = rec
+        # A last record cut short by a crash is dropped (its item runs again); any other line that is
+        # not a prediction is an error (see rundir.read_predictions).
+        self.records: dict[tuple[str, str, str], dict] = read_predictions(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = path.open("a", encoding="utf-8")
 
@@ -129,6 +122,17 @@ class PredictionLog:
         self._handle.close()
 
 
+class SettingsError(TrimixError):
+    """An evaluation setting out of its range (a count below 1, an unknown mode)."""
+
+
+def check_count(flag: str, value: object, minimum: int = 1) -> None:
+    """A count such as ``--max-tokens`` or ``--calibration-n`` must be a whole number >= ``minimum``:
+    a 0 or a negative one would silently mean something else (nothing, or a division by zero)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(f"{flag} must be a whole number, {minimum} or more, got {value!r}")
+
+
 @dataclass
 class GenerationSettings:
     max_tokens: int = 64
@@ -136,13 +140,26 @@ class GenerationSettings:
     mc_max_tokens: int = 2
     mc_mode: str = "generate"  # or "score": rank options by fused log-likelihood
 
+    def __post_init__(self) -> None:
+        check_count("--max-tokens", self.max_tokens)
+        check_count("the multiple-choice answer length", self.mc_max_tokens)
+        if self.mc_mode not in ("generate", "score"):
+            raise SettingsError(f"--mc-mode is generate or score, got {self.mc_mode!r}")
+        self.stop = tuple(self.stop)
+
 
 @dataclass
 class Task:
-    """A task as the runner sees it: a name (with its language) and its items."""
+    """A task as the runner sees it: a name (with its language) and the items to run.
+
+    ``pool`` is every item of the task, when ``items`` is only the first few: per-task calibration
+    samples its prompts from the pool, so that evaluating more items later (a higher ``--limit``)
+    keeps the same calibrated pair.
+    """
 
     name: str
     items: Sequence[EvalItem]
+    pool: Sequence[EvalItem] | None = None
 
 
 def calibration_path(out_dir: Path, task: str) -> Path:
@@ -170,6 +187,8 @@ class Runner:
     calibration_seed: int = 0
 
     def __post_init__(self) -> None:
+        check_count("--calibration-n", self.calibration_n)
+        check_count("the calibration seed", self.calibration_seed, minimum=0)
         self.log = PredictionLog(self.out_dir / "predictions.jsonl")
 
     def close(self) -> None:
@@ -202,7 +221,7 @@ class Runner:
         if path.exists():
             saved = json.loads(path.read_text(encoding="utf-8"))
             return float(saved["alpha"]), float(saved["beta"])
-        prompts = [it.prompt for it in task.items]
+        prompts = [it.prompt for it in (task.pool or task.items)]
         sample = random.Random(self.calibration_seed).sample(prompts, min(self.calibration_n, len(prompts)))
         selector = Selector(strategy, self.grid_alpha, self.grid_beta)
         mean_nll = sum(self.engine.select(p, selector).scores for p in sample) / len(sample)
@@ -230,7 +249,11 @@ class Runner:
             for it in task.items:
                 if self.log.done(task.name, it.id, m.name):
                     continue
-                rec = self.predict(task, it, m)
+                try:
+                    rec = self.predict(task, it, m)
+                except ContextOverflowError as e:
+                    # one item too long for the context: no answer for it, and the run goes on
+                    rec = {"task": task.name, "id": it.id, "method": m.name, "output": "", "error": str(e)}
                 self.log.append(rec)
                 yield rec
 
@@ -273,7 +296,7 @@ class Runner:
             nll = self.engine.continuation_nll(item.prompt, " " + option, fusion)
             if nll < best_nll:
                 best, best_nll = k, nll
-        return "ABCDEFGH"[best], fusion.weights, selection
+        return string.ascii_uppercase[best], fusion.weights, selection
 
 
 def needed_roles(methods: Sequence[MethodSpec]) -> tuple[str, ...]:
@@ -283,8 +306,13 @@ def needed_roles(methods: Sequence[MethodSpec]) -> tuple[str, ...]:
     return tuple(r for r in ROLES if r in used)
 
 
-def score_task(task: Task, method_names: Sequence[str], log: PredictionLog) -> dict[str, float]:
-    """The task metric of each method, over the items it has predictions for."""
+def score_task(
+    task: Task, method_names: Sequence[str], log: PredictionLog, rouge_tokenizer: str = "xlsum"
+) -> dict[str, float]:
+    """The task metric of each method, over the items it has predictions for (ROUGE-L with the
+    tokenizer named ``rouge_tokenizer``)."""
+    if rouge_tokenizer not in ROUGE_TOKENIZERS:
+        raise SettingsError(f"--rouge-tokenizer is {' or '.join(ROUGE_TOKENIZERS)}, got {rouge_tokenizer!r}")
     out: dict[str, float] = {}
     for name in method_names:
         items, outputs = [], []
@@ -294,7 +322,7 @@ def score_task(task: Task, method_names: Sequence[str], log: PredictionLog) -> d
                 items.append(it)
                 outputs.append(rec["output"])
         if items:
-            out[name] = score_outputs(items, outputs)
+            out[name] = score_outputs(items, outputs, rouge_tokenizer)
     return out
 
 
