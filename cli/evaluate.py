@@ -32,7 +32,14 @@ from trimix_cpp.evaluation.runner import (
     parse_methods,
     score_task,
 )
-from trimix_cpp.evaluation.tasks import PromptSettings, TaskData, check_limit, load_spec, prompt_format
+from trimix_cpp.evaluation.tasks import (
+    FittedItems,
+    PromptSettings,
+    TaskData,
+    check_limit,
+    load_spec,
+    prompt_format,
+)
 from trimix_cpp.selection import parse_grid
 
 from .common import err
@@ -147,14 +154,15 @@ def run_eval(
     specs = parse_methods(methods, ga, gb)
     paths = setup.paths(needed_roles(specs), "evaluation")
     calibration_seed = 0
-    # A first reading without the token budget (cheap: no model) checks every spec, file and name
-    # before the run folder is made or a model loads, and gives the task files' identities.
-    preview = [load_task_spec(t, train, PromptSettings(shots=shots)) for t in tasks]
-    names = [d.task for d in preview]
+    # Tasks are read without the token budget (no model needed), so every spec, file and name is
+    # checked before the run folder is made or a model loads; prompts are fitted to the budget later,
+    # item by item, when the run reads them.
+    loaded = [load_task_spec(t, train, PromptSettings(shots=shots)) for t in tasks]
+    names = [d.task for d in loaded]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise SettingsError(f"two tasks are named {twice[0]}: give each task once, or rename one file")
-    for d in preview:
+    for d in loaded:
         if not d.items:
             raise tm.TrimixError(f"task {d.task} has no items to evaluate")
     console = Console(stderr=True)
@@ -182,7 +190,7 @@ def run_eval(
                 )
                 for m in specs
             },
-            tasks={d.task: task_identity(d.files) for d in preview},
+            tasks={d.task: task_identity(d.files) for d in loaded},
         )
         run.save()
         with tm.Engine(paths, options) as engine:
@@ -196,11 +204,21 @@ def run_eval(
                 max_prompt=room,
                 count_tokens=lambda text: len(engine.tokenize(text)),
             )
-            loaded = [load_task_spec(t, train, budget) for t in tasks]
             runner = Runner(engine, out, settings, ga, gb, calibration_n, calibration_seed)
             try:
                 for data in loaded:
-                    _run_task(runner, data, limit, specs, console, task_scores, metrics, notes, rouge_tokenizer)
+                    _run_task(
+                        runner,
+                        data,
+                        data.fitted(budget),
+                        limit,
+                        specs,
+                        console,
+                        task_scores,
+                        metrics,
+                        notes,
+                        rouge_tokenizer,
+                    )
             finally:
                 runner.close()
         results = build_results([m.name for m in specs], task_scores, metrics, notes)
@@ -214,6 +232,7 @@ def run_eval(
 def _run_task(
     runner: Runner,
     data: TaskData,
+    fitted: FittedItems,
     limit: int | None,
     specs: list,
     console: Console,
@@ -222,21 +241,25 @@ def _run_task(
     notes: dict,
     rouge_tokenizer: str,
 ) -> None:
-    """Run one task's items under every method, then score them; results go into the three dicts."""
+    """Run one task's items under every method, then score them; results go into the three dicts.
+
+    ``fitted`` is the task's items with prompts fitted to the context: the first ``limit`` are run,
+    and per-task calibration draws its sample from all of them (fitting only the ones it draws).
+    """
     for w in data.warnings:
         err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
-    items = list(data.head(limit))
-    if not items:
-        raise tm.TrimixError(f"task {data.task} has no items to evaluate")
-    task = Task(data.task, items, pool=data.items)
+    items = list(fitted[: len(data.head(limit))])
+    task = Task(data.task, items, pool=fitted)
     concrete = runner.expand(task, specs)
+    for w in fitted.warnings:
+        err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
     shots_used = sorted({it.n_shots for it in items})
     task_notes = [f"in-context examples per prompt: {', '.join(map(str, shots_used))}"]
     cut = [it.cut_to for it in items if it.cut_to is not None]
     if cut:
-        task_notes.append(
-            f"{len(cut)} of {len(items)} passages cut to {min(cut)}-{max(cut)} characters to fit the context"
-        )
+        message = f"{len(cut)} of {len(items)} passages cut to {min(cut)}-{max(cut)} characters to fit the context"
+        task_notes.append(message)
+        err.print(f"[yellow]warning:[/] {task.name}: {escape(message)}", soft_wrap=True)
     with _progress(console) as bar:
         pid = bar.add_task(task.name, total=runner.pending(task, concrete), rate="")
         t_start, done = time.perf_counter(), 0

@@ -273,5 +273,5 @@ def test_shared_classification_runs_with_passages_cut(tiny_trio, tmp_path):
     assert r.returncode == 0, err
     notes = json.loads((out / "results.json").read_text())["tasks"]["text_classification:ug"]["notes"]
     assert any("2 of 2 passages cut to" in n for n in notes), notes
-    assert "passages did not fit the prompt budget" in err
+    assert "2 of 2 passages cut to" in err
     assert "error" not in (out / PREDICTIONS).read_text(encoding="utf-8")

@@ -580,3 +580,32 @@ def test_shared_sib200_loads() -> None:
     assert data.task == "sib200:uig_Arab" and len(data.items) == 204 and data.warnings == ()
     labels = tuple(sorted((folder / "labels.txt").read_text(encoding="utf-8").split()))
     assert data.items[0].options == labels
+
+
+def test_fitted_items_fit_only_what_is_read_and_as_an_eager_load_does(tmp_path: Path) -> None:
+    long_text = "ئۇيغۇر تىلى " * 25
+    train = [{"id": "e", "text": "قىسقا", "label": {"en": "sports"}}]
+    test = [{"id": str(i), "text": long_text if i % 2 else "قىسقا", "label": {"en": "sports"}} for i in range(6)]
+    write_milic(tmp_path, "text_classification", "ug", "train_1", train)
+    write_milic(tmp_path, "text_classification", "ug", "test", test)
+    calls: list[str] = []
+
+    def count(text: str) -> int:
+        calls.append(text)
+        return len(text)
+
+    budget = PromptSettings(shots=1, max_prompt=250, count_tokens=count)
+    data = load_milic(tmp_path, "text_classification", "ug", settings=PromptSettings(shots=1))
+    assert not calls and len(data.items[1].prompt) > 250  # read without a budget: nothing counted
+    fitted = data.fitted(budget)
+    first = fitted[:2]
+    assert len(fitted) == 6 and len(first) == 2
+    assert all(c.count("Text: ") <= 2 for c in calls) and calls  # only items 0 and 1 were counted
+    counted = len(calls)
+    assert fitted[1] is first[1] and len(calls) == counted  # fitted once, then remembered
+    eager = load_milic(tmp_path, "text_classification", "ug", settings=PromptSettings(shots=1, max_prompt=250))
+    assert list(fitted) == list(eager.items)
+    assert fitted[-1] == eager.items[-1]
+    with pytest.raises(IndexError):
+        fitted[6]
+    assert fitted.warnings == []  # every item fits, the long ones by cutting

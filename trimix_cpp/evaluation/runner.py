@@ -221,15 +221,26 @@ class Runner:
         if path.exists():
             saved = json.loads(path.read_text(encoding="utf-8"))
             return float(saved["alpha"]), float(saved["beta"])
-        prompts = [it.prompt for it in (task.pool or task.items)]
-        sample = random.Random(self.calibration_seed).sample(prompts, min(self.calibration_n, len(prompts)))
+        pool = task.items if task.pool is None else task.pool
+        # Positions drawn exactly as random.sample draws from the prompts themselves; only the drawn
+        # items are read, so a pool may build its prompts on demand.
+        picked = random.Random(self.calibration_seed).sample(range(len(pool)), min(self.calibration_n, len(pool)))
         selector = Selector(strategy, self.grid_alpha, self.grid_beta)
-        mean_nll = sum(self.engine.select(p, selector).scores for p in sample) / len(sample)
+        scores = []
+        for i in picked:
+            try:
+                scores.append(self.engine.select(pool[i].prompt, selector).scores)
+            except ContextOverflowError:
+                continue  # one prompt too long for the context: the others calibrate
+        if not scores:
+            raise TrimixError(f"no calibration prompt of {task.name} fits the context (raise --n-ctx)")
+        mean_nll = sum(scores) / len(scores)
         a, b = choose(selector.alphas, selector.betas, mean_nll)
         record = {
             "alpha": a,
             "beta": b,
-            "n_prompts": len(sample),
+            "n_prompts": len(scores),
+            "n_too_long": len(picked) - len(scores),
             "grid_alpha": list(selector.alphas),
             "grid_beta": list(selector.betas),
             "strategy": strategy,

@@ -39,7 +39,7 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,17 @@ class TaskData:
     examples: tuple[Example, ...]
     warnings: tuple[RecordWarning, ...]
     files: tuple[str, ...] = ()
+    _fit: Callable[[int, PromptSettings], tuple[Item, tuple[RecordWarning, ...]]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def fitted(self, budget: PromptSettings) -> FittedItems:
+        """The items again, each fitted to ``budget`` when first read (see :class:`FittedItems`).
+
+        The examples stay those the task was read with; only how many of them a prompt holds, and
+        how much of its passage, follow the budget.
+        """
+        return FittedItems(self, budget)
 
     def head(self, limit: int | None) -> tuple[Item, ...]:
         """The first ``limit`` items (all of them for None); a limit below 1 is an error, not "all"."""
@@ -193,6 +204,38 @@ class TaskData:
             return self.items
         check_limit(limit)
         return self.items[:limit]
+
+
+class FittedItems(Sequence[Item]):
+    """A task's items with each prompt fitted to a budget the first time it is read.
+
+    Fitting counts tokens with the model's tokenizer, several times for an item whose passage must
+    be cut; a run of the first few items of a 500-item task (and a calibration sample of it) reads
+    only those, so only those are tokenized. ``warnings`` holds what fitting reported for the items
+    read so far.
+    """
+
+    def __init__(self, data: TaskData, budget: PromptSettings) -> None:
+        self._data = data
+        self._budget = budget
+        self._done: dict[int, Item] = {}
+        self.warnings: list[RecordWarning] = []
+
+    def __len__(self) -> int:
+        return len(self._data.items)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self))))
+        i = range(len(self))[index]  # negative indices, and IndexError past the end
+        if i not in self._done:
+            if self._data._fit is None:
+                item, reported = self._data.items[i], ()
+            else:
+                item, reported = self._data._fit(i, self._budget)
+            self._done[i] = item
+            self.warnings.extend(reported)
+        return self._done[i]
 
 
 def check_limit(limit: int | None) -> None:
@@ -655,42 +698,50 @@ def _build(
         Example(p.id, _solved(template.format(**fields, **p.fields), p.shown))
         for p in _pick_examples(train, settings.shots, spec.labelled)
     )
-    built: list[Item] = []
-    cuts: list[tuple[int, int]] = []  # (characters before, after) of each passage cut to fit
-    for p in items:
-        prompt, n, over = _fit(examples, template.format(**fields, **p.fields), settings)
+
+    def fit(i: int, budget: PromptSettings) -> tuple[Item, tuple[RecordWarning, ...]]:
+        """Item ``i`` with as many examples as ``budget`` allows, its passage cut when none is left
+        room, and the warning of an item that does not fit even so."""
+        p = items[i]
+        prompt, n, over = _fit(examples, template.format(**fields, **p.fields), budget)
         cut_to = None
         if over is not None and p.cut is not None:
             passage = p.fields[p.cut]
 
-            def block_with(k: int, p: _Parsed = p, passage: str = passage) -> str:
+            def block_with(k: int) -> str:
                 return template.format(**fields, **{**p.fields, p.cut: _clip(passage, k)})
 
-            fitted = _cut_to_fit(block_with, len(passage), settings)
+            fitted = _cut_to_fit(block_with, len(passage), budget)
             if fitted is not None:
                 (prompt, cut_to), over = fitted, None
-                cuts.append((len(passage), cut_to))
+        reported: tuple[RecordWarning, ...] = ()
         if over is not None:
             message = (
-                f"the prompt costs {over} with no examples, over the budget of {settings.max_prompt}; kept "
+                f"the prompt costs {over} with no examples, over the budget of {budget.max_prompt}; kept "
                 "(scored as no answer if it does not fit the context: raise --n-ctx)"
             )
-            warnings.append(_warning(path, p.where, None, message))
+            reported = (_warning(path, p.where, None, message),)
+        options = labels if labels is not None else p.options
+        shot_ids = tuple(e.id for e in examples[:n])
+        return Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids, cut_to), reported
+
+    built: list[Item] = []
+    for i, p in enumerate(items):
+        item, reported = fit(i, settings)
+        warnings.extend(reported)
         if labels is not None and p.gold not in labels:
             message = f"{p.gold!r} is not a candidate label (from {label_source}): the item cannot be answered"
             warnings.append(_warning(path, p.where, "label", message))
-        options = labels if labels is not None else p.options
-        shot_ids = tuple(e.id for e in examples[:n])
-        built.append(Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids, cut_to))
-    if cuts:
-        kept = sorted(after for _, after in cuts)
+        built.append(item)
+    cut = sorted(item.cut_to for item in built if item.cut_to is not None)
+    if cut:
         message = (
-            f"{len(cuts)} of {len(items)} passages did not fit the prompt budget of {settings.max_prompt} even "
-            f"without examples and were cut to {kept[0]}-{kept[-1]} characters (raise --n-ctx to keep more)"
+            f"{len(cut)} of {len(items)} passages did not fit the prompt budget of {settings.max_prompt} even "
+            f"without examples and were cut to {cut[0]}-{cut[-1]} characters (raise --n-ctx to keep more)"
         )
         warnings.append(RecordWarning(str(path), next(p.cut for p in items if p.cut), message))
     files = tuple(str(f) for f in (path, train_path) if f is not None and f.is_file())
-    return TaskData(task, tuple(built), examples, tuple(warnings), files)
+    return TaskData(task, tuple(built), examples, tuple(warnings), files, fit)
 
 
 def _load(
@@ -932,6 +983,7 @@ __all__ = [
     "SPEC_HELP",
     "TEMPLATES",
     "Example",
+    "FittedItems",
     "Item",
     "PromptSettings",
     "RecordWarning",
