@@ -88,6 +88,10 @@ def check_gguf_file(path: Path) -> None:
         raise ModelFileError(
             f"not a GGUF file: {path} (starts with {magic!r}; convert it with llama.cpp's convert_hf_to_gguf.py)"
         )
+    # llama.cpp aborts the process on some values it trusts in the header: check them first.
+    from .gguf_check import check_gguf
+
+    check_gguf(path)
 
 
 def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> None:
