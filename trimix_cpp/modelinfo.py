@@ -1,7 +1,9 @@
 """What a GGUF file is, read without loading its weights, and whether several files can be fused.
 
 llama.cpp loads only the vocabulary and metadata (``vocab_only``), which takes a fraction of a second
-even for a large model, so ``trimix inspect`` can answer before anyone waits for weights.
+even for a large model, so ``trimix inspect`` can answer before anyone waits for weights. Every file's
+header is checked first (:mod:`.gguf_check`): a file llama.cpp would crash on, or refuse once the
+weights load, is reported as the error it is rather than described as fusable.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import gguf
 from . import _llama
 from .engine import build_shared_vocab
 from .errors import TrimixError
+from .gguf_check import check_gguf
 
 _VOCAB_TYPES = {"llama": "SentencePiece (SPM)", "gpt2": "byte-level BPE", "bert": "WordPiece", "t5": "Unigram"}
 
@@ -94,8 +97,13 @@ def inspect_models(paths: Sequence[str | Path]) -> FusionCheck:
     """Describe each file and say whether they can all be fused (one shared vocabulary)."""
     if not paths:
         raise TrimixError("no model given (pass one or more .gguf paths)")
-    models = [_llama.LlamaModel(p, vocab_only=True) for p in paths]
+    for p in paths:
+        _llama.check_gguf_file(Path(p))  # missing, not a file, not GGUF
+        check_gguf(p)  # the header, tensors included, although only the vocabulary loads here
+    models: list[_llama.LlamaModel] = []
     try:
+        for p in paths:
+            models.append(_llama.LlamaModel(p, vocab_only=True))
         infos = [model_info(m) for m in models]
         try:
             shared = build_shared_vocab([m.path.name for m in models], models)
