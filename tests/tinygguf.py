@@ -9,7 +9,10 @@ byte tokens that each carry part of a character.
 
 from __future__ import annotations
 
+import struct
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -103,3 +106,192 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- raw GGUF files, for corrupting on purpose ----------------------------------------------------
+#
+# GGUFWriter refuses most malformed input, and a test of the validator needs exactly that input: a
+# value of the wrong type, a count that lies, an offset out of the file. So these helpers hold a
+# GGUF file as plain parts (key-value pairs, tensor infos, the data blob) and serialize them without
+# any check, recording where every field landed so a test can overwrite it in place.
+
+V = gguf.GGUFValueType
+_SCALAR_FORMATS = {
+    V.UINT8: "<B",
+    V.INT8: "<b",
+    V.UINT16: "<H",
+    V.INT16: "<h",
+    V.UINT32: "<I",
+    V.INT32: "<i",
+    V.FLOAT32: "<f",
+    V.BOOL: "<B",
+    V.UINT64: "<Q",
+    V.INT64: "<q",
+    V.FLOAT64: "<d",
+}
+
+
+@dataclass
+class RawKV:
+    """One key-value pair. For ``V.ARRAY`` the value is ``(item_type, items)``; items of a nested
+    array are ``(item_type, items)`` tuples too."""
+
+    key: str
+    vtype: int
+    value: Any
+
+
+@dataclass
+class RawTensor:
+    name: str
+    dims: list[int]
+    ggml_type: int
+    offset: int
+
+
+@dataclass
+class RawGGUF:
+    """A GGUF file as parts; :meth:`pack` writes them as they are, right or wrong."""
+
+    kvs: list[RawKV]
+    tensors: list[RawTensor]
+    data: bytes
+    alignment: int = 32
+    version: int = 3
+    layout: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> RawGGUF:
+        """The parts of a well-formed file (read with the ``gguf`` package's own reader)."""
+        r = gguf.GGUFReader(str(path))
+        kvs = []
+        for name, f in r.fields.items():
+            if name.startswith("GGUF."):
+                continue
+            if f.types[0] == V.ARRAY:
+                kvs.append(RawKV(name, V.ARRAY, (f.types[1], list(f.contents()))))
+            else:
+                kvs.append(RawKV(name, f.types[0], f.contents()))
+        tensors = [
+            RawTensor(t.name, [int(d) for d in t.shape], int(t.tensor_type), int(t.data_offset - r.data_offset))
+            for t in r.tensors
+        ]
+        data = Path(path).read_bytes()[r.data_offset :]
+        return cls(kvs, tensors, data, alignment=r.alignment)
+
+    def kv(self, key: str) -> RawKV:
+        return next(kv for kv in self.kvs if kv.key == key)
+
+    def set(self, key: str, vtype: int, value: Any) -> RawGGUF:
+        """Replace (or append) ``key`` with a value of any type."""
+        for kv in self.kvs:
+            if kv.key == key:
+                kv.vtype, kv.value = vtype, value
+                return self
+        self.kvs.append(RawKV(key, vtype, value))
+        return self
+
+    def drop(self, key: str) -> RawGGUF:
+        self.kvs = [kv for kv in self.kvs if kv.key != key]
+        return self
+
+    def tensor(self, name: str) -> RawTensor:
+        return next(t for t in self.tensors if t.name == name)
+
+    def retype(self, name: str, ggml_type: int, dims: list[int] | None = None) -> RawGGUF:
+        """Give tensor ``name`` another type (and shape), with zero data of the right size, and lay
+        the data section out again so that the file stays well formed."""
+        blobs = []
+        for t in self.tensors:
+            size = _nbytes(t.dims, t.ggml_type)
+            blob = self.data[t.offset : t.offset + size]
+            if t.name == name:
+                t.ggml_type = ggml_type
+                t.dims = list(dims or t.dims)
+                blob = bytes(_nbytes(t.dims, ggml_type))
+            blobs.append(blob)
+        data = bytearray()
+        for t, blob in zip(self.tensors, blobs):
+            t.offset = len(data)
+            data += blob + bytes(-len(blob) % self.alignment)
+        self.data = bytes(data)
+        return self
+
+    def pack(self, *, n_tensors: int | None = None, n_kv: int | None = None) -> bytes:
+        """The file's bytes; :attr:`layout` then maps ``"n_kv"``, ``"kv:KEY:key_len"``,
+        ``"kv:KEY:type"``, ``"kv:KEY:item_type"``, ``"kv:KEY:count"``, ``"kv:KEY:value"``,
+        ``"tensor:NAME:name_len"``, ``"tensor:NAME:n_dims"``, ``"tensor:NAME:dim0"``...,
+        ``"tensor:NAME:type"``, ``"tensor:NAME:offset"`` and ``"data"`` to their byte offsets."""
+        out = bytearray()
+        lay: dict[str, int] = {}
+        out += struct.pack("<4sI", b"GGUF", self.version)
+        lay["n_tensors"] = len(out)
+        out += struct.pack("<Q", len(self.tensors) if n_tensors is None else n_tensors)
+        lay["n_kv"] = len(out)
+        out += struct.pack("<Q", len(self.kvs) if n_kv is None else n_kv)
+        for kv in self.kvs:
+            p = f"kv:{kv.key}:"
+            lay[p + "key_len"] = len(out)
+            _put_str(out, kv.key)
+            lay[p + "type"] = len(out)
+            out += struct.pack("<I", kv.vtype)
+            if kv.vtype == V.ARRAY:
+                lay[p + "item_type"] = len(out)
+                lay[p + "count"] = len(out) + 4
+            lay[p + "value"] = len(out) + (12 if kv.vtype == V.ARRAY else 0)
+            _put_value(out, kv.vtype, kv.value)
+        for t in self.tensors:
+            p = f"tensor:{t.name}:"
+            lay[p + "name_len"] = len(out)
+            _put_str(out, t.name)
+            lay[p + "n_dims"] = len(out)
+            out += struct.pack("<I", len(t.dims))
+            for i, d in enumerate(t.dims):
+                lay[f"{p}dim{i}"] = len(out)
+                out += struct.pack("<Q", d)
+            lay[p + "type"] = len(out)
+            out += struct.pack("<I", t.ggml_type)
+            lay[p + "offset"] = len(out)
+            out += struct.pack("<Q", t.offset)
+        out += bytes(-len(out) % self.alignment)
+        lay["data"] = len(out)
+        out += self.data
+        self.layout = lay
+        return bytes(out)
+
+    def write(self, path: Path, **counts: int) -> Path:
+        path.write_bytes(self.pack(**counts))
+        return path
+
+
+def _nbytes(dims: list[int], ggml_type: int) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * size
+
+
+def _put_str(out: bytearray, s: str | bytes) -> None:
+    b = s.encode("utf-8") if isinstance(s, str) else s
+    out += struct.pack("<Q", len(b)) + b
+
+
+def _put_value(out: bytearray, vtype: int, value: Any) -> None:
+    if vtype == V.STRING:
+        _put_str(out, value)
+    elif vtype == V.ARRAY:
+        item_type, items = value
+        out += struct.pack("<IQ", item_type, len(items))
+        for item in items:
+            _put_value(out, item_type, item)
+    elif vtype in _SCALAR_FORMATS:
+        out += struct.pack(_SCALAR_FORMATS[V(vtype)], value)
+    else:  # a type no reader knows: write four bytes of something
+        out += struct.pack("<I", int(value) if isinstance(value, int) else 0)
+
+
+def tiny_raw(tmp_dir: Path, seed: int = 0, **kwargs: Any) -> RawGGUF:
+    """The parts of a fresh tiny llama model (see :func:`write_tiny_llama` for ``kwargs``)."""
+    path = write_tiny_llama(tmp_dir / f"tiny-raw-{seed}.gguf", seed, **kwargs)
+    return RawGGUF.read(path)
