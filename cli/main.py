@@ -15,9 +15,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import read_prompts, sample_prompts
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
@@ -174,6 +176,17 @@ def generate(
         bool, typer.Option("--utf8-guard/--no-utf8-guard", help="Mask tokens that would break UTF-8.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    batch: Annotated[
+        Path | None,
+        typer.Option(
+            "--batch",
+            help="Generate for every prompt of this file (one per line, or JSONL with 'prompt' and per-line "
+            "settings); prints one JSON object per prompt, in input order. '-' reads stdin.",
+        ),
+    ] = None,
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", "-np", help="Sequences decoded together with --batch (default 4).")
+    ] = None,
     raw: Raw = False,
     n_ctx: NCtx = None,
     threads: Threads = 0,
@@ -190,7 +203,11 @@ def generate(
         setup = _model_set(
             lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base
         )
-        text = read_prompt(prompt, file)
+        if batch is not None and (prompt is not None or file is not None):
+            raise tm.TrimixError("--batch reads the prompts from its file: drop the prompt argument and --file")
+        if batch is None and parallel is not None:
+            raise tm.TrimixError("--parallel sets how many --batch prompts decode together; it needs --batch")
+        text = read_prompt(prompt, file) if batch is None else ""
         choice = MethodChoice(
             method=method,
             alpha=alpha,
@@ -209,8 +226,14 @@ def generate(
         roles = fusion_roles(fusion)
         paths = setup.paths(roles, f"method {method_name}")
         sampling = sampling_params(temperature, top_k, top_p, min_p, seed)
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
+        if batch is not None:
+            defaults = BatchDefaults(
+                choice, max_tokens, temperature, top_k, top_p, min_p, seed, tuple(stops), utf8_guard
+            )
+            _generate_batch(batch, setup, paths, defaults, raw, parallel, n_ctx, threads, n_gpu_layers, verbose)
+            return
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         with tm.Engine(paths, options) as engine:
             gen = engine.generate(
                 setup.prompt(engine, text, raw),
@@ -230,17 +253,7 @@ def generate(
                 sys.stdout.flush()
         used = gen.fusion
         if as_json:
-            payload = {
-                "text": gen.text,
-                "token_ids": gen.token_ids,
-                "method": used.method,
-                "weights": used.weights,
-                "finish_reason": gen.finish_reason,
-                "timings": gen.timings.as_dict(),
-            }
-            if gen.selection is not None:
-                payload["selection"] = gen.selection.as_dict()
-            sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(gen.as_dict(), ensure_ascii=False) + "\n")
         if gen.selection is not None and gen.selection.note:
             err.print(f"[yellow]note:[/] {gen.selection.note}", soft_wrap=True)
         t = gen.timings
@@ -255,6 +268,43 @@ def generate(
             f"| stop: {gen.finish_reason}[/]",
             soft_wrap=True,
         )
+
+
+def _generate_batch(
+    batch: Path,
+    setup: ModelSet,
+    paths: dict[str, Path],
+    defaults: BatchDefaults,
+    raw: bool,
+    parallel: int | None,
+    n_ctx: int | None,
+    threads: int,
+    n_gpu_layers: int,
+    verbose: bool,
+) -> None:
+    """``generate --batch``: one JSON object per line of the file on stdout, in input order; a line
+    that fails gets an error object (and a line on stderr), and the exit code is 1."""
+    if str(batch) == "-":
+        lines = read_batch(Path("stdin"), _decode_utf8(sys.stdin.buffer.read(), "the batch on stdin"))
+    else:
+        lines = read_batch(batch)
+    options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=4 if parallel is None else parallel)
+    failed = 0
+    with tm.Engine(paths, options) as engine:
+
+        def spec(settings):
+            return line_spec(defaults, settings, setup.profile)
+
+        for res in run_batch(engine, lines, spec, lambda p: setup.prompt(engine, p, raw), batch.name):
+            sys.stdout.write(json.dumps(res.as_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+            if res.error is not None:
+                failed += 1
+                err.print(f"[bold red]error:[/] {escape(res.error)}", soft_wrap=True)
+    done = len(lines) - failed
+    err.print(f"[dim]{done} of {len(lines)} prompts generated[/]", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("select")

@@ -126,11 +126,11 @@ def test_guard_tables_mask_what_utf8_forbids(engine):
     cont = int(np.flatnonzero([p == b"\x80" for p in engine.vocab.pieces])[0])
     assert guard.penalty[ACCEPT, cont] == -np.inf  # a lone continuation byte never starts text
     e0 = int(np.flatnonzero([p == b"\xe0" for p in engine.vocab.pieces])[0])
-    guard.advance(e0)  # after E0 only A0..BF may follow
-    assert guard.penalty[guard.state, cont] == -np.inf
+    state = guard.advance(ACCEPT, e0)  # after E0 only A0..BF may follow
+    assert guard.penalty[state, cont] == -np.inf
     a0 = int(np.flatnonzero([p == b"\xa0" for p in engine.vocab.pieces])[0])
-    assert guard.penalty[guard.state, a0] == 0.0
-    assert guard.penalty[guard.state, engine.tokenize("a")[-1]] == -np.inf
+    assert guard.penalty[state, a0] == 0.0
+    assert guard.penalty[state, engine.tokenize("a")[-1]] == -np.inf
 
 
 def test_same_seed_same_output_and_streamed_pieces_join(engine):

@@ -6,9 +6,10 @@ per model before anything runs, and it copies logits out of llama.cpp on every s
 neither: it reads each model's logits where llama.cpp left them, as zero-copy numpy views, and asks
 llama.cpp for logits only at the positions that need them.
 
-Everything here is deliberately small: load a model and a context, tokenize, decode a batch with
-per-position output flags, view logits, clear the KV cache, free. Policy (what to decode, how to fuse)
-lives in the modules above this one.
+Everything here is deliberately small: load a model and a context that holds several sequences,
+tokenize, decode a batch whose tokens each carry a position, a sequence and an output flag, view
+logits, share and drop KV cells of a sequence, free. Policy (what to decode, how to fuse) lives in
+the modules above this one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +26,15 @@ import numpy as np
 
 from .errors import ContextOverflowError, ModelFileError, TrimixError
 
-__all__ = ["LlamaModel", "gpu_offload_supported", "set_verbose", "system_info"]
+__all__ = ["KVCacheFullError", "LlamaModel", "gpu_offload_supported", "set_verbose", "system_info"]
 
 _GGUF_MAGIC = b"GGUF"
 # ggml's thread pool holds at most this many threads (GGML_MAX_N_THREADS); far more crashes it.
 MAX_THREADS = 512
 # Positions llama.cpp can address in one context; larger requests only fail later, less clearly.
 MAX_N_CTX = 1 << 24
+# llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold.
+MAX_SEQ = 256
 _backend_ready = False
 _verbose = False
 
@@ -108,12 +112,18 @@ def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> No
         )
 
 
-class LlamaModel:
-    """One GGUF model with one llama.cpp context, one batch and a single sequence.
+class KVCacheFullError(TrimixError):
+    """llama.cpp found no free KV cell for a batch (``llama_decode`` returned 1)."""
 
-    The object owns three C resources (model, context, batch) and frees them in :meth:`close`, which
-    the context-manager protocol calls, so a run holding three models releases them deterministically
-    rather than whenever the garbage collector gets to them.
+
+class LlamaModel:
+    """One GGUF model with one llama.cpp context holding up to ``n_seq`` sequences.
+
+    The KV cache is unified: every sequence draws on the same ``kv_cells`` cells, and a prompt
+    evaluated once in one sequence is shared by others with :meth:`seq_cp` without copying. A
+    sequence may hold at most ``n_ctx`` positions. The object owns the model and the context and
+    frees them in :meth:`close`, which the context-manager protocol calls, so a run holding three
+    models releases them deterministically rather than whenever the garbage collector gets to them.
     """
 
     def __init__(
@@ -122,6 +132,8 @@ class LlamaModel:
         *,
         n_ctx: int = 4096,
         n_batch: int = 512,
+        n_seq: int = 1,
+        kv_cells: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = -1,
         vocab_only: bool = False,
@@ -129,12 +141,19 @@ class LlamaModel:
         _ensure_backend()
         self.path = Path(path)
         check_load_numbers(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+        if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= MAX_SEQ:
+            raise TrimixError(f"--parallel must be a whole number from 1 to {MAX_SEQ}, got {n_seq!r}")
+        cells = n_ctx if kv_cells is None else kv_cells
+        if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= MAX_N_CTX:
+            raise TrimixError(
+                f"the KV cache must hold 1 to {MAX_N_CTX} cells, got {cells!r} (lower --n-ctx or --parallel)"
+            )
         check_gguf_file(self.path)
         self._model = None
         self._ctx = None
-        self._batch: Any = None
         self._logits_addr = 0
         self._logits_view: np.ndarray | None = None
+        self._rows_view: tuple[int, np.ndarray] | None = None
 
         mparams = _lc.llama_model_default_params()
         if n_gpu_layers < 0:
@@ -155,16 +174,19 @@ class LlamaModel:
         self.bos_id = int(_lc.llama_vocab_bos(self._vocab))
         self.n_ctx = 0
         self.n_batch = 0
+        self.n_seq = n_seq
+        self.kv_cells = 0
         if vocab_only:
             return
 
         if n_threads is None or n_threads <= 0:
             n_threads = default_threads()
         cparams = _lc.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        cparams.n_ctx = cells
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
@@ -172,38 +194,45 @@ class LlamaModel:
         if not ctx:
             self.close()
             raise ModelFileError(
-                f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} "
-                "(out of memory? try a smaller --n-ctx)"
+                f"llama.cpp could not create a context of {cells} KV cells for {self.path} "
+                "(out of memory? try a smaller --n-ctx or --parallel)"
             )
         self._ctx = ctx
-        # llama.cpp rounds the context up (to a multiple of 256) and clamps the batch to the context
-        # it was asked for; a batch longer than its real n_batch aborts the process. So the batch is
-        # read back, and the context the caller asked for stays the limit even when llama.cpp
-        # allocated more.
-        self.n_ctx = min(n_ctx, int(_lc.llama_n_ctx(ctx)))
-        self.n_batch = min(n_batch, int(_lc.llama_n_batch(ctx)))
-        n_batch = self.n_batch
+        # llama.cpp rounds the cache up (to a multiple of 256) and clamps the batch to the context
+        # it was asked for; a batch longer than its real n_batch aborts the process. So both are
+        # read back, and what the caller asked for stays the limit when llama.cpp allocated more.
+        self.kv_cells = min(cells, int(_lc.llama_n_ctx(ctx)))
+        self.n_ctx = min(n_ctx, self.kv_cells)
+        self.n_batch = min(n_batch, int(_lc.llama_n_batch(ctx)), int(_lc.llama_n_ubatch(ctx)))
         self._mem = _lc.llama_get_memory(ctx)
-        self._batch = _lc.llama_batch_init(n_batch, 0, 1)
-        # numpy views over the batch's own arrays: filling a batch is then a slice assignment.
-        b = self._batch
-        self._b_token = np.ctypeslib.as_array(b.token, shape=(n_batch,))
-        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(n_batch,))
-        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(n_batch,))
-        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(n_batch,))
-        self._b_nseq[:] = 1
-        for i in range(n_batch):
-            b.seq_id[i][0] = 0
-        self.n_past = 0
+        nb = self.n_batch
+        self._b_token = np.zeros(nb, dtype=np.int32)
+        self._b_pos = np.zeros(nb, dtype=np.int32)
+        self._b_nseq = np.ones(nb, dtype=np.int32)
+        self._b_seq = np.zeros(nb, dtype=np.int32)
+        self._b_logits = np.zeros(nb, dtype=np.int8)
+        seq_ptr = ctypes.POINTER(ctypes.c_int32)
+        base = self._b_seq.ctypes.data
+        self._b_seq_ptrs = (seq_ptr * nb)(*(ctypes.cast(base + 4 * i, seq_ptr) for i in range(nb)))
+        # llama_batch_init allocates one seq-id array per token, which would make filling a batch a
+        # Python loop over its tokens. Here every array of the batch is a numpy buffer (the seq ids
+        # contiguous, each token's pointer aimed at its own slot once), so a batch is filled with
+        # slice assignments, and nothing needs llama_batch_free.
+        self._batch = _lc.llama_batch()
+        self._batch.token = self._b_token.ctypes.data_as(ctypes.POINTER(_lc.llama_token))
+        self._batch.embd = None
+        self._batch.pos = self._b_pos.ctypes.data_as(ctypes.POINTER(_lc.llama_pos))
+        self._batch.n_seq_id = self._b_nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        self._batch.seq_id = ctypes.cast(self._b_seq_ptrs, type(self._batch.seq_id))
+        self._batch.logits = self._b_logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self.n_past = 0  # positions of sequence 0 filled by the single-sequence helpers below
         self.n_decoded = 0  # tokens this context has decoded since it was created
+        self.decode_s = 0.0  # seconds spent in llama_decode since it was created
 
     # -- lifetime ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the batch, the context and the model (idempotent)."""
-        if self._batch is not None:
-            _lc.llama_batch_free(self._batch)
-            self._batch = None
+        """Free the context and the model (idempotent)."""
         if self._ctx is not None:
             _lc.llama_free(self._ctx)
             self._ctx = None
@@ -211,6 +240,7 @@ class LlamaModel:
             _lc.llama_model_free(self._model)
             self._model = None
         self._logits_view = None
+        self._rows_view = None
 
     def __enter__(self) -> LlamaModel:
         return self
@@ -295,52 +325,89 @@ class LlamaModel:
             raise TrimixError(f"llama.cpp could not tokenize the prompt of {len(data)} bytes (report this)")
         return np.ctypeslib.as_array(arr)[:n].astype(np.int32)
 
-    # -- evaluation -------------------------------------------------------------------------------
+    # -- the KV cache -----------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Empty the KV cache so the next prompt starts at position 0."""
-        _lc.llama_memory_clear(self._mem, True)
+        """Empty the whole KV cache (every sequence)."""
+        _lc.llama_memory_clear(self._mem, False)
         self.n_past = 0
 
-    def decode(self, tokens: np.ndarray, outputs: np.ndarray | None = None) -> None:
-        """Append up to ``n_batch`` tokens at the current position.
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        """Drop positions [p0, p1) of a sequence (-1: open end); the cells become free."""
+        _lc.llama_memory_seq_rm(self._mem, seq, p0, p1)
+        if seq == 0:
+            self.n_past = min(self.n_past, p0) if p0 >= 0 else 0
 
-        ``outputs`` is a boolean (or 0/1) array the length of ``tokens`` marking the positions whose
-        logits llama.cpp should compute; ``None`` asks for the last position only. Logits of the i-th
-        marked position are then :meth:`logits_row` (i).
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Let ``dst`` share ``src``'s cells at positions [p0, p1): no copy, the cells gain a sequence."""
+        _lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_pos_max(self, seq: int) -> int:
+        """The last position a sequence holds, -1 when empty."""
+        return int(_lc.llama_memory_seq_pos_max(self._mem, seq))
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def decode_batch(
+        self, tokens: np.ndarray, pos: np.ndarray | int, seq: np.ndarray | int, outputs: np.ndarray | int
+    ) -> None:
+        """Decode up to ``n_batch`` tokens, each with its position, sequence and output flag.
+
+        ``pos``, ``seq`` and ``outputs`` are arrays the length of ``tokens`` or one value for all.
+        Logits of the i-th output token are then row i of :meth:`logits_rows`.
         """
         n = len(tokens)
         if n == 0 or n > self.n_batch:
             raise ValueError(f"decode takes 1..{self.n_batch} tokens, got {n}")
+        self._b_token[:n] = tokens
+        self._b_pos[:n] = pos
+        self._b_seq[:n] = seq
+        self._b_logits[:n] = outputs
+        self._batch.n_tokens = n
+        t0 = time.perf_counter()
+        rc = _lc.llama_decode(self._ctx, self._batch)
+        self.decode_s += time.perf_counter() - t0
+        if rc == 1:
+            raise KVCacheFullError(
+                f"the KV cache of {self.path.name} is full ({self.kv_cells} cells shared by every sequence): "
+                "raise --n-ctx or lower --parallel"
+            )
+        if rc != 0:
+            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+        self.n_decoded += n
+
+    def decode(self, tokens: np.ndarray, outputs: np.ndarray | None = None) -> None:
+        """Append up to ``n_batch`` tokens to sequence 0 (the single-sequence helper).
+
+        ``outputs`` marks the positions whose logits llama.cpp should compute; ``None`` asks for
+        the last position only.
+        """
+        n = len(tokens)
         if self.n_past + n > self.n_ctx:
             raise ContextOverflowError(
                 f"the sequence needs {self.n_past + n} positions but the context holds {self.n_ctx} "
                 "(raise --n-ctx or shorten the prompt)"
             )
-        self._b_token[:n] = tokens
-        self._b_pos[:n] = np.arange(self.n_past, self.n_past + n, dtype=np.int32)
         if outputs is None:
-            self._b_logits[:n] = 0
-            self._b_logits[n - 1] = 1
+            flags = np.zeros(n, dtype=np.int8)
+            flags[n - 1] = 1
         else:
-            self._b_logits[:n] = outputs
-        self._batch.n_tokens = n
-        rc = _lc.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+            flags = outputs
+        self.decode_batch(tokens, np.arange(self.n_past, self.n_past + n, dtype=np.int32), 0, flags)
         self.n_past += n
-        self.n_decoded += n
 
     def decode_one(self, token: int) -> None:
-        """The generation step: one token in, its logits out (the hot path, so no array work)."""
+        """One token appended to sequence 0, its logits computed."""
         if self.n_past >= self.n_ctx:
             raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full (raise --n-ctx)")
-        b = self._batch
-        b.token[0] = token
-        b.pos[0] = self.n_past
-        b.logits[0] = 1
-        b.n_tokens = 1
-        rc = _lc.llama_decode(self._ctx, b)
+        self._b_token[0] = token
+        self._b_pos[0] = self.n_past
+        self._b_seq[0] = 0
+        self._b_logits[0] = 1
+        self._batch.n_tokens = 1
+        t0 = time.perf_counter()
+        rc = _lc.llama_decode(self._ctx, self._batch)
+        self.decode_s += time.perf_counter() - t0
         if rc != 0:
             raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
         self.n_past += 1
@@ -363,6 +430,12 @@ class LlamaModel:
     def logits_rows(self, n_outputs: int) -> np.ndarray:
         """A zero-copy (n_outputs, n_vocab) view of every output of the last decode, in batch order."""
         ptr = _lc.llama_get_logits(self._ctx)
-        if not ctypes.cast(ptr, ctypes.c_void_p).value:
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value
+        if not addr:
             raise TrimixError(f"no logits from the last decode of {self.path.name}")
-        return np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+        cached = self._rows_view
+        if cached is None or cached[0] != addr or len(cached[1]) < n_outputs:
+            # one view of the largest output count seen, sliced: making a view costs more than a step's
+            # bookkeeping, and llama.cpp keeps its buffer where it is between decodes
+            self._rows_view = (addr, np.ctypeslib.as_array(ptr, shape=(max(n_outputs, self.n_seq), self.n_vocab)))
+        return self._rows_view[1][:n_outputs]

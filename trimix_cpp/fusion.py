@@ -115,15 +115,24 @@ class Fuser:
     """Weighted sum of logit rows into one preallocated float32 buffer.
 
     The hot path of generation: per step it does a handful of vectorised passes over the vocabulary
-    and allocates nothing.
+    and allocates nothing. Many fusers may share their scratch rows (``tmp``, ``mask``) and write
+    into rows of one batch buffer (``out``), which is how a batch of sequences fuses without a
+    vocabulary-sized allocation per sequence.
     """
 
-    def __init__(self, fusion: FusionPlan, n_vocab: int) -> None:
+    def __init__(
+        self,
+        fusion: FusionPlan,
+        n_vocab: int,
+        out: np.ndarray | None = None,
+        tmp: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> None:
         self.plan = fusion
         self.n_vocab = n_vocab
-        self.out = np.empty(n_vocab, dtype=np.float32)
-        self._tmp = np.empty(n_vocab, dtype=np.float32)
-        self._mask = np.empty(n_vocab, dtype=bool)
+        self.out = np.empty(n_vocab, dtype=np.float32) if out is None else out
+        self._tmp = np.empty(n_vocab, dtype=np.float32) if tmp is None else tmp
+        self._mask = np.empty(n_vocab, dtype=bool) if mask is None else mask
         self._order = [r for r in fusion.roles if fusion.weights.get(r, 0.0) != 0.0]
         self._log_alpha = np.float32(math.log(fusion.plausibility_alpha))
 

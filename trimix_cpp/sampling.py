@@ -81,7 +81,7 @@ class TokenSampler:
         p, w, mask = self.p, self.probs, self.mask
         np.subtract(logits, logits.max(), out=w)
         np.exp(w, out=w)  # unnormalised probabilities at T = 1, the maximum at 1
-        np.equal(w, 0.0, out=mask)  # masked (-inf) tokens
+        np.equal(logits, -np.inf, out=mask)  # masked tokens (not merely improbable ones: T may be high)
         if p.top_k and p.top_k < len(w):
             self.scratch[:] = w
             k_index = len(w) - p.top_k

@@ -85,9 +85,10 @@ def transition_table(pieces: Sequence[bytes]) -> np.ndarray:
 class Utf8Guard:
     """Per-state additive masks (0 or -inf) over the vocabulary, plus the automaton's next state.
 
-    ``banned`` ids (padding, ``<unk>``) are -inf in every state, so one addition per step applies
-    both rules. End-of-generation tokens are allowed only on a character boundary, so a guarded
-    generation never stops in the middle of a character.
+    The tables are built once per engine and shared by every sequence; each sequence keeps only its
+    own state (an int). ``banned`` ids (padding, ``<unk>``) are -inf in every state, so one addition
+    per step applies both rules. End-of-generation tokens are allowed only on a character boundary,
+    so a guarded generation never stops in the middle of a character.
     """
 
     def __init__(self, pieces: Sequence[bytes], banned: np.ndarray, eog: np.ndarray, enabled: bool = True):
@@ -100,18 +101,14 @@ class Utf8Guard:
             penalty[1:, eog] = -np.inf
         penalty[:, banned] = -np.inf
         self.penalty = penalty
-        self.state = ACCEPT
 
-    def reset(self) -> None:
-        self.state = ACCEPT
+    def apply(self, logits: np.ndarray, state: int) -> None:
+        """Mask, in place, every token that cannot come next in ``state``."""
+        np.add(logits, self.penalty[state], out=logits)
 
-    def apply(self, logits: np.ndarray) -> None:
-        """Mask, in place, every token that cannot come next."""
-        np.add(logits, self.penalty[self.state], out=logits)
-
-    def advance(self, token: int) -> None:
-        if self.enabled:
-            self.state = int(self.next_state[self.state, token])
+    def advance(self, state: int, token: int) -> int:
+        """The state after ``token``."""
+        return int(self.next_state[state, token]) if self.enabled else ACCEPT
 
 
 class StreamDecoder:

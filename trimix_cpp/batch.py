@@ -1,0 +1,181 @@
+"""Many prompts in one command: a batch file in, one JSON object per prompt out, in input order.
+
+A batch file is either plain text, one prompt per line, or JSONL (``.jsonl``), one object per line
+with a ``prompt`` and, optionally, settings of its own that override the command's: ``max_tokens``,
+``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``method``, ``alpha``,
+``beta``, ``gamma``, ``role`` and ``select``. Every prompt is queued on the engine at once; up to
+``--parallel`` of them decode side by side and the others start as sequences free up. A line that
+cannot run (not JSON, no prompt, a setting out of range, a prompt longer than the context) gets one
+error object naming its line, and the other lines still run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import Engine
+from .errors import TrimixError
+from .generation import Generation, SeqSpec
+from .methods import MethodChoice, resolve_fusion, sampling_params
+
+SETTINGS = {
+    "max_tokens": int,
+    "temperature": (int, float),
+    "top_k": int,
+    "top_p": (int, float),
+    "min_p": (int, float),
+    "seed": int,
+    "stop": (str, list),
+    "method": str,
+    "alpha": (int, float),
+    "beta": (int, float),
+    "gamma": (int, float),
+    "role": str,
+    "select": str,
+}
+
+
+@dataclass
+class BatchLine:
+    """One line of a batch file: its number, its prompt and settings, or why it cannot run."""
+
+    line: int
+    prompt: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def read_batch(path: str | Path, text: str | None = None) -> list[BatchLine]:
+    """The lines of a batch file (``text`` instead of reading ``path``, for stdin)."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise TrimixError(f"batch file not found: {path}")
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TrimixError(
+                f"batch file {path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                "save it as UTF-8"
+            ) from None
+    jsonl = path.suffix == ".jsonl"
+    out: list[BatchLine] = []
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
+        if not raw.strip():
+            continue
+        out.append(_parse_json_line(n, raw, path) if jsonl else BatchLine(n, raw))
+    if not out:
+        raise TrimixError(f"batch file {path} has no prompts (one prompt per line, or JSONL objects with a prompt)")
+    return out
+
+
+def _parse_json_line(n: int, raw: str, path: Path) -> BatchLine:
+    where = f"{path.name}:{n}"
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return BatchLine(n, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return BatchLine(n, error=f'{where}: expected a JSON object such as {{"prompt": "..."}}')
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return BatchLine(n, error=f'{where}: no "prompt" string')
+    settings = {k: v for k, v in obj.items() if k != "prompt"}
+    for key, value in settings.items():
+        kind = SETTINGS.get(key)
+        if kind is None:
+            known = ", ".join(sorted(SETTINGS))
+            return BatchLine(n, error=f"{where}: unknown setting {key!r} (known: prompt, {known})")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return BatchLine(n, error=f"{where}: {key} has the wrong type ({type(value).__name__})")
+        if key == "stop" and isinstance(value, list) and not all(isinstance(x, str) for x in value):
+            return BatchLine(n, error=f"{where}: stop must be a string or a list of strings")
+    return BatchLine(n, prompt, settings)
+
+
+@dataclass(frozen=True)
+class BatchDefaults:
+    """The command's own settings, which each line may override."""
+
+    choice: MethodChoice
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    utf8_guard: bool = True
+
+
+def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: object | None = None) -> SeqSpec:
+    """The sequence a line asks for: the command's settings with the line's on top."""
+    s = dict(settings)
+    choice_keys = ("method", "alpha", "beta", "gamma", "role", "select")
+    overrides = {k: s[k] for k in choice_keys if k in s}
+    choice = replace(defaults.choice, **overrides)
+    if {"alpha", "beta"} & set(overrides) and "select" not in overrides:
+        choice = replace(choice, select=None, grid_alpha=None, grid_beta=None, max_logits_mib=None)
+    fusion = resolve_fusion(choice, profile)
+    sampling = sampling_params(
+        s.get("temperature", defaults.temperature),
+        s.get("top_k", defaults.top_k),
+        s.get("top_p", defaults.top_p),
+        s.get("min_p", defaults.min_p),
+        s.get("seed", defaults.seed),
+    )
+    stop = s.get("stop", list(defaults.stop))
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    return SeqSpec(fusion, sampling, s.get("max_tokens", defaults.max_tokens), stops, defaults.utf8_guard)
+
+
+@dataclass
+class BatchResult:
+    line: int
+    generation: Generation | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"line": self.line, "error": self.error}
+        assert self.generation is not None
+        return {"line": self.line, **self.generation.as_dict()}
+
+
+def run_batch(
+    engine: Engine,
+    lines: list[BatchLine],
+    make_spec: Callable[[Mapping[str, Any]], SeqSpec],
+    make_prompt: Callable[[str], str | np.ndarray],
+    where: str,
+) -> Iterator[BatchResult]:
+    """Queue every line, then yield one result per line in input order as soon as it is done
+    (later lines keep decoding meanwhile)."""
+    queued: list[tuple[BatchLine, Generation | None, str | None]] = []
+    for bl in lines:
+        if bl.error is not None:
+            queued.append((bl, None, bl.error))
+            continue
+        try:
+            spec = make_spec(bl.settings)
+            gen = engine.generate_many(make_prompt(bl.prompt), [spec])[0]
+            queued.append((bl, gen, None))
+        except TrimixError as e:
+            queued.append((bl, None, f"{where}:{bl.line}: {e}"))
+    for bl, gen, err in queued:
+        if gen is None:
+            yield BatchResult(bl.line, error=err)
+            continue
+        try:
+            gen.run()
+            yield BatchResult(bl.line, gen)
+        except TrimixError as e:
+            yield BatchResult(bl.line, error=f"{where}:{bl.line}: {e}")

@@ -1,0 +1,526 @@
+"""Fused generation for many sequences at once: requests, the batched step, and their outputs.
+
+The loop reads like the algorithm, for every active sequence at once:
+
+1. admit waiting requests: evaluate each prompt once (choosing weights on the way when asked to),
+   share its KV cells with every sequence that continues it, and pick each sequence's first token;
+2. decode the last picked token of every active sequence: one ``llama_decode`` per model, holding
+   one token of every sequence whose method uses that model;
+3. for every sequence, fuse its rows of logits, mask what would break UTF-8, pick a token, turn its
+   bytes into whole characters, check stop strings, and queue the text for whoever reads it.
+
+Logits are read where llama.cpp left them (zero-copy views) and consumed within the step that made
+them, so nothing vocabulary-sized is copied or allocated per step: the fused rows of the batch live
+in one preallocated buffer. Each sequence owns its sampler (seeded), its UTF-8 guard state, its
+decoder and its stop matcher, so no sequence can change another's output.
+
+A :class:`Generation` is one sequence's view: iterate it to stream its text. Iterating drives the
+scheduler, so generations started side by side on one engine all advance, each buffering its own
+text until read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import ContextOverflowError, TrimixError, WeightError
+from .fusion import Fuser, FusionPlan, plan
+from .prefill import evaluate_prompt
+from .sampling import SamplingParams, TokenSampler, greedy
+from .selection import SELECTION_ROLES, Selection, Selector
+from .utf8 import ACCEPT, StreamDecoder
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+class NonFiniteLogitsError(TrimixError):
+    """The fused logits of a step hold NaN or infinity."""
+
+
+class GenerationCancelled(TrimixError):
+    """A generation was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """One sequence to generate after a prompt: its weights (fixed, or a selector that picks them on
+    the prompt) and its decoding settings."""
+
+    fusion: FusionPlan | Selector
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    utf8_guard: bool = True
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return SELECTION_ROLES if isinstance(self.fusion, Selector) else self.fusion.roles
+
+
+def check_max_tokens(max_tokens: object) -> None:
+    """A whole number of tokens: a float such as NaN would compare false against every count and
+    run generation to the end of the context."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise TrimixError(f"--max-tokens must be a whole number >= 0, got {max_tokens!r}")
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    gen_tokens: int = 0
+    gen_s: float = 0.0
+    decode_s: float = 0.0  # time inside llama_decode during generation (the batch's, all models)
+    queued_s: float = 0.0  # time waiting for a free sequence before the prompt was evaluated
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def gen_tokens_per_s(self) -> float:
+        return self.gen_tokens / self.gen_s if self.gen_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_s": round(self.prompt_s, 6),
+            "prompt_tokens_per_s": round(self.prompt_tokens_per_s, 3),
+            "gen_tokens": self.gen_tokens,
+            "gen_s": round(self.gen_s, 6),
+            "gen_tokens_per_s": round(self.gen_tokens_per_s, 3),
+            "decode_s": round(self.decode_s, 6),
+            "queued_s": round(self.queued_s, 6),
+        }
+
+
+class Generation:
+    """One sequence's output. Iterate to stream text pieces; afterwards ``text``, ``token_ids``,
+    ``finish_reason`` and ``timings`` describe the run, ``fusion`` is the plan actually used and
+    ``selection`` the weight choice, when one was made. The streamed pieces always join to ``text``.
+    """
+
+    def __init__(self, scheduler: Scheduler, prompt_tokens: np.ndarray, spec: SeqSpec) -> None:
+        self._scheduler = scheduler
+        self.prompt_tokens = prompt_tokens
+        self.spec = spec
+        self.fusion: FusionPlan | Selector = spec.fusion
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.timings = Timings(prompt_tokens=len(prompt_tokens))
+        self.selection: Selection | None = None
+        self.error: BaseException | None = None
+        self._pieces: deque[str] = deque()
+        self._cancel = False
+        self._submitted = time.perf_counter()
+
+    # the settings, as they were before the split into a spec
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.spec.sampling
+
+    @property
+    def max_tokens(self) -> int:
+        return self.spec.max_tokens
+
+    @property
+    def stop(self) -> list[str]:
+        return list(self.spec.stop)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        while not self._pieces:
+            if self.error is not None:
+                raise self.error
+            if self.finish_reason is not None:
+                raise StopIteration
+            self._scheduler.step()
+        return self._pieces.popleft()
+
+    def run(self) -> Generation:
+        """Consume the whole generation; returns self for chaining."""
+        for _ in self:
+            pass
+        return self
+
+    def as_dict(self) -> dict[str, object]:
+        """What ``trimix generate --json`` prints: text, tokens, weights, why it stopped, timings."""
+        fusion = self.fusion
+        out: dict[str, object] = {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "method": fusion.method if isinstance(fusion, FusionPlan) else "trimix",
+            "weights": dict(fusion.weights) if isinstance(fusion, FusionPlan) else {},
+            "finish_reason": self.finish_reason,
+            "timings": self.timings.as_dict(),
+        }
+        if self.selection is not None:
+            out["selection"] = self.selection.as_dict()
+        return out
+
+    def cancel(self) -> None:
+        """Ask for this generation to stop at the next step (safe from any thread)."""
+        self._cancel = True
+
+    def close(self) -> None:
+        """Stop now and free the sequence (from the thread that drives the engine)."""
+        self._cancel = True
+        self._scheduler.reap()
+
+    def __del__(self) -> None:  # an abandoned generation frees its sequence at the next step
+        self._cancel = True
+
+
+@dataclass
+class _Request:
+    prompt: np.ndarray
+    gens: list[Generation]
+    cells: int  # KV cells reserved while it runs: the prompt once, plus each sequence's new tokens
+    running: int = 0  # its sequences still active; the shared prompt cells go with the last one
+
+
+class _Seq:
+    """The state of one active sequence (one llama.cpp sequence id in every model it uses)."""
+
+    __slots__ = (
+        "cells",
+        "decoder",
+        "fuser",
+        "gen",
+        "guard",
+        "id",
+        "kv_roles",
+        "n_past",
+        "next_token",
+        "pending",
+        "request",
+        "roles",
+        "rows",
+        "sampler",
+        "slot",
+        "started",
+        "state",
+        "stops",
+    )
+
+    def __init__(self, gen: Generation, seq_id: int, kv_roles: tuple[str, ...], cells: int, request: _Request) -> None:
+        self.gen = gen
+        self.request = request
+        self.slot = -1
+        self.id = seq_id
+        self.kv_roles = kv_roles
+        self.cells = cells
+        self.roles: tuple[str, ...] = ()
+        self.rows: dict[str, np.ndarray] = {}
+        self.n_past = len(gen.prompt_tokens)
+        self.next_token = -1
+        self.state = ACCEPT
+        self.decoder = StreamDecoder()
+        self.pending = ""
+        self.stops = [s for s in gen.spec.stop if s]
+        self.started = 0.0
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still become the start of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _weights_text(weights: Mapping[str, float]) -> str:
+    return ", ".join(f"{r}={w:g}" for r, w in weights.items())
+
+
+class Scheduler:
+    """Admits requests as sequences and KV cells allow, and steps every active sequence together.
+
+    Continuous batching: a request joins the running batch at the next step and leaves it when
+    done; requests beyond ``n_seq`` sequences or the KV cache wait in a queue, first come first
+    served. Every failure is stored on the generations it concerns and raised to whoever reads
+    them, so one bad request never stops the others.
+    """
+
+    def __init__(self, engine: Engine, n_seq: int, kv_cells: int) -> None:
+        self.engine = engine
+        self.n_seq = n_seq
+        self.kv_cells = kv_cells
+        self.cells_free = kv_cells
+        self.free_ids = list(range(n_seq - 1, -1, -1))
+        self.queue: deque[_Request] = deque()
+        self.active: list[_Seq] = []
+        v = engine.vocab.n_vocab
+        self.fused = np.empty((n_seq, v), dtype=np.float32)
+        self._tmp = np.empty(v, dtype=np.float32)
+        self._mask = np.empty(v, dtype=bool)
+        self._slots = list(range(n_seq))  # rows of ``fused`` not in use
+        self.steps = 0
+        self.decode_s = 0.0
+        # called with (generation, per-model rows, fused row) before the guard masks it: for tests
+        # and diagnostics that compare the fusion with each model's own logits
+        self.observer: Callable[[Generation, Mapping[str, np.ndarray], np.ndarray], None] | None = None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, prompt: np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:
+        """Queue a prompt with the sequences that continue it; their generations start at the next step."""
+        eng = self.engine
+        if not specs:
+            raise TrimixError("a request needs at least one sequence to generate")
+        if len(specs) > self.n_seq:
+            raise TrimixError(
+                f"this request needs {len(specs)} sequences but the engine holds {self.n_seq} (raise --parallel)"
+            )
+        for spec in specs:
+            check_max_tokens(spec.max_tokens)
+            spec.sampling.validate()
+            missing = [r for r in spec.roles if r not in eng.models]
+            if missing:
+                flag = "--" + missing[0].replace("_", "-")
+                raise WeightError(f"this method needs the {missing[0]} model ({flag}), which is not loaded")
+        eng.check_prompt(prompt)
+        room = eng.n_ctx - len(prompt)
+        cells = len(prompt) + sum(min(s.max_tokens, room) for s in specs)
+        if cells > self.kv_cells:
+            raise ContextOverflowError(
+                f"this request needs {cells} KV cells (a {len(prompt)}-token prompt and {len(specs)} sequences) "
+                f"but the cache holds {self.kv_cells} (raise --n-ctx or lower --parallel or --max-tokens)"
+            )
+        gens = [Generation(self, prompt, spec) for spec in specs]
+        self.queue.append(_Request(prompt, gens, cells))
+        return gens
+
+    def reap(self) -> None:
+        """Drop cancelled generations: queued ones leave the queue, active ones free their sequence."""
+        for req in list(self.queue):
+            for g in [g for g in req.gens if g._cancel and g.finish_reason is None]:
+                g.finish_reason = "cancelled"
+            req.gens = [g for g in req.gens if g.finish_reason is None]
+            if not req.gens:
+                self.queue.remove(req)
+        for s in [s for s in self.active if s.gen._cancel]:
+            self._finish(s, "cancelled")
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.active
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Admit what fits, decode every active sequence's last token, pick every next token."""
+        self.reap()
+        self._admit()
+        if not self.active:
+            if self.queue:  # nothing runs and the head still does not fit: it never will
+                req = self.queue.popleft()
+                self._fail(req.gens, TrimixError("the request does not fit in the KV cache (raise --n-ctx)"))
+            return
+        batch = list(self.active)
+        try:
+            t0 = time.perf_counter()
+            self._decode(batch)
+            spent = time.perf_counter() - t0
+        except Exception as e:  # a failed llama_decode leaves the batch's cells unusable: end the batch
+            for s in batch:
+                self._finish(s, "error", e)
+            return
+        self.steps += 1
+        self.decode_s += spent
+        for s in batch:
+            s.gen.timings.decode_s += spent
+            self._advance(s)
+
+    def run(self, gens: Sequence[Generation]) -> None:
+        """Step until every generation in ``gens`` is finished (their text stays readable)."""
+        while any(g.finish_reason is None for g in gens):
+            self.step()
+
+    def _admit(self) -> None:
+        while self.queue:
+            req = self.queue[0]
+            if len(req.gens) > len(self.free_ids) or req.cells > self.cells_free:
+                return
+            self.queue.popleft()
+            self._prefill(req)
+
+    def _prefill(self, req: _Request) -> None:
+        """Evaluate the prompt once, choose weights, share the prompt's cells, pick first tokens."""
+        eng = self.engine
+        ids = [self.free_ids.pop() for _ in req.gens]
+        self.cells_free -= req.cells
+        started = time.perf_counter()
+        roles = tuple(r for r in eng.models if any(r in g.spec.roles for g in req.gens))
+        selectors = [g.spec.fusion for g in req.gens if isinstance(g.spec.fusion, Selector)]
+        seqs: list[_Seq] = []
+        room = eng.n_ctx - len(req.prompt)
+        try:
+            ev = evaluate_prompt(eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors)
+            last = {r: eng.models[r].logits_row(-1) for r in roles}
+            for k, (g, seq_id) in enumerate(zip(req.gens, ids)):
+                g.timings.queued_s = started - g._submitted
+                g.timings.prompt_s = ev.seconds
+                if isinstance(g.spec.fusion, Selector):
+                    g.selection = ev.selections[g.spec.fusion]
+                    a, b = g.selection.chosen
+                    g.fusion = plan("trimix", alpha=a, beta=b)
+                fusion = g.fusion
+                assert isinstance(fusion, FusionPlan)
+                kv_roles = roles if k == 0 else fusion.roles
+                if k > 0:
+                    for r in fusion.roles:
+                        eng.models[r].seq_cp(ids[0], seq_id)
+                s = _Seq(g, seq_id, kv_roles, min(g.spec.max_tokens, room), req)
+                s.roles = fusion.roles
+                s.rows = last
+                seqs.append(s)
+        except Exception as e:
+            for m in eng.models.values():
+                for seq_id in ids:
+                    m.seq_rm(seq_id)
+            self.free_ids.extend(ids)
+            self.cells_free += req.cells
+            self._fail(req.gens, e)
+            return
+        req.running = len(seqs)
+        for s in seqs:
+            s.started = time.perf_counter()
+            s.slot = self._slots.pop()
+            s.fuser = Fuser(s.gen.fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
+            s.sampler = greedy if s.gen.spec.sampling.greedy else TokenSampler(s.gen.spec.sampling, eng.vocab.n_vocab)
+            s.guard = eng.guard(s.gen.spec.utf8_guard)
+            self.active.append(s)
+        for s in seqs:
+            self._advance(s)
+
+    def _decode(self, batch: Sequence[_Seq]) -> None:
+        """One token of every sequence into every model it uses, in one decode per model."""
+        for s in batch:
+            s.rows = {}
+        for role, m in self.engine.models.items():
+            users = [s for s in batch if role in s.roles]
+            if not users:
+                continue
+            n = len(users)
+            tokens = np.fromiter((s.next_token for s in users), dtype=np.int32, count=n)
+            pos = np.fromiter((s.n_past for s in users), dtype=np.int32, count=n)
+            ids = np.fromiter((s.id for s in users), dtype=np.int32, count=n)
+            m.decode_batch(tokens, pos, ids, 1)
+            rows = m.logits_rows(n)
+            for k, s in enumerate(users):
+                s.rows[role] = rows[k]
+        for s in batch:
+            s.n_past += 1
+
+    def _advance(self, s: _Seq) -> None:
+        """Pick the sequence's next token from its rows, and stream what it completes."""
+        g = s.gen
+        if len(g.token_ids) >= g.spec.max_tokens:
+            self._finish(s, "length")
+            return
+        logits = s.fuser.fuse(s.rows)
+        top = logits.max()
+        if not np.isfinite(top):
+            err = NonFiniteLogitsError(
+                f"the fused logits of step {len(g.token_ids) + 1} are not finite ({top}): a model gave NaN or "
+                f"infinite logits, or the weights {_weights_text(s.fuser.plan.weights)} are too large "
+                "(use weights of a size like those of the paper, in [-1, 1])"
+            )
+            self._finish(s, "error", err)
+            return
+        if self.observer is not None:
+            self.observer(g, s.rows, logits)
+        s.guard.apply(logits, s.state)
+        tok = s.sampler(logits)
+        if logits[tok] == -np.inf:
+            # Every token was masked: Contrastive Decoding's plausibility set held only tokens the
+            # UTF-8 guard forbids. Relax the plausibility constraint, never the guard.
+            logits = s.fuser.fuse(s.rows, constrained=False)
+            s.guard.apply(logits, s.state)
+            tok = s.sampler(logits)
+            if logits[tok] == -np.inf:
+                self._finish(s, "no-valid-token")
+                return
+        vocab = self.engine.vocab
+        if vocab.eog[tok]:
+            self._finish(s, "eog")
+            return
+        g.token_ids.append(tok)
+        s.state = s.guard.advance(s.state, tok)
+        s.pending += s.decoder.feed(vocab.pieces[tok])
+        if s.stops and s.pending:
+            hits = [i for i in (s.pending.find(x) for x in s.stops) if i >= 0]
+            if hits:
+                self._emit(s, s.pending[: min(hits)])
+                s.pending = ""
+                s.decoder = StreamDecoder()  # what follows a stop string is never shown
+                self._finish(s, "stop")
+                return
+            keep = _stop_holdback(s.pending, s.stops)
+            if len(s.pending) > keep:
+                self._emit(s, s.pending[: len(s.pending) - keep])
+                s.pending = s.pending[len(s.pending) - keep :]
+        elif s.pending:
+            self._emit(s, s.pending)
+            s.pending = ""
+        if len(g.token_ids) >= g.spec.max_tokens:
+            self._finish(s, "length")
+        elif s.n_past >= self.engine.n_ctx:
+            self._finish(s, "context")
+        else:
+            s.next_token = tok
+
+    @staticmethod
+    def _emit(s: _Seq, piece: str) -> None:
+        if piece:
+            s.gen.text += piece
+            s.gen._pieces.append(piece)
+
+    def _finish(self, s: _Seq, reason: str, error: BaseException | None = None) -> None:
+        """End a sequence: flush its text, free its cells and its sequence id."""
+        g = s.gen
+        if reason not in ("stop", "error", "cancelled"):
+            self._emit(s, s.pending + s.decoder.flush())
+        s.pending = ""
+        g.finish_reason = reason
+        if error is not None:
+            g.error = error
+        g.timings.gen_tokens = len(g.token_ids)
+        g.timings.gen_s = time.perf_counter() - s.started if s.started else 0.0
+        if s in self.active:
+            self.active.remove(s)
+        for r in s.kv_roles:
+            self.engine.models[r].seq_rm(s.id)
+        self.free_ids.append(s.id)
+        self.cells_free += s.cells
+        s.request.running -= 1
+        if s.request.running == 0:
+            self.cells_free += len(s.request.prompt)
+        if s.slot >= 0:
+            self._slots.append(s.slot)
+            s.slot = -1
+        s.rows = {}
+
+    def _fail(self, gens: Sequence[Generation], error: BaseException) -> None:
+        for g in gens:
+            if g.finish_reason is None:
+                g.finish_reason = "error"
+                g.error = error
