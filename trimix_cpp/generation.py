@@ -151,6 +151,13 @@ class Generation:
             self._scheduler.step()
         return self._pieces.popleft()
 
+    def take(self) -> list[str]:
+        """The text pieces ready now, without driving the engine (for a loop that steps the
+        scheduler itself, such as a server's worker thread)."""
+        out = list(self._pieces)
+        self._pieces.clear()
+        return out
+
     def run(self) -> Generation:
         """Consume the whole generation; returns self for chaining."""
         for _ in self:
