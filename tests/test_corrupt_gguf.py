@@ -2,7 +2,7 @@
 
 llama.cpp trusts much of what a GGUF file says: a block count of zero, a NaN norm epsilon, two tokens
 with the same text or a norm weight in F16 abort the whole process (SIGABRT, or SIGSEGV), which no
-Python code can catch. This suite writes about 150 broken variants of a tiny model (lying header
+Python code can catch. This suite writes about 200 broken variants of a tiny model (lying header
 counts, string lengths past the end of the file, unknown value and tensor types, tensors outside the
 file, truncations, flipped bytes, impossible hyper-parameters and vocabularies) and runs
 ``trimix generate`` and ``trimix inspect`` on each: a few through the ``trimix`` command itself, all
@@ -24,7 +24,7 @@ from pathlib import Path
 import gguf
 import pytest
 from test_errors import trimix
-from tinygguf import RawGGUF, RawKV, V, tiny_raw, write_tiny_llama
+from tinygguf import RawGGUF, RawKV, RawTensor, V, tiny_raw, write_tiny_llama
 
 from trimix_cpp import ModelFileError
 from trimix_cpp.gguf_check import check_gguf
@@ -183,6 +183,11 @@ def build_variants(tmp: Path) -> dict[str, tuple[bytes, str | None]]:
         ("token_embd.weight", Q.Q8_0, None),
     ]:
         add(f"weights-{tensor.split('.')[-2]}-{qtype.name}", fresh().retype(tensor, qtype).pack(), expect)
+
+    biased = fresh()
+    biased.tensors.append(RawTensor("blk.0.attn_q.bias", [32], Q.F16, len(biased.data)))
+    biased.data += bytes(64)
+    add("weights-bias-F16", biased.pack(), "'blk.0.attn_q.bias' has type F16")
 
     # -- truncations: the first four bytes are the magic, then the header, the tensor infos, the data
     data_start = lay["data"]

@@ -441,7 +441,7 @@ def _check_model(h: GGUFHeader, r: _Reader) -> None:
 
     blocks = ints(f"{arch}.block_count")
     if blocks is None:
-        raise _Bad(f"{arch}.block_count is missing")
+        raise _Bad(f"{arch}.block_count is missing (general.architecture is {_show(arch)})")
     if kvs[f"{arch}.block_count"].vtype == V.ARRAY:
         raise _Bad(f"{arch}.block_count is an array, not one integer")
     n_layer = blocks[0]
