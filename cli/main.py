@@ -32,6 +32,8 @@ from . import models as models_cmd
 from . import render
 from .common import Verbose, err, errors
 from .evaluate import run_eval
+from .serve import SERVE_HELP
+from .serve import serve as serve_cmd
 
 app = typer.Typer(
     name="trimix",
@@ -44,6 +46,7 @@ app = typer.Typer(
 
 
 app.add_typer(models_cmd.app, name="models")
+app.command("serve", help=SERVE_HELP)(serve_cmd)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 
@@ -175,6 +178,14 @@ def generate(
     utf8_guard: Annotated[
         bool, typer.Option("--utf8-guard/--no-utf8-guard", help="Mask tokens that would break UTF-8.")
     ] = True,
+    draft: Annotated[
+        int,
+        typer.Option(
+            "--draft",
+            help="Speculative decoding: the small models draft up to this many tokens per round and the large "
+            "model checks them in one batch. Same output as 0 (off).",
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
     batch: Annotated[
         Path | None,
@@ -229,7 +240,7 @@ def generate(
         stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
         if batch is not None:
             defaults = BatchDefaults(
-                choice, max_tokens, temperature, top_k, top_p, min_p, seed, tuple(stops), utf8_guard
+                choice, max_tokens, temperature, top_k, top_p, min_p, seed, tuple(stops), utf8_guard, draft
             )
             _generate_batch(batch, setup, paths, defaults, raw, parallel, n_ctx, threads, n_gpu_layers, verbose)
             return
@@ -242,6 +253,7 @@ def generate(
                 max_tokens=max_tokens,
                 stop=stops,
                 utf8_guard=utf8_guard,
+                draft=draft,
             )
             if as_json:
                 gen.run()

@@ -3,7 +3,7 @@
 A batch file is either plain text, one prompt per line, or JSONL (``.jsonl``), one object per line
 with a ``prompt`` and, optionally, settings of its own that override the command's: ``max_tokens``,
 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``method``, ``alpha``,
-``beta``, ``gamma``, ``role`` and ``select``. Every prompt is queued on the engine at once; up to
+``beta``, ``gamma``, ``role``, ``select`` and ``draft``. Every prompt is queued on the engine at once; up to
 ``--parallel`` of them decode side by side and the others start as sequences free up. A line that
 cannot run (not JSON, no prompt, a setting out of range, a prompt longer than the context) gets one
 error object naming its line, and the other lines still run.
@@ -38,6 +38,7 @@ SETTINGS = {
     "gamma": (int, float),
     "role": str,
     "select": str,
+    "draft": int,
 }
 
 
@@ -114,6 +115,7 @@ class BatchDefaults:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     utf8_guard: bool = True
+    draft: int = 0
 
 
 def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: object | None = None) -> SeqSpec:
@@ -134,7 +136,8 @@ def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: obj
     )
     stop = s.get("stop", list(defaults.stop))
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    return SeqSpec(fusion, sampling, s.get("max_tokens", defaults.max_tokens), stops, defaults.utf8_guard)
+    max_tokens = s.get("max_tokens", defaults.max_tokens)
+    return SeqSpec(fusion, sampling, max_tokens, stops, defaults.utf8_guard, s.get("draft", defaults.draft))
 
 
 @dataclass

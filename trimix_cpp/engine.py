@@ -241,6 +241,7 @@ class Engine:
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         utf8_guard: bool = True,
+        draft: int = 0,
     ) -> Generation:
         """Fused generation as an iterator of text pieces (see :class:`Generation`).
 
@@ -248,8 +249,10 @@ class Engine:
         picks TriMix's (alpha, beta) on this prompt during the prompt evaluation generation needs
         anyway. Several generations may be started and read in any order: each has its own
         sequence (up to ``LoadOptions.n_seq`` decode together; the others wait their turn).
+        ``draft`` > 0 lets the small models draft that many tokens per round for the large model to
+        check in one batch (speculative decoding: the same output, see :mod:`.speculative`).
         """
-        spec = SeqSpec(fusion, sampling or SamplingParams(), max_tokens, tuple(stop), utf8_guard)
+        spec = SeqSpec(fusion, sampling or SamplingParams(), max_tokens, tuple(stop), utf8_guard, draft)
         return self.generate_many(prompt, [spec])[0]
 
     def generate_many(self, prompt: str | Sequence[int] | np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:

@@ -34,6 +34,7 @@ from .fusion import Fuser, FusionPlan, plan
 from .prefill import evaluate_prompt
 from .sampling import SamplingParams, TokenSampler, greedy
 from .selection import SELECTION_ROLES, Selection, Selector
+from .speculative import MAX_DRAFT, Drafter, draft_plan, run_round, usable
 from .utf8 import ACCEPT, StreamDecoder
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class SeqSpec:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     utf8_guard: bool = True
+    draft: int = 0  # tokens the small models draft per round for the large ones to check (0: off)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -71,6 +73,11 @@ def check_max_tokens(max_tokens: object) -> None:
         raise TrimixError(f"--max-tokens must be a whole number >= 0, got {max_tokens!r}")
 
 
+def check_draft(draft: object) -> None:
+    if isinstance(draft, bool) or not isinstance(draft, (int, np.integer)) or not 0 <= draft <= MAX_DRAFT:
+        raise TrimixError(f"--draft must be a whole number from 0 (off) to {MAX_DRAFT}, got {draft!r}")
+
+
 @dataclass
 class Timings:
     prompt_tokens: int = 0
@@ -79,6 +86,12 @@ class Timings:
     gen_s: float = 0.0
     decode_s: float = 0.0  # time inside llama_decode during generation (the batch's, all models)
     queued_s: float = 0.0  # time waiting for a free sequence before the prompt was evaluated
+    draft_tokens: int = 0  # tokens the small models drafted (speculative decoding)
+    accepted_tokens: int = 0  # drafted tokens the fused distribution accepted
+
+    @property
+    def rejected_tokens(self) -> int:
+        return self.draft_tokens - self.accepted_tokens
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -98,6 +111,9 @@ class Timings:
             "gen_tokens_per_s": round(self.gen_tokens_per_s, 3),
             "decode_s": round(self.decode_s, 6),
             "queued_s": round(self.queued_s, 6),
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "rejected_tokens": self.rejected_tokens,
         }
 
 
@@ -206,6 +222,7 @@ class _Seq:
     __slots__ = (
         "cells",
         "decoder",
+        "drafter",
         "fuser",
         "gen",
         "guard",
@@ -228,6 +245,7 @@ class _Seq:
         self.gen = gen
         self.request = request
         self.slot = -1
+        self.drafter: Drafter | None = None
         self.id = seq_id
         self.kv_roles = kv_roles
         self.cells = cells
@@ -298,14 +316,20 @@ class Scheduler:
             )
         for spec in specs:
             check_max_tokens(spec.max_tokens)
+            check_draft(spec.draft)
             spec.sampling.validate()
             missing = [r for r in spec.roles if r not in eng.models]
             if missing:
                 flag = "--" + missing[0].replace("_", "-")
                 raise WeightError(f"this method needs the {missing[0]} model ({flag}), which is not loaded")
+            if spec.draft and isinstance(spec.fusion, FusionPlan) and draft_plan(spec.fusion) is None:
+                raise TrimixError(
+                    f"--draft lets small models draft for a large one, but --method {spec.fusion.method} has no large "
+                    "model or no small-cpt model (use --draft 0)"
+                )
         eng.check_prompt(prompt)
         room = eng.n_ctx - len(prompt)
-        cells = len(prompt) + sum(min(s.max_tokens, room) for s in specs)
+        cells = len(prompt) + sum(min(s.max_tokens + s.draft, room) for s in specs)
         if cells > self.kv_cells:
             raise ContextOverflowError(
                 f"this request needs {cells} KV cells (a {len(prompt)}-token prompt and {len(specs)} sequences) "
@@ -342,19 +366,33 @@ class Scheduler:
                 self._fail(req.gens, TrimixError("the request does not fit in the KV cache (raise --n-ctx)"))
             return
         batch = list(self.active)
-        try:
-            t0 = time.perf_counter()
-            self._decode(batch)
-            spent = time.perf_counter() - t0
-        except Exception as e:  # a failed llama_decode leaves the batch's cells unusable: end the batch
-            for s in batch:
-                self._finish(s, "error", e)
-            return
+        n_ctx = self.engine.n_ctx
+        drafting = [s for s in batch if usable(s, n_ctx) > 0]
+        plain = [s for s in batch if s not in drafting]
         self.steps += 1
-        self.decode_s += spent
-        for s in batch:
-            s.gen.timings.decode_s += spent
-            self._advance(s)
+        for group, kind in ((plain, "plain"), (drafting, "draft")):
+            if not group:
+                continue
+            before = self._decode_seconds()
+            try:
+                if kind == "plain":
+                    self._decode(group)
+                else:
+                    run_round(self, group)
+            except Exception as e:  # a failed llama_decode leaves the batch's cells unusable: end it
+                for s in group:
+                    if s.gen.finish_reason is None:
+                        self._finish(s, "error", e)
+                continue
+            spent = self._decode_seconds() - before
+            self.decode_s += spent
+            for s in group:
+                s.gen.timings.decode_s += spent
+                if kind == "plain":
+                    self._advance(s)
+
+    def _decode_seconds(self) -> float:
+        return sum(m.decode_s for m in self.engine.models.values())
 
     def run(self, gens: Sequence[Generation]) -> None:
         """Step until every generation in ``gens`` is finished (their text stays readable)."""
@@ -395,7 +433,7 @@ class Scheduler:
                 if k > 0:
                     for r in fusion.roles:
                         eng.models[r].seq_cp(ids[0], seq_id)
-                s = _Seq(g, seq_id, kv_roles, min(g.spec.max_tokens, room), req)
+                s = _Seq(g, seq_id, kv_roles, min(g.spec.max_tokens + g.spec.draft, room), req)
                 s.roles = fusion.roles
                 s.rows = last
                 seqs.append(s)
@@ -414,6 +452,9 @@ class Scheduler:
             s.fuser = Fuser(s.gen.fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
             s.sampler = greedy if s.gen.spec.sampling.greedy else TokenSampler(s.gen.spec.sampling, eng.vocab.n_vocab)
             s.guard = eng.guard(s.gen.spec.utf8_guard)
+            fusion = s.gen.fusion
+            if s.gen.spec.draft and isinstance(fusion, FusionPlan) and draft_plan(fusion) is not None:
+                s.drafter = Drafter(fusion, s.gen.spec.draft, s.gen.spec.sampling, eng.vocab.n_vocab)
             self.active.append(s)
         for s in seqs:
             self._advance(s)
@@ -439,23 +480,12 @@ class Scheduler:
 
     def _advance(self, s: _Seq) -> None:
         """Pick the sequence's next token from its rows, and stream what it completes."""
-        g = s.gen
-        if len(g.token_ids) >= g.spec.max_tokens:
+        if len(s.gen.token_ids) >= s.gen.spec.max_tokens:
             self._finish(s, "length")
             return
-        logits = s.fuser.fuse(s.rows)
-        top = logits.max()
-        if not np.isfinite(top):
-            err = NonFiniteLogitsError(
-                f"the fused logits of step {len(g.token_ids) + 1} are not finite ({top}): a model gave NaN or "
-                f"infinite logits, or the weights {_weights_text(s.fuser.plan.weights)} are too large "
-                "(use weights of a size like those of the paper, in [-1, 1])"
-            )
-            self._finish(s, "error", err)
+        logits = self.masked_logits(s, s.rows)
+        if logits is None:
             return
-        if self.observer is not None:
-            self.observer(g, s.rows, logits)
-        s.guard.apply(logits, s.state)
         tok = s.sampler(logits)
         if logits[tok] == -np.inf:
             # Every token was masked: Contrastive Decoding's plausibility set held only tokens the
@@ -466,10 +496,37 @@ class Scheduler:
             if logits[tok] == -np.inf:
                 self._finish(s, "no-valid-token")
                 return
+        if self.accept(s, tok):
+            s.next_token = tok
+
+    def masked_logits(self, s: _Seq, rows: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The sequence's fused logits of one position with the UTF-8 guard applied (in its row of the
+        batch buffer), or None when they are not finite (the sequence then ends with the error)."""
+        g = s.gen
+        logits = s.fuser.fuse(rows)
+        top = logits.max()
+        if not np.isfinite(top):
+            err = NonFiniteLogitsError(
+                f"the fused logits of step {len(g.token_ids) + 1} are not finite ({top}): a model gave NaN or "
+                f"infinite logits, or the weights {_weights_text(s.fuser.plan.weights)} are too large "
+                "(use weights of a size like those of the paper, in [-1, 1])"
+            )
+            self._finish(s, "error", err)
+            return None
+        if self.observer is not None:
+            self.observer(g, rows, logits)
+        s.guard.apply(logits, s.state)
+        return logits
+
+    def accept(self, s: _Seq, tok: int) -> bool:
+        """Append ``tok`` to the sequence: advance its guard, stream the characters it completes,
+        and check stop strings, end-of-generation, ``max_tokens`` and the context. False when the
+        sequence has ended (its cells are freed then)."""
+        g = s.gen
         vocab = self.engine.vocab
         if vocab.eog[tok]:
             self._finish(s, "eog")
-            return
+            return False
         g.token_ids.append(tok)
         s.state = s.guard.advance(s.state, tok)
         s.pending += s.decoder.feed(vocab.pieces[tok])
@@ -480,7 +537,7 @@ class Scheduler:
                 s.pending = ""
                 s.decoder = StreamDecoder()  # what follows a stop string is never shown
                 self._finish(s, "stop")
-                return
+                return False
             keep = _stop_holdback(s.pending, s.stops)
             if len(s.pending) > keep:
                 self._emit(s, s.pending[: len(s.pending) - keep])
@@ -490,10 +547,11 @@ class Scheduler:
             s.pending = ""
         if len(g.token_ids) >= g.spec.max_tokens:
             self._finish(s, "length")
-        elif s.n_past >= self.engine.n_ctx:
+            return False
+        if s.n_past >= self.engine.n_ctx:
             self._finish(s, "context")
-        else:
-            s.next_token = tok
+            return False
+        return True
 
     @staticmethod
     def _emit(s: _Seq, piece: str) -> None:
