@@ -97,22 +97,39 @@ def template_tokens(engine: Engine, template: str, text: str) -> np.ndarray:
     included, is tokenized as plain text in runs that span template and user text alike, so the ids
     are the ones llama.cpp gives the whole string when the user typed no markup.
     """
+    parts: list[tuple[str, bool]] = []
+    for i, part in enumerate(template.split(PROMPT_SLOT)):
+        if i:
+            parts.append((text, False))
+        parts.append((part, True))
+    ref = engine.models[engine.reference_role]
+    body = markup_tokens(engine, parts)
+    return np.concatenate([[ref.bos_id], body]).astype(np.int32) if ref.add_bos else body
+
+
+def markup_tokens(engine: Engine, parts: Sequence[tuple[str, bool]]) -> np.ndarray:
+    """Token ids of a text made of ``(text, is_markup)`` parts, without BOS.
+
+    Control-token text is parsed only inside markup parts (a template's own text); the other parts
+    (what users wrote) never become control tokens. Plain text is tokenized in runs that cross part
+    boundaries, so the ids equal llama.cpp's for the whole string whenever the users typed no markup.
+    """
     specials = engine.vocab.specials
     segments: list[str | int] = []  # plain-text runs and control-token ids, in order
     run: list[str] = []
-    parts = template.split(PROMPT_SLOT)
-    for i, part in enumerate(parts):
-        for piece in _split_specials(part, specials):
+    for text, markup in parts:
+        if not markup:
+            run.append(text)
+            continue
+        for piece in _split_specials(text, specials):
             if isinstance(piece, int):
                 segments += ["".join(run), piece]
                 run = []
             else:
                 run.append(piece)
-        if i < len(parts) - 1:
-            run.append(text)
     segments.append("".join(run))
     ref = engine.models[engine.reference_role]
-    ids: list[np.ndarray] = [np.asarray([ref.bos_id], dtype=np.int32)] if ref.add_bos else []
+    ids: list[np.ndarray] = []
     for seg in segments:
         if isinstance(seg, int):
             ids.append(np.asarray([seg], dtype=np.int32))
