@@ -1,0 +1,14 @@
+"""``trimix serve``: fused generation behind an OpenAI-compatible HTTP API, with a chat page.
+
+One thread owns the engine (:mod:`.worker`); the ASGI app (:mod:`.app`) validates requests
+(:mod:`.schema`), formats chats through a sandboxed template (:mod:`.chat`), streams the engine's
+text as OpenAI chunks (:mod:`.responses`) and serves the page in ``static/``; :mod:`.run` binds,
+loads and stops. Needs the ``[serve]`` extra (starlette, uvicorn, pydantic, jinja2).
+"""
+
+from .app import ServerConfig, TrimixServer
+from .run import Listen, setup_logging
+from .run import serve as run_server
+from .worker import EngineWorker, Job
+
+__all__ = ["EngineWorker", "Job", "Listen", "ServerConfig", "TrimixServer", "run_server", "setup_logging"]
