@@ -32,6 +32,8 @@ from . import models as models_cmd
 from . import render
 from .common import Verbose, err, errors
 from .evaluate import run_eval
+from .serve import SERVE_HELP
+from .serve import serve as serve_cmd
 
 app = typer.Typer(
     name="trimix",
@@ -44,6 +46,7 @@ app = typer.Typer(
 
 
 app.add_typer(models_cmd.app, name="models")
+app.command("serve", help=SERVE_HELP)(serve_cmd)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 

@@ -1,0 +1,138 @@
+"""``trimix serve``: the fused models behind an OpenAI-compatible HTTP API and a chat page.
+
+Parsing and printing only; the server is :mod:`trimix_cpp.server`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+import trimix_cpp as tm
+from trimix_cpp import _llama
+from trimix_cpp.fusion import LARGE_BASE, ROLES
+from trimix_cpp.modelset import ModelSet
+from trimix_cpp.selection import SELECTION_ROLES
+
+from .common import Verbose, err, errors
+
+SERVE_HELP = (
+    "Serve the fused models: an OpenAI-compatible API and a chat page, offline.\n\n"
+    "Routes: POST /v1/completions and /v1/chat/completions (stream true or false), GET /v1/models, GET /health, "
+    "and the chat page at /. A request may choose its own method and weights in an extra object, "
+    '"trimix": {"method", "alpha", "beta", "select"}; by default the profile\'s (PPL selection on the request\'s '
+    "own prompt).\n\n"
+    "--parallel requests decode together; up to --queue more wait; beyond that the server answers 503 with "
+    "Retry-After. Ctrl-C ends the requests in flight, frees the models and exits."
+)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    if api_key is not None and api_key_file is not None:
+        raise tm.TrimixError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        if not api_key_file.is_file():
+            raise tm.TrimixError(f"API key file not found: {api_key_file}")
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise tm.TrimixError(f"API key file {api_key_file} is not UTF-8 text") from None
+        if not api_key:
+            raise tm.TrimixError(f"API key file {api_key_file} is empty (write the key on its first line)")
+    if api_key is not None:
+        api_key = api_key.strip()
+        if not api_key or any(c.isspace() for c in api_key) or not api_key.isprintable():
+            raise tm.TrimixError("the API key must be printable text without spaces (clients send it in a header)")
+    return api_key
+
+
+def serve(
+    lang: Annotated[
+        str | None,
+        typer.Option("--lang", "-l", help="Language profile (bod, uig, kaz, mvf, demo, ...): models and defaults."),
+    ] = None,
+    large_ins: Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")] = None,
+    small_cpt: Annotated[
+        Path | None, typer.Option("--small-cpt", help="GGUF of the small model continued on the language.")
+    ] = None,
+    small_base: Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")] = None,
+    large_base: Annotated[
+        Path | None, typer.Option("--large-base", help="GGUF of the large base model (loaded for trimix4 requests).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0: every network; then set an API key).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8080,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option("--api-key-file", help="Read the API key from this file (first line).")
+    ] = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests decoded together.")] = 4,
+    queue: Annotated[int, typer.Option(help="Requests that may wait for a free sequence; beyond: 503.")] = 16,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Tokens per reply when a request gives no max_tokens.")
+    ] = 256,
+    max_body: Annotated[int, typer.Option(help="Largest request body, in bytes.")] = 1 << 20,
+    name: Annotated[
+        str | None, typer.Option(help="Model name /v1/models lists (default: trimix-LANG, or trimix).")
+    ] = None,
+    n_ctx: Annotated[
+        int | None, typer.Option("--n-ctx", help="Context length of each request (prompt + reply); default 4096.")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
+    n_gpu_layers: Annotated[
+        int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
+    ] = -1,
+    verbose: Verbose = False,
+) -> None:
+    with errors(verbose):
+        try:
+            from trimix_cpp.server import Listen, ServerConfig, run_server, setup_logging
+        except ImportError as e:
+            raise tm.TrimixError(
+                f"trimix serve needs the server extra ({e.name} is missing): pip install 'trimix[serve]'"
+            ) from None
+        key = _read_key(api_key, api_key_file)
+        if not _is_loopback(host) and key is None:
+            err.print(
+                f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can reach this "
+                "machine can use the models (set --api-key-file)",
+                soft_wrap=True,
+            )
+        for label, value, low in (("--parallel", parallel, 1), ("--queue", queue, 0), ("--max-tokens", max_tokens, 1)):
+            if value < low:
+                raise tm.TrimixError(f"{label} must be a whole number >= {low}, got {value}")
+        if max_body < 1024:
+            raise tm.TrimixError(f"--max-body must be at least 1024 bytes, got {max_body}")
+        if not 0 <= port <= 65535:
+            raise tm.TrimixError(f"--port must be from 0 to 65535, got {port}")
+        setup = ModelSet.make(
+            lang, {"large_ins": large_ins, "small_cpt": small_cpt, "small_base": small_base, "large_base": large_base}
+        )
+        wanted = [r for r in ROLES if r in setup.explicit or (r != LARGE_BASE and setup.profile is not None)]
+        if setup.profile is not None and setup.profile.method == "trimix4":
+            wanted.append(LARGE_BASE)
+        roles = [r for r in ROLES if r in wanted] or list(SELECTION_ROLES)
+        paths = setup.paths(roles, "trimix serve")
+        for p in paths.values():
+            _llama.check_gguf_file(Path(p))
+        label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
+        config = ServerConfig(model_name=label, api_key=key, queue=queue, max_tokens=max_tokens, max_body=max_body)
+        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
+        setup_logging(verbose)
+        run_server(setup, paths, options, config, Listen(host, port))
