@@ -71,3 +71,12 @@ def test_wheel_has_only_trimix_import_names(wheel):
     assert "trimix_cli/main.py" in names and "trimix_cpp/evaluation/__init__.py" in names
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "trimix = trimix_cli.main:main" in wheel.read(entry_points).decode()
+
+
+def test_wheel_ships_the_chat_page(wheel):
+    names = set(wheel.namelist())
+    static = ROOT / "trimix_cpp" / "server" / "static"
+    for asset in ("index.html", "app.js", "style.css"):
+        assert (static / asset).is_file()
+        assert wheel.read(f"trimix_cpp/server/static/{asset}") == (static / asset).read_bytes()
+    assert "trimix_cpp/server/app.py" in names and "trimix_cli/serve.py" in names
