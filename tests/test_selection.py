@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -11,9 +12,10 @@ from reference import single_logits
 from test_errors import trimix
 
 import trimix_cpp as tm
+from trimix_cpp import selection
 from trimix_cpp._llama import LlamaModel
 from trimix_cpp.calibrate import load_weights
-from trimix_cpp.selection import DEFAULT_GRID, GridNLL, Selector, parse_grid
+from trimix_cpp.selection import DEFAULT_GRID, KERNEL_ENV, GridNLL, Selector, parse_grid
 
 PROMPT = "the cat and the dog of the ཀག་ ئۇيغۇر and the man in the house on the hill"
 TRIO = ("large_ins", "small_cpt", "small_base")
@@ -76,6 +78,128 @@ def test_ppl_matches_dense_float64_reference(engine, tiny_trio, alphas, betas):
         assert sel.single_nll[r] == pytest.approx(singles[r], abs=1e-4)
     i, j = np.unravel_index(np.argmin(ref), ref.shape)
     assert sel.chosen == (sel.alphas[i], sel.betas[j])
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def kernel(request, monkeypatch) -> str:
+    """Each reduction kernel in turn, chosen the way a user does (the environment variable); the
+    compiled one only where numba is installed (the ``fast`` extra, which ``test`` includes)."""
+    if request.param == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (pip install -e '.[fast]')")
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    assert selection.resolve_kernel() == request.param
+    return request.param
+
+
+@pytest.mark.parametrize(
+    "alphas,betas",
+    [
+        (DEFAULT_GRID, DEFAULT_GRID),
+        ((0.0, 0.25, 1.5, 2.0), (0.05, 0.6)),  # a common step of 1/20, weights above 1
+        ((-0.5, 0.37, 1.13), (0.2, -0.3)),  # no common step, negative weights
+    ],
+)
+def test_both_kernels_match_dense_float64_reference(engine, tiny_trio, kernel, alphas, betas):
+    """The dense-reference check above, on the compiled kernel and on the numpy fallback alike."""
+    tokens = engine.tokenize(PROMPT * 2)
+    sel = engine.select(tokens, Selector("ppl", alphas, betas))
+    ref, singles = dense_reference(tiny_trio, tokens, sel.alphas, sel.betas)
+    np.testing.assert_allclose(sel.scores, ref, atol=1e-4, rtol=0)
+    for r in TRIO:
+        assert sel.single_nll[r] == pytest.approx(singles[r], abs=1e-4)
+
+
+def dense_rows(A, B, C, x, alphas, betas):
+    """Mean NLL of every pair and of each single model over rows of logits, plainly in float64."""
+    A, B, C = (np.asarray(v, dtype=np.float64) for v in (A, B, C))
+    rows = np.arange(len(x))
+    out = np.empty((len(alphas), len(betas)))
+    for i, a in enumerate(alphas):
+        for j, b in enumerate(betas):
+            f = a * A + b * B + (1 - a - b) * C
+            m = f.max(axis=1, keepdims=True)
+            out[i, j] = np.mean(m[:, 0] + np.log(np.exp(f - m).sum(axis=1)) - f[rows, x])
+    singles = {}
+    for role, f in zip(TRIO, (A, B, C)):
+        m = f.max(axis=1, keepdims=True)
+        singles[role] = float(np.mean(m[:, 0] + np.log(np.exp(f - m).sum(axis=1)) - f[rows, x]))
+    return out, singles
+
+
+@pytest.mark.parametrize(
+    "alphas,betas",
+    [
+        (DEFAULT_GRID, DEFAULT_GRID),
+        ((0.0, 0.25, 1.5, 2.0), (0.05, 0.6)),
+        ((-0.5, 0.37, 1.13), (0.2, -0.3)),
+        ((-2.0, -1.0, 0.5), (0.1, 0.3, 0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 1.7, 1.9)),  # more than 8 weights
+        ((0.7,), (0.0,)),  # a single pair, a grid that is only the extra weights
+    ],
+)
+def test_kernels_exact_on_hard_rows(kernel, alphas, betas):
+    """Logits far wider than a model's, the three models disagreeing, a vocabulary that ends in a
+    partial block, and rows whose sums underflow float32 (recomputed densely): within 1e-4 nats."""
+    rng = np.random.default_rng(7)
+    n, v = 12, 3001
+    A, B, C = (rng.standard_normal((n, v)).astype(np.float32) * s for s in (9.0, 4.0, 12.0))
+    C[:, :50] -= 80.0  # entries one model rules out and another favours
+    A[:, :50] += 60.0
+    C[3, 7], A[3, 7] = -250.0, 250.0  # a shift bound 400 nats above the fused row's maximum
+    x = rng.integers(0, v, n)
+    x[:4] = [7, 10, 3000, 0]
+    with GridNLL(alphas, betas, v) as g:
+        assert g.kernel == kernel
+        g.add(A[:5], B[:5], C[:5], x[:5])  # two chunks, split unevenly
+        g.add(A[5:], B[5:], C[5:], x[5:])
+        ref, singles = dense_rows(A, B, C, x, g.alphas, g.betas)
+        np.testing.assert_allclose(g.scores.mean_nll, ref, atol=1e-4, rtol=0)
+        for r, val in g.scores.single_mean_nll().items():
+            assert val == pytest.approx(singles[r], abs=1e-4)
+        assert g.scores.n_dense_fallback >= 1  # row 3 underflowed and was recomputed
+
+
+def test_kernels_agree_on_non_finite_logits(kernel):
+    """A NaN or infinite logit sends its row to the dense float64 path on both kernels."""
+    rng = np.random.default_rng(3)
+    A, B, C = (rng.standard_normal((4, 600)).astype(np.float32) for _ in range(3))
+    A[1, 5], C[2, 9] = np.nan, -np.inf
+    x = np.array([1, 2, 3, 4])
+    with GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600) as g, GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600, kernel="numpy") as ref:
+        with np.errstate(invalid="ignore"):  # the numpy path's shifts are NaN before its check
+            g.add(A, B, C, x)
+            ref.add(A, B, C, x)
+        assert g.scores.n_dense_fallback == ref.scores.n_dense_fallback == 2
+        np.testing.assert_allclose(g.scores.mean_nll, ref.scores.mean_nll, equal_nan=True)
+
+
+def test_compiled_exp_is_accurate_over_the_float32_range():
+    """The kernel's own exponential: 3e-7 relative error where exp is a normal float32, and the same
+    denormals and zeros as libm's below (float32 products there lose precision on both paths)."""
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed (pip install -e '.[fast]')")
+    x = np.concatenate([np.linspace(-110.0, 88.0, 1_000_003), [0.0, -0.0, -87.3, -103.9, -104.0, -1e4]])
+    x = x.astype(np.float32)
+    got = np.empty_like(x)
+    selection.compiled_kernel().exp_into(x, got)
+    ref = np.exp(x.astype(np.float64))
+    normal = ref >= np.finfo(np.float32).tiny
+    assert np.max(np.abs(got[normal] / ref[normal] - 1)) < 5e-7
+    assert np.max(np.abs(got[~normal] - ref[~normal])) < 1e-44
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.setenv(KERNEL_ENV, "numpy")
+    assert GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100).kernel == "numpy"
+    monkeypatch.setenv(KERNEL_ENV, "fortran")
+    with pytest.raises(tm.TrimixError, match="unknown selection kernel"):
+        GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100)
+    monkeypatch.delenv(KERNEL_ENV)
+    expected = "numba" if importlib.util.find_spec("numba") else "numpy"
+    assert GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100).kernel == expected
+    monkeypatch.setattr(selection.importlib.util, "find_spec", lambda name: None)
+    assert selection.resolve_kernel() == "numpy"  # numba missing: the numpy path, silently
+    with pytest.raises(tm.TrimixError, match="needs numba"):
+        selection.resolve_kernel("numba")
 
 
 def test_chunked_and_unchunked_agree(engine, tiny_trio):

@@ -16,11 +16,17 @@ Gemma's vocabulary. This module does it exactly with far less work:
   alpha and beta factors cost one exponential each plus multiplications.
 * Shifts are per-row upper bounds (``a*max(D1)`` for a >= 0, ``a*min(D1)`` for a < 0), so nothing
   overflows; a row whose sum underflows float32 is recomputed densely in float64.
-* Each row is processed in vocabulary blocks of 16k entries, so the ~20 passes of a block stay in the
-  core's own cache instead of streaming rows of 1 MB through memory.
-* Rows are independent and can be split across threads (``threads``; numpy and BLAS release the
-  GIL). The default is one: on a 2-core machine two threads measured slower (2.9 against 2.2 ms per
-  position), since BLAS brings threads of its own.
+* With numba installed (``pip install 'trimix[fast]'``) each row goes through one compiled pass
+  per L1-sized vocabulary block (:mod:`trimix_cpp._gridkernel`): the three exponential factors, the
+  power chains and every grid sum per element, with no BLAS call. Without it, numpy processes each
+  row in vocabulary blocks of 16k entries, so the ~20 passes of a block stay in the core's own cache
+  instead of streaming rows of 1 MB through memory, and the factor rows are padded to a multiple of
+  8 (OpenBLAS's small-matrix product with 7 rows took three times as long as with 8 on AVX2).
+  ``TRIMIX_SELECTION_KERNEL=numpy`` (or ``kernel="numpy"``) forces the numpy path.
+* Rows are independent and can be split across threads (``threads``; numba, numpy and BLAS release
+  the GIL). The default is one: the reduction runs between llama.cpp's decodes, and on a 2-core
+  machine a second thread measured no faster (numpy: 2.9 against 2.2 ms per position, since BLAS
+  brings threads of its own).
 * The prompt is evaluated in chunks whose logits are reduced into the running sums before the next
   chunk: memory is bounded by the chunk, never by prompt length x vocabulary.
 
@@ -30,11 +36,14 @@ each single model's own perplexity of the prompt.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
+from types import ModuleType
 
 import numpy as np
 
@@ -47,6 +56,10 @@ SELECTION_ROLES = (LARGE_INS, SMALL_CPT, SMALL_BASE)
 _MAX_POWER = 64  # largest integer multiple of the common step still worth a multiplication chain
 _TINY = 1e-30  # a float32 sum below this may have lost its significant terms to underflow
 BLOCK = 16384  # vocabulary entries per block: a block's ~20 scratch rows fit in a core's L2
+KERNELS = ("numba", "numpy")
+KERNEL_BLOCK = 512  # the compiled kernel's block: its 16 factor rows of 2 KiB stay in a 32 KiB L1 cache
+KERNEL_TILE = 3  # the compiled kernel sums 3 x 3 cells per sweep (9 accumulators, 6 operands: 15 ymm registers)
+KERNEL_ENV = "TRIMIX_SELECTION_KERNEL"  # "numpy" forces the numpy path even where numba is installed
 
 
 def parse_grid(values: Sequence[float] | str | None) -> tuple[float, ...]:
@@ -142,6 +155,10 @@ class _Factors:
             np.multiply(out[i - 1], pw[ks[i] - ks[i - 1]], out=out[i])
 
 
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
 @dataclass
 class _Scratch:
     """Per-thread buffers, each a few vocabulary rows: allocated once, reused for every row."""
@@ -165,8 +182,9 @@ class _Scratch:
             e(n_vocab, np.float32),
             e(blk, np.float32),
             e(blk, np.float32),
-            e((len(fa.grid), blk), np.float32),
-            e((len(fb.grid), blk), np.float32),
+            # zero rows pad the factors to a multiple of 8: no pass writes them, their sums are unused
+            np.zeros((_pad8(len(fa.grid)), blk), np.float32),
+            np.zeros((_pad8(len(fb.grid)), blk), np.float32),
             e((max(fa.n_powers(), fb.n_powers(), 1), blk), np.float32),
         ).init(fb)
 
@@ -210,16 +228,127 @@ def choose(alphas: Sequence[float], betas: Sequence[float], score: np.ndarray) -
     return float(alphas[i]), float(betas[j])
 
 
+def compiled_kernel() -> ModuleType | None:
+    """The compiled reduction (:mod:`trimix_cpp._gridkernel`), or None where numba is not installed."""
+    try:
+        from . import _gridkernel
+    except ImportError:
+        return None
+    return _gridkernel
+
+
+def resolve_kernel(kernel: str | None = None) -> str:
+    """``kernel``, else ``$TRIMIX_SELECTION_KERNEL``, else numba when it is installed, else numpy.
+
+    Only looks numba up: importing it takes a second (its registries load on first call), which
+    :class:`_Compiled` spends in the background while llama.cpp decodes the first chunk.
+    """
+    name = kernel or os.environ.get(KERNEL_ENV, "").strip().lower() or None
+    if name is not None and name not in KERNELS:
+        raise TrimixError(f"unknown selection kernel {name!r} (choose {' or '.join(KERNELS)}; {KERNEL_ENV})")
+    if name == "numpy":
+        return name
+    if importlib.util.find_spec("numba") is not None:
+        return "numba"
+    if name == "numba":
+        raise TrimixError("the numba selection kernel needs numba (pip install 'trimix[fast]')")
+    return "numpy"
+
+
+class _Compiled:
+    """The compiled kernel's view of a grid: weights, chains, which cells to sum, per-thread blocks.
+
+    Only the cells selection reads are summed: the user's grid (one rectangle of the extended grid,
+    padded to whole 3 x 3 tiles) and the three single models' cells outside it. The kernel module is
+    imported, and its cached machine code loaded, on a background thread started here: a prompt's
+    first chunk takes seconds to decode, and llama.cpp releases the GIL meanwhile.
+    """
+
+    def __init__(
+        self, fa: _Factors, fb: _Factors, ia: Sequence[int], ib: Sequence[int], singles: Sequence[tuple[int, int]]
+    ) -> None:
+        self.wa, self.step_a, self.gaps_a = self._side(fa)
+        self.wb, self.step_b, self.gaps_b = self._side(fb)
+        self.za, self.zb = fa.zero, fb.zero
+        r0, k0 = min(ia), min(ib)
+        r1 = r0 + -(-(max(ia) - r0 + 1) // KERNEL_TILE) * KERNEL_TILE
+        k1 = k0 + -(-(max(ib) - k0 + 1) // KERNEL_TILE) * KERNEL_TILE
+        self.rect = np.array([r0, r1, k0, k1], dtype=np.int64)
+        outside = [(i, k) for i, k in singles if not (r0 <= i < r1 and k0 <= k < k1)]
+        self.cells = np.array(outside, dtype=np.int64).reshape(-1, 2)
+        self.shape = (max(r1, len(fa.grid)), max(k1, len(fb.grid)))
+        self._scratch: list[tuple[np.ndarray, ...]] = []
+        self._module: ModuleType | None = None
+        loader = ThreadPoolExecutor(1)
+        self._loading = loader.submit(self._load)
+        loader.shutdown(wait=False)
+
+    @staticmethod
+    def _side(f: _Factors) -> tuple[np.ndarray, float, np.ndarray]:
+        """Weights, common step (0: none) and the steps between consecutive weights."""
+        if f.step is None:
+            return f.grid.astype(np.float64), 0.0, np.zeros(len(f.grid), np.int64)
+        step, ks = f.step
+        assert f.zero == 0 and ks[0] == 0  # the chain starts from the prefactor row
+        gaps = np.array([0] + [b - a for a, b in pairwise(ks)], dtype=np.int64)
+        return np.asarray(ks, np.float64) * step, step, gaps
+
+    def _blocks(self, width: int) -> tuple[np.ndarray, ...]:
+        u = np.zeros((self.shape[0], width), np.float32)  # rows past the grid stay zero
+        w = np.zeros((self.shape[1], width), np.float32)
+        w[self.zb] = 1.0  # beta's prefactor is 1; the kernel never writes this row
+        return (u, w, *(np.empty(width, np.float32) for _ in range(3)))
+
+    def _load(self) -> ModuleType:
+        from . import _gridkernel
+
+        z = np.zeros((1, 4), np.float32)  # one call with the argument types of the real ones
+        self._call(_gridkernel, z, z, z, self._blocks(4))
+        return _gridkernel
+
+    def _call(
+        self, module: ModuleType, a: np.ndarray, b: np.ndarray, c: np.ndarray, blocks: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        sums = np.zeros((len(c), *self.shape))
+        stats = np.empty((len(c), 6))
+        module.grid_sums(
+            a, b, c, 0, len(c), self.wa, self.wb, self.step_a, self.step_b, self.gaps_a, self.gaps_b,
+            self.za, self.zb, self.rect, self.cells, *blocks, sums, stats,
+        )  # fmt: skip
+        return sums, stats
+
+    def ready(self, threads: int) -> None:
+        """Wait for the kernel (raises ImportError if numba cannot load) and allocate the per-thread
+        blocks: 16 rows of ``KERNEL_BLOCK`` entries each."""
+        if self._module is None:
+            self._module = self._loading.result()
+        while len(self._scratch) < threads:
+            self._scratch.append(self._blocks(KERNEL_BLOCK))
+
+    def sums(
+        self, k: int, a_rows: np.ndarray, b_rows: np.ndarray, c_rows: np.ndarray, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows lo..hi: (sums over the vocabulary per cell, per-row statistics), see ``grid_sums``."""
+        assert self._module is not None
+        return self._call(self._module, a_rows[lo:hi], b_rows[lo:hi], c_rows[lo:hi], self._scratch[k])
+
+
 class GridNLL:
     """Accumulates, over chunks of prompt positions, the fused NLL of every grid pair.
 
     ``add`` takes each model's logits at a run of consecutive positions and the token that follows
     each position; it never keeps a reference to them, so the caller may decode the next chunk into
-    the same llama.cpp buffers as soon as ``add`` returns.
+    the same llama.cpp buffers as soon as ``add`` returns. ``kernel`` picks the compiled or the
+    numpy reduction (see :func:`resolve_kernel`); both compute the same sums.
     """
 
     def __init__(
-        self, alphas: Sequence[float], betas: Sequence[float], n_vocab: int, threads: int | None = None
+        self,
+        alphas: Sequence[float],
+        betas: Sequence[float],
+        n_vocab: int,
+        threads: int | None = None,
+        kernel: str | None = None,
     ) -> None:
         self.alphas, self.betas = tuple(alphas), tuple(betas)
         # the singles ride along: alpha 0 and 1, beta 0 and 1 (then (0,0)=C, (1,0)=A, (0,1)=B)
@@ -232,7 +361,20 @@ class GridNLL:
         self._b64 = np.asarray(self._gb, dtype=np.float64)
         self.n_vocab = n_vocab
         self.threads = max(1, threads or 1)
-        self._scratch = [_Scratch.make(self._fa, self._fb, n_vocab) for _ in range(self.threads)]
+        self.kernel = resolve_kernel(kernel)
+        ga, gb = self._ga, self._gb
+        # (0,0) = C, (1,0) = A, (0,1) = B
+        self._singles = [(ga.index(0.0), gb.index(0.0)), (ga.index(1.0), gb.index(0.0)), (ga.index(0.0), gb.index(1.0))]
+        self._needed = np.zeros((len(ga), len(gb)), dtype=bool)
+        self._needed[np.ix_(self._ia, self._ib)] = True
+        for cell in self._singles:
+            self._needed[cell] = True
+        self._explicit = (kernel or os.environ.get(KERNEL_ENV, "")).strip().lower() == "numba"
+        self._scratch: list[_Scratch] = []
+        if self.kernel == "numba":
+            self._compiled = _Compiled(self._fa, self._fb, self._ia, self._ib, self._singles)
+        else:
+            self._scratch = [_Scratch.make(self._fa, self._fb, n_vocab) for _ in range(self.threads)]
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.scores = GridScores(self.alphas, self.betas, np.zeros((len(self.alphas), len(self.betas))))
         self.scores.single_sum = {LARGE_INS: 0.0, SMALL_CPT: 0.0, SMALL_BASE: 0.0}
@@ -256,12 +398,22 @@ class GridNLL:
             return
         v = self.n_vocab
         a_rows, b_rows, c_rows = a_rows[:n, :v], b_rows[:n, :v], c_rows[:n, :v]
+        if self.kernel == "numba":
+            try:
+                self._compiled.ready(self.threads)
+            except ImportError:
+                if self._explicit:
+                    raise
+                # numba is installed but does not load (say, built for another numpy): same sums in numpy
+                self.kernel = "numpy"
+                self._scratch = [_Scratch.make(self._fa, self._fb, v) for _ in range(self.threads)]
+        reduce = self._rows_compiled if self.kernel == "numba" else self._rows
         if self._pool is None:
-            parts = [self._rows(0, a_rows, b_rows, c_rows, targets, 0, n)]
+            parts = [reduce(0, a_rows, b_rows, c_rows, targets, 0, n)]
         else:
             bounds = np.linspace(0, n, self.threads + 1).astype(int)
             futures = [
-                self._pool.submit(self._rows, k, a_rows, b_rows, c_rows, targets, bounds[k], bounds[k + 1])
+                self._pool.submit(reduce, k, a_rows, b_rows, c_rows, targets, bounds[k], bounds[k + 1])
                 for k in range(self.threads)
                 if bounds[k + 1] > bounds[k]
             ]
@@ -269,10 +421,8 @@ class GridNLL:
         full = sum(p[0] for p in parts)
         s = self.scores
         s.nll_sum += full[np.ix_(self._ia, self._ib)]
-        ga, gb = self._ga, self._gb
-        s.single_sum[SMALL_BASE] += float(full[ga.index(0.0), gb.index(0.0)])
-        s.single_sum[LARGE_INS] += float(full[ga.index(1.0), gb.index(0.0)])
-        s.single_sum[SMALL_CPT] += float(full[ga.index(0.0), gb.index(1.0)])
+        for role, cell in zip((SMALL_BASE, LARGE_INS, SMALL_CPT), self._singles):
+            s.single_sum[role] += float(full[cell])
         s.n_rows += n
         s.n_dense_fallback += sum(p[1] for p in parts)
 
@@ -291,7 +441,7 @@ class GridNLL:
             m_c = float(c.max())
             shift_a = fa.shifts(float(sc.d1.max()), float(sc.d1.min()) if fa.step is None else 0.0)
             shift_b = fb.shifts(float(sc.d2.max()), float(sc.d2.min()) if fb.step is None else 0.0)
-            sums = np.zeros((len(fa.grid), len(fb.grid)))
+            sums = np.zeros((len(sc.ua), len(sc.ub)))
             for s in range(0, len(c), BLOCK):
                 n = min(BLOCK, len(c) - s)
                 ua, ub = sc.ua[:, :n], sc.ub[:, :n]
@@ -301,6 +451,7 @@ class GridNLL:
                 fa.fill(sc.d1[s : s + n], ua, sc.base[:n], sc.tmp[:n], sc.powers[:, :n], shift_a)
                 fb.fill(sc.d2[s : s + n], ub, sc.base[:n], sc.tmp[:n], sc.powers[:, :n], shift_b)
                 sums += ua @ ub.T
+            sums = sums[: len(fa.grid), : len(fb.grid)]
             x = int(targets[t])
             target = float(c[x]) + self._a64[:, None] * float(sc.d1[x]) + self._b64[None, :] * float(sc.d2[x])
             if not np.all(np.isfinite(sums)) or sums.min() < _TINY:
@@ -310,6 +461,35 @@ class GridNLL:
                 lse = np.log(sums) + m_c + shift_a[:, None] + shift_b[None, :]
             total += lse - target
         return total, fallbacks
+
+    def _rows_compiled(
+        self, k: int, a_rows: np.ndarray, b_rows: np.ndarray, c_rows: np.ndarray, targets: np.ndarray, lo: int, hi: int
+    ) -> tuple[np.ndarray, int]:
+        """:meth:`_rows` with the compiled kernel: the same shifts and the same dense float64 fallback
+        for a row whose sums are not finite or may have underflowed, for the cells that are read."""
+        cp = self._compiled
+        sums, stats = cp.sums(k, a_rows, b_rows, c_rows, lo, hi)
+        sums = sums[:, : len(self._ga), : len(self._gb)]
+        mc, d1x, d1n, d2x, d2n, total = stats.T
+        shift_a = np.where(cp.wa >= 0, cp.wa * d1x[:, None], cp.wa * d1n[:, None])
+        shift_b = np.where(cp.wb >= 0, cp.wb * d2x[:, None], cp.wb * d2n[:, None])
+        rows = np.arange(lo, hi)
+        x = np.asarray(targets[lo:hi], dtype=np.intp)
+        c_x = c_rows[rows, x]
+        d1_x = (a_rows[rows, x] - c_x).astype(np.float64)  # float32 differences, as the numpy path
+        d2_x = (b_rows[rows, x] - c_x).astype(np.float64)
+        target = c_x.astype(np.float64)[:, None, None] + self._a64[:, None] * d1_x[:, None, None]
+        target = target + self._b64[None, :] * d2_x[:, None, None]
+        read = sums[:, self._needed]
+        bad = ~np.isfinite(total) | ~np.all(np.isfinite(read), axis=1) | ~(read.min(axis=1) >= _TINY)
+        safe = np.where(self._needed & ~bad[:, None, None], sums, 1.0)
+        with np.errstate(invalid="ignore", over="ignore"):  # rows with non-finite logits are redone below
+            lse = np.log(safe) + mc[:, None, None] + shift_a[:, :, None] + shift_b[:, None, :]
+        for t in np.flatnonzero(bad):
+            r = lo + t
+            lse[t] = _dense_lse(a_rows[r], b_rows[r], c_rows[r], self._a64, self._b64)
+        nll = np.where(self._needed, lse - target, 0.0)
+        return nll.sum(axis=0), int(bad.sum())
 
 
 def _dense_lse(a: np.ndarray, b: np.ndarray, c: np.ndarray, alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
