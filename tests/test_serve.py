@@ -211,6 +211,9 @@ def test_per_request_methods_and_sampling(demo, client):
     assert run(method="contrastive", beta=0.5)["method"] == "contrastive"
     ent = run(select="ent", grid_alpha=[0.1, 0.5], grid_beta=[0.5, 1.0])
     assert ent["selection"]["strategy"] == "ent" and len(ent["selection"]["grid"]) == 4
+    if HAS_DRAFT:  # speculative decoding, when the engine has it: the small models draft, the fused target checks
+        drafted = run(alpha=0.3, beta=0.6, draft=3)
+        assert drafted["weights"]["large_ins"] == 0.3 and drafted["timings"]["draft_tokens"] > 0
     hot = {"temperature": 1.2, "top_p": 0.9, "seed": 7}
     a, b = (client.completions.create(model="m", prompt=UG, max_tokens=12, **hot).choices[0].text for _ in "ab")
     assert a == b  # same seed, same text

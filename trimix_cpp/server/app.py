@@ -418,8 +418,8 @@ def _note_error(note: dict[str, Any], e: APIError) -> None:
 
 class RequestLog:
     """One line per request on the server's log: who, what, status, time, and for generations the
-    method, weights, selection, token counts and why it stopped. Polls of ``/health`` and the page's
-    static files are logged only when they fail."""
+    method, weights, selection, token counts and why it stopped. Polls of ``/health`` are not logged
+    (a monitor polls it every few seconds), nor the page's static files unless they fail."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -442,8 +442,7 @@ class RequestLog:
             await self.app(scope, receive, send_status)
         finally:
             path = scope.get("path", "")
-            quiet = path == "/health" or path.startswith("/static/")
-            if not (quiet and 0 < status[0] < 400):
+            if path != "/health" and not (path.startswith("/static/") and 0 < status[0] < 400):
                 log.info("%s", request_line(scope, status[0], time.perf_counter() - t0, note))
 
 
