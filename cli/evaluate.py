@@ -1,8 +1,7 @@
 """``trimix eval``: the paper's comparison on your tasks, models and language, resumable.
 
-Every number is checked before a model loads, and the run folder is locked and its manifest compared
-with this run's settings before any prediction is made (see :mod:`trimix_cpp.evaluation.rundir`), so
-a mistake costs a second, not a run.
+The run itself is :func:`trimix_cpp.evaluation.run.run_evaluation`; this module shows it: progress
+bars and warnings on stderr, the results table on stdout, and the plot.
 """
 
 from __future__ import annotations
@@ -18,37 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trimix_cpp as tm
-from trimix_cpp.evaluation.metrics import ROUGE_TOKENIZERS
-from trimix_cpp.evaluation.results import Results, build_results
-from trimix_cpp.evaluation.rundir import RunDir, method_identity, model_identity, task_identity
-from trimix_cpp.evaluation.runner import (
-    GenerationSettings,
-    Runner,
-    SettingsError,
-    Task,
-    calibration_path,
-    check_count,
-    needed_roles,
-    parse_methods,
-    score_task,
-)
-from trimix_cpp.evaluation.tasks import (
-    FittedItems,
-    PromptSettings,
-    TaskData,
-    check_limit,
-    load_spec,
-    prompt_format,
-)
-from trimix_cpp.selection import parse_grid
+from trimix_cpp.evaluation.results import Results
+from trimix_cpp.evaluation.run import EvalConfig, run_evaluation
+from trimix_cpp.evaluation.runner import calibration_path
 
 from .common import err
-
-
-def load_task_spec(spec: str, train: Path | None, settings: PromptSettings) -> TaskData:
-    """``FILE.jsonl``, ``milic:ROOT:TASK:LANG[:SRC-TGT]``, ``belebele:FILE:LANG`` or ``sib200:FILE:LANG``
-    (see :data:`trimix_cpp.evaluation.tasks.SPEC_HELP`)."""
-    return load_spec(spec, train=train, settings=settings)
 
 
 def _progress(console: Console) -> Progress:
@@ -111,7 +84,7 @@ def plot(results: Results, out_dir: Path, path: Path) -> None:
     for j, (t, p) in enumerate(landscapes, start=1):
         cal = json.loads(p.read_text(encoding="utf-8"))
         a_ax = axes[0][j]
-        im = a_ax.imshow(cal["mean_nll"], cmap="viridis_r")  # NLL = log perplexity: readable over decades
+        im = a_ax.imshow(cal["scores"], cmap="viridis_r")  # NLL = log perplexity: readable over decades
         a_ax.set_xticks(range(len(cal["grid_beta"])), [f"{b:g}" for b in cal["grid_beta"]])
         a_ax.set_yticks(range(len(cal["grid_alpha"])), [f"{a:g}" for a in cal["grid_alpha"]])
         a_ax.set_xlabel("beta (small-cpt)")
@@ -122,157 +95,44 @@ def plot(results: Results, out_dir: Path, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def run_eval(
-    tasks: list[str],
-    setup,
-    *,
-    methods: str,
-    out: Path,
-    train: Path | None,
-    shots: int,
-    limit: int | None,
-    max_tokens: int,
-    mc_mode: str,
-    calibration_n: int,
-    grid_alpha: str | None,
-    grid_beta: str | None,
-    plot_file: Path | None,
-    options: tm.LoadOptions,
-    rouge_tokenizer: str = "xlsum",
-) -> Results:
-    """Load the models once, run every method over every task (skipping what the run folder has),
-    score, write and show the results."""
-    check_limit(limit)
-    check_count("--shots", shots, minimum=0)
-    check_count("--calibration-n", calibration_n)
-    settings = GenerationSettings(max_tokens=max_tokens, mc_mode=mc_mode)
-    if rouge_tokenizer not in ROUGE_TOKENIZERS:
-        raise SettingsError(f"--rouge-tokenizer is {' or '.join(ROUGE_TOKENIZERS)}, got {rouge_tokenizer!r}")
-    if not tasks:
-        raise SettingsError("no task to evaluate (give FILE.jsonl, milic:ROOT:TASK:LANG, ...)")
-    ga, gb = parse_grid(grid_alpha), parse_grid(grid_beta)
-    specs = parse_methods(methods, ga, gb)
-    paths = setup.paths(needed_roles(specs), "evaluation")
-    calibration_seed = 0
-    # Tasks are read without the token budget (no model needed), so every spec, file and name is
-    # checked before the run folder is made or a model loads; prompts are fitted to the budget later,
-    # item by item, when the run reads them.
-    loaded = [load_task_spec(t, train, PromptSettings(shots=shots)) for t in tasks]
-    names = [d.task for d in loaded]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise SettingsError(f"two tasks are named {twice[0]}: give each task once, or rename one file")
-    for d in loaded:
-        if not d.items:
-            raise tm.TrimixError(f"task {d.task} has no items to evaluate")
-    console = Console(stderr=True)
-    task_scores, metrics, notes = {}, {}, {}
-    with RunDir(out) as run:
-        run.check(
-            settings={
-                "shots": shots,
-                "max_tokens": settings.max_tokens,
-                "mc_max_tokens": settings.mc_max_tokens,
-                "mc_mode": settings.mc_mode,
-                "stop": list(settings.stop),
-                "n_ctx": options.n_ctx,
-                "prompt_format": prompt_format(),
-            },
-            models={role: model_identity(p) for role, p in paths.items()},
-            methods={
-                m.name: method_identity(
-                    m.fusion,
-                    m.task_level,
-                    grid_alpha=ga,
-                    grid_beta=gb,
-                    calibration_n=calibration_n,
-                    calibration_seed=calibration_seed,
-                )
-                for m in specs
-            },
-            tasks={d.task: task_identity(d.files) for d in loaded},
-        )
-        run.save()
-        with tm.Engine(paths, options) as engine:
-            room = engine.n_ctx - max_tokens - 8
-            if room < 16:
-                raise tm.TrimixError(
-                    f"a context of {engine.n_ctx} tokens leaves no room for prompts after -n {max_tokens}"
-                )
-            budget = PromptSettings(
-                shots=shots,
-                max_prompt=room,
-                count_tokens=lambda text: len(engine.tokenize(text)),
-            )
-            runner = Runner(engine, out, settings, ga, gb, calibration_n, calibration_seed)
-            try:
-                for data in loaded:
-                    _run_task(
-                        runner,
-                        data,
-                        data.fitted(budget),
-                        limit,
-                        specs,
-                        console,
-                        task_scores,
-                        metrics,
-                        notes,
-                        rouge_tokenizer,
-                    )
-            finally:
-                runner.close()
-        results = build_results([m.name for m in specs], task_scores, metrics, notes)
-        results.write(out)
+class RichReporter:
+    """Warnings as yellow lines, and a progress bar per task, on stderr."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._bar: Progress | None = None
+        self._ids: dict[str, object] = {}
+        self._started = 0.0
+        self._done = 0
+
+    def warning(self, message: str) -> None:
+        err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+    def start(self, task: str, total: int) -> None:
+        self._bar = _progress(self.console)
+        self._bar.start()
+        self._ids[task] = self._bar.add_task(task, total=total, rate="")
+        self._started, self._done = time.perf_counter(), 0
+
+    def advance(self, task: str) -> None:
+        assert self._bar is not None
+        self._done += 1
+        rate = self._done / max(time.perf_counter() - self._started, 1e-9)
+        self._bar.update(self._ids[task], advance=1, rate=f"{rate:.2f} it/s")
+
+    def finish(self, task: str) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def run_eval(tasks: list[str], setup, options: tm.LoadOptions, cfg: EvalConfig, plot_file: Path | None) -> Results:
+    """Run the evaluation with progress on stderr, then show the table (and draw the plot)."""
+    results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)))
     show(results, Console())
+    for task, t in cfg.timings.items():
+        if t.get("calibration_s"):
+            err.print(f"[dim]{task}: per-task calibration took {t['calibration_s']:.1f} s[/]", soft_wrap=True)
     if plot_file is not None:
-        plot(results, out, plot_file)
+        plot(results, cfg.out, plot_file)
     return results
-
-
-def _run_task(
-    runner: Runner,
-    data: TaskData,
-    fitted: FittedItems,
-    limit: int | None,
-    specs: list,
-    console: Console,
-    task_scores: dict,
-    metrics: dict,
-    notes: dict,
-    rouge_tokenizer: str,
-) -> None:
-    """Run one task's items under every method, then score them; results go into the three dicts.
-
-    ``fitted`` is the task's items with prompts fitted to the context: the first ``limit`` are run,
-    and per-task calibration draws its sample from all of them (fitting only the ones it draws).
-    """
-    for w in data.warnings:
-        err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
-    items = list(fitted[: len(data.head(limit))])
-    task = Task(data.task, items, pool=fitted)
-    concrete = runner.expand(task, specs)
-    for w in fitted.warnings:
-        err.print(f"[yellow]warning:[/] {escape(str(w))}", soft_wrap=True)
-    shots_used = sorted({it.n_shots for it in items})
-    task_notes = [f"in-context examples per prompt: {', '.join(map(str, shots_used))}"]
-    cut = [it.cut_to for it in items if it.cut_to is not None]
-    if cut:
-        message = f"{len(cut)} of {len(items)} passages cut to {min(cut)}-{max(cut)} characters to fit the context"
-        task_notes.append(message)
-        err.print(f"[yellow]warning:[/] {task.name}: {escape(message)}", soft_wrap=True)
-    with _progress(console) as bar:
-        pid = bar.add_task(task.name, total=runner.pending(task, concrete), rate="")
-        t_start, done = time.perf_counter(), 0
-        for _ in runner.run(task, concrete):
-            done += 1
-            bar.update(pid, advance=1, rate=f"{done / (time.perf_counter() - t_start):.2f} it/s")
-    names = [m.name for m in concrete]
-    failed = sum(1 for it in items for name in names if "error" in runner.log.records.get((task.name, it.id, name), {}))
-    if failed:
-        message = f"{failed} predictions did not fit the context and count as no answer (raise --n-ctx)"
-        task_notes.append(message)
-        err.print(f"[yellow]warning:[/] {task.name}: {escape(message)}", soft_wrap=True)
-    notes[task.name] = task_notes
-    task_scores[task.name] = score_task(task, names, runner.log, rouge_tokenizer)
-    metric = items[0].metric
-    metrics[task.name] = f"{metric} ({rouge_tokenizer})" if metric == "rouge-l" else metric

@@ -21,7 +21,8 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
-from trimix_cpp.calibrate import read_prompts, sample_prompts
+from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
+from trimix_cpp.evaluation.run import EvalConfig
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
@@ -374,6 +375,9 @@ def calibrate(
     grid_alpha: GridAlpha = None,
     grid_beta: GridBeta = None,
     max_logits_mib: MaxLogits = None,
+    strategy: Annotated[
+        str, typer.Option(help="ppl (mean perplexity of the prompts) or ent (entropy of their next token).")
+    ] = "ppl",
     n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
@@ -381,21 +385,23 @@ def calibrate(
 ) -> None:
     """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
     with errors(verbose):
-        from trimix_cpp.calibrate import check_output_path
-
         check_output_path(output)
         setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         paths = setup.paths(SELECTION_ROLES, "calibration")
         sample = sample_prompts(read_prompts(prompts), n, seed)
-        selector = _selector("ppl", grid_alpha, grid_beta, max_logits_mib)
+        selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         with tm.Engine(paths, options) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
             formatted = [setup.prompt(engine, p, raw) for p in sample]
             cal = run_calibration(engine, formatted, selector, paths, lambda k: bar.update(task, completed=k))
+        cal = cal[selector.strategy]
         cal.save(output)
         a, b = cal.chosen
-        err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts; wrote {output}", soft_wrap=True)
+        skipped = f" ({cal.n_skipped} too long for the context)" if cal.n_skipped else ""
+        err.print(
+            f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
+        )
 
 
 def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:
@@ -526,18 +532,23 @@ def eval_cmd(
     plot_file: Annotated[
         Path | None, typer.Option("--plot", help="Draw per-task bars and landscapes to a PNG.")
     ] = None,
+    draft: Annotated[
+        int, typer.Option("--draft", help="Speculative decoding for the methods with a large model (same answers).")
+    ] = 0,
     n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
     verbose: Verbose = False,
 ) -> None:
-    """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable."""
+    """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable.
+
+    Per item, every method runs from one evaluation of the prompt in each model and all methods
+    generate together as one batch.
+    """
     with errors(verbose):
         setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        run_eval(
-            tasks,
-            setup,
+        cfg = EvalConfig(
             methods=methods,
             out=out,
             train=train,
@@ -548,10 +559,10 @@ def eval_cmd(
             calibration_n=calibration_n,
             grid_alpha=grid_alpha,
             grid_beta=grid_beta,
-            plot_file=plot_file,
-            options=options,
             rouge_tokenizer=rouge_tokenizer,
+            draft=draft,
         )
+        run_eval(tasks, setup, options, cfg, plot_file)
         err.print(
             f"[dim]predictions: {out / 'predictions.jsonl'}; results: {out / 'results.json'}, {out / 'results.md'}[/]",
             soft_wrap=True,

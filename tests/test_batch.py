@@ -229,3 +229,49 @@ def test_cli_batch_file(tiny_trio, tmp_path):
     assert r.returncode == 1 and "has no prompts" in r.stderr.decode() and r.stdout == b""
     r = trimix("generate", *args, "--parallel", "2", "the cat")
     assert r.returncode == 1 and "--parallel sets how many --batch prompts" in r.stderr.decode()
+
+
+def test_equal_settings_share_one_sequence(tiny_trio):
+    with tm.Engine({r: tiny_trio[r] for r in TRIO}, opts(n_seq=3)) as eng:
+        fixed = tm.plan("trimix", alpha=0.3, beta=0.6)
+        before = {r: m.n_decoded for r, m in eng.models.items()}
+        gens = eng.generate_many("the cat", [SeqSpec(fixed, max_tokens=6), SeqSpec(fixed, max_tokens=6)])
+        eng.run(gens)
+        used = {r: eng.models[r].n_decoded - before[r] for r in TRIO}
+        alone = eng.generate("the cat", fixed, max_tokens=6).run()
+    n_prompt = len(gens[0].prompt_tokens)
+    assert used == {r: n_prompt + 5 for r in TRIO}  # one sequence decoded, not two
+    assert gens[0].token_ids == gens[1].token_ids == alone.token_ids and gens[1].text == alone.text
+
+
+def test_eval_all_methods_in_one_batch_equal_one_method_at_a_time(tiny_trio, tmp_path):
+    task = tmp_path / "task.jsonl"
+    rows = [{"id": f"q{i}", "input": f"the cat {w}:", "gold": w} for i, w in enumerate(["sat", "ran", "ཀག"])]
+    task.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    methods = [
+        "large-ins",
+        "small-cpt",
+        "small-base",
+        "proxy",
+        "contrastive",
+        "trimix-ppl",
+        "trimix-ent",
+        "trimix@0.1:0.9",
+    ]
+    common = [str(task), *[f"--{r.replace('_', '-')}={tiny_trio[r]}" for r in TRIO], "-n", "6", "--n-ctx", "256"]
+    common += ["--grid-alpha", "0.1,0.5", "--grid-beta", "0.5,0.9"]
+
+    def predictions(out):
+        lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        return {(r["id"], r["method"]): r["output"] for r in map(json.loads, lines)}
+
+    together = tmp_path / "together"
+    r = trimix("eval", *common, "--methods", ",".join(methods), "--out", str(together))
+    assert r.returncode == 0, r.stderr.decode()
+    batched = predictions(together)
+    for m in methods:
+        out = tmp_path / m.replace("@", "_").replace(":", "_")
+        r = trimix("eval", *common, "--methods", m, "--out", str(out))
+        assert r.returncode == 0, r.stderr.decode()
+        for key, text in predictions(out).items():
+            assert batched[key] == text, key

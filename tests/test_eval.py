@@ -105,9 +105,9 @@ def test_milic_layout_all_methods(tiny_trio, tmp_path):
     pairs = {k[2] for k in log.records if k[2].startswith("trimix@")}
     assert pairs == {"trimix@0.1:0.1", "trimix@0.1:1", "trimix@1:0.1", "trimix@1:1"}
     cal = json.loads((out / "calibration-translation_ug-en.json").read_text())
-    assert len(cal["mean_nll"]) == 2 and cal["n_prompts"] == 2
+    assert len(cal["scores"]) == 2 and cal["n_prompts"] == 2
     ent = json.loads((out / "calibration-translation_ug-en-ent.json").read_text())
-    assert ent["strategy"] == "ent" and len(ent["mean_entropy"]) == 2
+    assert ent["strategy"] == "ent" and len(ent["scores"]) == 2
     assert "| upper-bound (oracle) |" in (out / "results.md").read_text()
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log.close()

@@ -232,7 +232,7 @@ def test_likelihood_scoring_past_eight_options(tiny_trio, tmp_path):
         [method] = parse_methods("large-ins")
         runner = Runner(eng, tmp_path, GenerationSettings(mc_mode="score"))
         try:
-            rec = runner.predict(Task("t", [item]), item, method)
+            [rec] = runner.predict_item(Task("t", [item]), item, [method])
         finally:
             runner.close()
         nll = [eng.continuation_nll(item.prompt, " " + o, tm.plan("single")) for o in options]

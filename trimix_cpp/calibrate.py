@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
-from .errors import TrimixError
+from .errors import ContextOverflowError, TrimixError
 from .selection import SELECTION_ROLES, Selector, choose
 
 FORMAT = "trimix-weights/1"
@@ -84,28 +84,39 @@ def model_fingerprint(paths: Mapping[str, str | Path]) -> dict[str, dict[str, ob
 
 @dataclass
 class Calibration:
+    """One pair for a task: each grid pair's score averaged over the sampled prompts (mean NLL per
+    token for ``ppl``, entropy of the first generated token for ``ent``) and the pair it picks."""
+
     strategy: str
     alphas: tuple[float, ...]
     betas: tuple[float, ...]
-    mean_nll: np.ndarray
+    scores: np.ndarray
     chosen: tuple[float, float]
     n_prompts: int
     models: dict[str, dict[str, object]]
+    n_skipped: int = 0  # sampled prompts too long for the context
+
+    @property
+    def mean_nll(self) -> np.ndarray:
+        return self.scores
 
     def as_dict(self) -> dict[str, object]:
-        grid = [
-            {"alpha": a, "beta": b, "nll": float(self.mean_nll[i, j]), "ppl": math.exp(float(self.mean_nll[i, j]))}
-            for i, a in enumerate(self.alphas)
-            for j, b in enumerate(self.betas)
-        ]
+        key = "nll" if self.strategy == "ppl" else "entropy"
+        grid = []
+        for i, a in enumerate(self.alphas):
+            for j, b in enumerate(self.betas):
+                v = float(self.scores[i, j])
+                grid.append({"alpha": a, "beta": b, key: v} | ({"ppl": math.exp(v)} if key == "nll" else {}))
         return {
             "format": FORMAT,
             "strategy": self.strategy,
             "chosen": {"alpha": self.chosen[0], "beta": self.chosen[1]},
             "grid_alpha": list(self.alphas),
             "grid_beta": list(self.betas),
+            "scores": self.scores.tolist(),
             "grid": grid,
             "n_prompts": self.n_prompts,
+            "n_skipped": self.n_skipped,
             "models": self.models,
         }
 
@@ -123,27 +134,62 @@ class Calibration:
 def calibrate(
     engine: Engine,
     prompts: Sequence[str | np.ndarray],
-    selector: Selector,
+    selectors: Selector | Sequence[Selector],
     paths: Mapping[str, str | Path],
     progress: Callable[[int], None] | None = None,
-) -> Calibration:
-    """Mean over ``prompts`` of each pair's per-prompt mean NLL, and the pair that minimises it."""
-    if selector.strategy != "ppl":
-        raise TrimixError("calibration uses perplexity (--strategy ppl)")
-    total = np.zeros((len(selector.alphas), len(selector.betas)))
+) -> dict[str, Calibration]:
+    """Each selector's score of every pair averaged over ``prompts`` (one evaluation per prompt,
+    shared by all the selectors), and the pair each picks, by strategy.
+
+    This is how the authors' evaluation uses perplexity selection: one pair for the whole task from
+    a few dozen of its prompts, no labels. A prompt too long for the context is skipped and counted.
+    """
+    sels = [selectors] if isinstance(selectors, Selector) else list(selectors)
+    if not sels:
+        raise TrimixError("calibration needs a selection strategy (ppl or ent)")
+    totals = {s: np.zeros((len(s.alphas), len(s.betas))) for s in sels}
+    used = skipped = 0
     for k, prompt in enumerate(prompts):
-        total += engine.select(prompt, selector).scores
+        try:
+            picked = engine.select_many(prompt, sels)
+        except ContextOverflowError:
+            skipped += 1
+            continue
+        for s in sels:
+            totals[s] += picked[s].scores
+        used += 1
         if progress is not None:
             progress(k + 1)
-    mean = total / len(prompts)
+    if not used:
+        raise TrimixError("no calibration prompt fits the context (raise --n-ctx)")
+    out: dict[str, Calibration] = {}
+    for s in sels:
+        mean = totals[s] / used
+        out[s.strategy] = Calibration(
+            strategy=s.strategy,
+            alphas=s.alphas,
+            betas=s.betas,
+            scores=mean,
+            chosen=choose(s.alphas, s.betas, mean),
+            n_prompts=used,
+            models=model_fingerprint(paths),
+            n_skipped=skipped,
+        )
+    return out
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    """A weights file as written by :meth:`Calibration.save` (for a run's per-task calibration)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
     return Calibration(
-        strategy="ppl",
-        alphas=selector.alphas,
-        betas=selector.betas,
-        mean_nll=mean,
-        chosen=choose(selector.alphas, selector.betas, mean),
-        n_prompts=len(prompts),
-        models=model_fingerprint(paths),
+        strategy=data["strategy"],
+        alphas=tuple(data["grid_alpha"]),
+        betas=tuple(data["grid_beta"]),
+        scores=np.asarray(data["scores"], dtype=np.float64),
+        chosen=(float(data["chosen"]["alpha"]), float(data["chosen"]["beta"])),
+        n_prompts=int(data["n_prompts"]),
+        models=data["models"],
+        n_skipped=int(data.get("n_skipped", 0)),
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -223,10 +223,12 @@ class _Seq:
         "cells",
         "decoder",
         "drafter",
+        "followers",
         "fuser",
         "gen",
         "guard",
         "id",
+        "key",
         "kv_roles",
         "n_past",
         "next_token",
@@ -246,6 +248,8 @@ class _Seq:
         self.request = request
         self.slot = -1
         self.drafter: Drafter | None = None
+        self.followers: list[Generation] = []  # generations with the very same settings: same output
+        self.key: tuple = ()
         self.id = seq_id
         self.kv_roles = kv_roles
         self.cells = cells
@@ -258,6 +262,22 @@ class _Seq:
         self.pending = ""
         self.stops = [s for s in gen.spec.stop if s]
         self.started = 0.0
+
+
+def _same_output_key(spec: SeqSpec, fusion: FusionPlan) -> tuple:
+    """Sequences with equal keys produce the same tokens: the same non-zero weights and constraint,
+    and the same decoding settings (sampling with the same seed included)."""
+    weights = tuple(sorted((r, w) for r, w in fusion.weights.items() if w != 0.0))
+    return (
+        weights,
+        fusion.plausibility_role,
+        fusion.plausibility_alpha,
+        spec.sampling,
+        spec.max_tokens,
+        spec.stop,
+        spec.utf8_guard,
+        spec.draft,
+    )
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -347,6 +367,13 @@ class Scheduler:
             req.gens = [g for g in req.gens if g.finish_reason is None]
             if not req.gens:
                 self.queue.remove(req)
+        for s in self.active:
+            for f in [f for f in s.followers if f._cancel]:
+                s.followers.remove(f)
+                f.finish_reason = "cancelled"
+            while s.gen._cancel and s.followers:  # a follower takes over the sequence
+                s.gen.finish_reason = "cancelled"
+                s.gen = s.followers.pop(0)
         for s in [s for s in self.active if s.gen._cancel]:
             self._finish(s, "cancelled")
 
@@ -429,11 +456,20 @@ class Scheduler:
                     g.fusion = plan("trimix", alpha=a, beta=b)
                 fusion = g.fusion
                 assert isinstance(fusion, FusionPlan)
+                key = _same_output_key(g.spec, fusion)
+                leader = next((x for x in seqs if x.key == key), None) if k > 0 else None
+                if leader is not None:
+                    # the same weights and settings give the same tokens: follow, with no sequence
+                    leader.followers.append(g)
+                    self.free_ids.append(seq_id)
+                    self.cells_free += min(g.spec.max_tokens + g.spec.draft, room)
+                    continue
                 kv_roles = roles if k == 0 else fusion.roles
                 if k > 0:
                     for r in fusion.roles:
                         eng.models[r].seq_cp(ids[0], seq_id)
                 s = _Seq(g, seq_id, kv_roles, min(g.spec.max_tokens + g.spec.draft, room), req)
+                s.key = key
                 s.roles = fusion.roles
                 s.rows = last
                 seqs.append(s)
@@ -441,8 +477,10 @@ class Scheduler:
             for m in eng.models.values():
                 for seq_id in ids:
                     m.seq_rm(seq_id)
-            self.free_ids.extend(ids)
-            self.cells_free += req.cells
+            self.free_ids = [i for i in self.free_ids if i not in ids] + ids
+            self.cells_free += req.cells - sum(
+                min(f.spec.max_tokens + f.spec.draft, room) for x in seqs for f in x.followers
+            )
             self._fail(req.gens, e)
             return
         req.running = len(seqs)
@@ -528,6 +566,8 @@ class Scheduler:
             self._finish(s, "eog")
             return False
         g.token_ids.append(tok)
+        for f in s.followers:
+            f.token_ids.append(tok)
         s.state = s.guard.advance(s.state, tok)
         s.pending += s.decoder.feed(vocab.pieces[tok])
         if s.stops and s.pending:
@@ -556,8 +596,9 @@ class Scheduler:
     @staticmethod
     def _emit(s: _Seq, piece: str) -> None:
         if piece:
-            s.gen.text += piece
-            s.gen._pieces.append(piece)
+            for g in (s.gen, *s.followers):
+                g.text += piece
+                g._pieces.append(piece)
 
     def _finish(self, s: _Seq, reason: str, error: BaseException | None = None) -> None:
         """End a sequence: flush its text, free its cells and its sequence id."""
@@ -570,6 +611,9 @@ class Scheduler:
             g.error = error
         g.timings.gen_tokens = len(g.token_ids)
         g.timings.gen_s = time.perf_counter() - s.started if s.started else 0.0
+        for f in s.followers:
+            f.finish_reason, f.error = reason, error
+            f.timings = replace(g.timings, queued_s=f.timings.queued_s)
         if s in self.active:
             self.active.remove(s)
         for r in s.kv_roles:

@@ -19,7 +19,6 @@ for the label-free choices, not a method.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import string
@@ -29,10 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..engine import Engine
+from ..calibrate import calibrate as calibrate_prompts
+from ..calibrate import read_calibration
+from ..engine import Engine, SeqSpec
 from ..errors import ContextOverflowError, TrimixError
 from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
-from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector, choose
+from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector
+from ..speculative import draft_plan
 from .metrics import ROUGE_TOKENIZERS, score_outputs
 from .rundir import read_predictions
 
@@ -176,7 +178,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 @dataclass
 class Runner:
-    """Runs methods over tasks with one loaded :class:`Engine` (models load once per run)."""
+    """Runs methods over tasks with one loaded :class:`Engine` (models load once per run).
+
+    Per item, every pending method runs from one evaluation of the prompt in each model: the
+    per-prompt selections (PPL and ENT) are read off that pass, the prompt's KV cells are shared by
+    one sequence per method, and all methods generate together as one batch (methods that land on
+    the same weights, such as ``trimix-ppl`` and the grid pair it picks, share one sequence).
+    Likelihood-scored multiple choice scores every option under every method from that one pass.
+    """
 
     engine: Engine
     out_dir: Path
@@ -185,6 +194,8 @@ class Runner:
     grid_beta: tuple[float, ...] = DEFAULT_GRID
     calibration_n: int = 50
     calibration_seed: int = 0
+    draft: int = 0
+    calibration_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_count("--calibration-n", self.calibration_n)
@@ -198,10 +209,12 @@ class Runner:
 
     def expand(self, task: Task, methods: Sequence[MethodSpec]) -> list[MethodSpec]:
         """Concrete per-item methods: task-level ones become fixed weights (calibrated, or the grid)."""
+        wanted = [m.task_level.split("-")[0] for m in methods if m.task_level in ("ppl-task", "ent-task")]
+        calibrated = self.calibrate(task, wanted) if wanted else {}
         out: list[MethodSpec] = []
         for m in methods:
             if m.task_level in ("ppl-task", "ent-task"):
-                a, b = self.calibrate(task, m.task_level.split("-")[0])
+                a, b = calibrated[m.task_level.split("-")[0]]
                 out.append(MethodSpec(m.name, plan("trimix", alpha=a, beta=b)))
             elif m.task_level == "upper-bound":
                 for a in self.grid_alpha:
@@ -213,41 +226,37 @@ class Runner:
                 out.append(m)
         return out
 
-    def calibrate(self, task: Task, strategy: str = "ppl") -> tuple[float, float]:
-        """One pair for the task: the lowest mean prompt NLL (``ppl``) or mean first-token entropy
-        (``ent``) over a seeded sample of its prompts (no labels), remembered in the run folder so a
-        resumed run uses the same pair."""
-        path = calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}")
-        if path.exists():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            return float(saved["alpha"]), float(saved["beta"])
+    def calibrate(self, task: Task, strategies: Sequence[str] = ("ppl",)) -> dict[str, tuple[float, float]]:
+        """One pair per strategy for the task: the lowest mean prompt NLL (``ppl``) or mean first-token
+        entropy (``ent``) over a seeded sample of its prompts (no labels), every strategy from the same
+        one evaluation per prompt, remembered in the run folder (as weights files ``trimix generate
+        --weights-from`` reads) so a resumed run uses the same pairs."""
+        out: dict[str, tuple[float, float]] = {}
+        missing = []
+        for strategy in dict.fromkeys(strategies):
+            path = calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}")
+            if path.exists():
+                out[strategy] = read_calibration(path).chosen
+            else:
+                missing.append(strategy)
+        if not missing:
+            return out
         pool = task.items if task.pool is None else task.pool
         # Positions drawn exactly as random.sample draws from the prompts themselves; only the drawn
         # items are read, so a pool may build its prompts on demand.
         picked = random.Random(self.calibration_seed).sample(range(len(pool)), min(self.calibration_n, len(pool)))
-        selector = Selector(strategy, self.grid_alpha, self.grid_beta)
-        scores = []
-        for i in picked:
-            try:
-                scores.append(self.engine.select(pool[i].prompt, selector).scores)
-            except ContextOverflowError:
-                continue  # one prompt too long for the context: the others calibrate
-        if not scores:
-            raise TrimixError(f"no calibration prompt of {task.name} fits the context (raise --n-ctx)")
-        mean_nll = sum(scores) / len(scores)
-        a, b = choose(selector.alphas, selector.betas, mean_nll)
-        record = {
-            "alpha": a,
-            "beta": b,
-            "n_prompts": len(scores),
-            "n_too_long": len(picked) - len(scores),
-            "grid_alpha": list(selector.alphas),
-            "grid_beta": list(selector.betas),
-            "strategy": strategy,
-            "mean_nll" if strategy == "ppl" else "mean_entropy": mean_nll.tolist(),
-        }
-        write_atomic(path, json.dumps(record) + "\n")
-        return a, b
+        selectors = [Selector(s, self.grid_alpha, self.grid_beta) for s in missing]
+        t0 = time.perf_counter()
+        paths = {r: m.path for r, m in self.engine.models.items()}
+        try:
+            found = calibrate_prompts(self.engine, [pool[i].prompt for i in picked], selectors, paths)
+        except TrimixError as e:
+            raise TrimixError(f"{task.name}: {e}") from None
+        self.calibration_seconds[task.name] = self.calibration_seconds.get(task.name, 0.0) + time.perf_counter() - t0
+        for strategy, cal in found.items():
+            cal.save(calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}"))
+            out[strategy] = cal.chosen
+        return out
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -255,59 +264,93 @@ class Runner:
         return sum(1 for m in methods for it in task.items if not self.log.done(task.name, it.id, m.name))
 
     def run(self, task: Task, methods: Sequence[MethodSpec]) -> Iterator[dict]:
-        """Predict every (item, method) not yet in the log; yields each new record."""
-        for m in methods:
-            for it in task.items:
-                if self.log.done(task.name, it.id, m.name):
-                    continue
-                try:
-                    rec = self.predict(task, it, m)
-                except ContextOverflowError as e:
-                    # one item too long for the context: no answer for it, and the run goes on
-                    rec = {"task": task.name, "id": it.id, "method": m.name, "output": "", "error": str(e)}
+        """Predict every (item, method) not yet in the log, item by item; yields each new record."""
+        for it in task.items:
+            todo = [m for m in methods if not self.log.done(task.name, it.id, m.name)]
+            if not todo:
+                continue
+            try:
+                records = self.predict_item(task, it, todo)
+            except ContextOverflowError as e:
+                # one item too long for the context: no answer for it, and the run goes on
+                records = [
+                    {"task": task.name, "id": it.id, "method": m.name, "output": "", "error": str(e)} for m in todo
+                ]
+            for rec in records:
                 self.log.append(rec)
                 yield rec
 
-    def predict(self, task: Task, item: EvalItem, method: MethodSpec) -> dict:
+    def predict_item(self, task: Task, item: EvalItem, methods: Sequence[MethodSpec]) -> list[dict]:
+        """Every method's prediction for one item, from one evaluation of its prompt."""
         s = self.settings
         t0 = time.perf_counter()
-        selection = None
+        prompt = self.engine.tokenize(item.prompt)
         if item.kind == "choice" and s.mc_mode == "score":
-            output, weights, selection = self._score_options(item, method)
+            outputs = self._score_options(prompt, item, methods)
         else:
             max_tokens = s.mc_max_tokens if item.kind == "choice" else s.max_tokens
-            gen = self.engine.generate(item.prompt, method.fusion, max_tokens=max_tokens, stop=list(s.stop)).run()
-            output, weights = gen.text, gen.fusion.weights
-            if gen.selection is not None:
-                selection = {"alpha": gen.selection.chosen[0], "beta": gen.selection.chosen[1]}
-        rec = {
-            "task": task.name,
-            "id": item.id,
-            "method": method.name,
-            "output": output,
-            "weights": weights,
-            "seconds": round(time.perf_counter() - t0, 4),
-        }
-        if selection:
-            rec["selected"] = selection
-        return rec
+            specs = [
+                SeqSpec(
+                    m.fusion,
+                    max_tokens=max_tokens,
+                    stop=tuple(s.stop),
+                    draft=self.draft if _drafts(m.fusion) else 0,
+                )
+                for m in methods
+            ]
+            gens = self.engine.generate_many(prompt, specs)
+            self.engine.run(gens)
+            outputs = []
+            for g in gens:
+                sel = g.selection
+                chosen = {"alpha": sel.chosen[0], "beta": sel.chosen[1]} if sel is not None else None
+                error = str(g.error) if g.error is not None else None
+                outputs.append((g.text, g.fusion.weights if isinstance(g.fusion, FusionPlan) else {}, chosen, error))
+        seconds = round(time.perf_counter() - t0, 4)
+        records = []
+        for m, (output, weights, chosen, error) in zip(methods, outputs):
+            rec = {
+                "task": task.name,
+                "id": item.id,
+                "method": m.name,
+                "output": output,
+                "weights": weights,
+                "seconds": seconds,
+                "batch": len(methods),
+            }
+            if chosen:
+                rec["selected"] = chosen
+            if error:
+                rec["error"] = error
+            records.append(rec)
+        return records
 
-    def _score_options(self, item: EvalItem, method: MethodSpec) -> tuple[str, dict, dict | None]:
+    def _score_options(
+        self, prompt, item: EvalItem, methods: Sequence[MethodSpec]
+    ) -> list[tuple[str, dict, dict | None, str | None]]:
         """Multiple choice by likelihood: the option whose text the fused model finds most likely
-        after the prompt (mean NLL per token), answered as its letter."""
-        fusion = method.fusion
-        selection = None
-        if isinstance(fusion, Selector):
-            sel = self.engine.select(item.prompt, fusion)
-            fusion = plan("trimix", alpha=sel.chosen[0], beta=sel.chosen[1])
-            selection = {"alpha": sel.chosen[0], "beta": sel.chosen[1]}
-        assert isinstance(fusion, FusionPlan)
-        best, best_nll = 0, math.inf
-        for k, option in enumerate(item.options or []):
-            nll = self.engine.continuation_nll(item.prompt, " " + option, fusion)
-            if nll < best_nll:
-                best, best_nll = k, nll
-        return string.ascii_uppercase[best], fusion.weights, selection
+        after the prompt (mean NLL per token), answered as its letter; every method from one pass."""
+        plans = {m.name: m.fusion for m in methods}
+        nlls, selections = self.engine.option_nlls(prompt, [" " + o for o in item.options or []], plans)
+        out = []
+        for m in methods:
+            scores = nlls[m.name]
+            best = min(range(len(scores)), key=lambda k: (scores[k], k)) if scores else 0
+            sel = selections.get(m.name)
+            if sel is not None:
+                fusion = plan("trimix", alpha=sel.chosen[0], beta=sel.chosen[1])
+                chosen = {"alpha": sel.chosen[0], "beta": sel.chosen[1]}
+            else:
+                fusion, chosen = m.fusion, None
+            out.append((string.ascii_uppercase[best], fusion.weights, chosen, None))
+        return out
+
+
+def _drafts(fusion: FusionPlan | Selector | None) -> bool:
+    """Whether speculative decoding applies to a method (it needs a large and a small-cpt model)."""
+    if isinstance(fusion, Selector):
+        return True
+    return fusion is not None and draft_plan(fusion) is not None
 
 
 def needed_roles(methods: Sequence[MethodSpec]) -> tuple[str, ...]:
