@@ -309,11 +309,15 @@ def test_routes_and_methods_that_do_not_exist(demo):
         assert r.status_code == status and r.json()["error"]["code"] in ("not_found", "method_not_allowed")
 
 
-def test_the_server_survives_bad_requests(demo, client):
+def test_the_server_survives_bad_requests_and_logs_each(demo, client):
+    assert post(demo, C, NAN).status_code == 400
     r = client.completions.create(model="m", prompt=UG, max_tokens=2)
     assert r.choices[0].finish_reason in ("length", "stop")
     assert health(demo)["status"] == "ok"
+    time.sleep(0.5)  # the log line is written as the response ends
     assert any('"POST /v1/completions" 400' in line and "trimix.alpha" in line for line in demo.lines)
+    ok = [line for line in demo.lines if '"POST /v1/completions" 200' in line]
+    assert ok and all(re.search(r"\w+=\S+ .*prompt \d+ tok, generated \d+ tok", line) for line in ok)
 
 
 # -- concurrency: the queue limit, disconnects -----------------------------------------------------
