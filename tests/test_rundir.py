@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trimix_cpp.calibrate import check_output_path
+from trimix_cpp.calibrate import check_output_path, read_calibration
 from trimix_cpp.errors import TrimixError
 from trimix_cpp.evaluation.rundir import (
     LOCK,
@@ -102,6 +102,17 @@ def test_predictions_without_a_manifest_are_refused(tmp_path: Path) -> None:
     (out / MANIFEST).write_text("{not json", encoding="utf-8")
     with pytest.raises(RunDirError, match="is not a trimix run manifest"):
         RunDir(out).open()
+    (out / MANIFEST).write_text('{"format": "trimix-run/1"}', encoding="utf-8")
+    with pytest.raises(RunDirError, match=r"made by another version of trimix eval \(format trimix-run/1, this one"):
+        RunDir(out).open()
+
+
+def test_a_calibration_file_of_another_format_is_one_line(tmp_path: Path) -> None:
+    old = tmp_path / "calibration-t.json"
+    old.write_text(json.dumps({"alpha": 0.1, "beta": 1.0, "mean_nll": [[1.0]]}), encoding="utf-8")
+    with pytest.raises(TrimixError, match=r"is not a calibration file of format trimix-weights/1") as info:
+        read_calibration(old)
+    assert "\n" not in str(info.value)
 
 
 def test_identities(tmp_path: Path) -> None:

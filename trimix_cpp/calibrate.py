@@ -179,18 +179,31 @@ def calibrate(
 
 
 def read_calibration(path: str | Path) -> Calibration:
-    """A weights file as written by :meth:`Calibration.save` (for a run's per-task calibration)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return Calibration(
-        strategy=data["strategy"],
-        alphas=tuple(data["grid_alpha"]),
-        betas=tuple(data["grid_beta"]),
-        scores=np.asarray(data["scores"], dtype=np.float64),
-        chosen=(float(data["chosen"]["alpha"]), float(data["chosen"]["beta"])),
-        n_prompts=int(data["n_prompts"]),
-        models=data["models"],
-        n_skipped=int(data.get("n_skipped", 0)),
-    )
+    """A weights file as written by :meth:`Calibration.save` (for a run's per-task calibration).
+
+    A file this version cannot read (written by an older one, or damaged) is a one-line error rather
+    than a KeyError: the run folder it sits in was made with other code.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != FORMAT:
+            raise ValueError(data.get("format"))
+        return Calibration(
+            strategy=data["strategy"],
+            alphas=tuple(data["grid_alpha"]),
+            betas=tuple(data["grid_beta"]),
+            scores=np.asarray(data["scores"], dtype=np.float64),
+            chosen=(float(data["chosen"]["alpha"]), float(data["chosen"]["beta"])),
+            n_prompts=int(data["n_prompts"]),
+            models=data["models"],
+            n_skipped=int(data.get("n_skipped", 0)),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise TrimixError(
+            f"{path} is not a calibration file of format {FORMAT} (an older trimix wrote it, or it is damaged): "
+            f"delete it to calibrate again, or start a new run with another --out"
+        ) from None
 
 
 def load_weights(path: str | Path, paths: Mapping[str, str | Path]) -> tuple[float, float]:

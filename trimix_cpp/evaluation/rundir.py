@@ -40,7 +40,9 @@ from ..errors import TrimixError
 from ..fusion import FusionPlan
 from ..selection import Selector
 
-FORMAT = "trimix-run/1"
+# The version of what a run folder holds (this manifest, the predictions, the calibration files).
+# /2: calibration files are weights files (trimix-weights/1) with a "scores" grid.
+FORMAT = "trimix-run/2"
 MANIFEST = "run.json"
 LOCK = "run.lock"
 PREDICTIONS = "predictions.jsonl"
@@ -320,10 +322,14 @@ class RunDir:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             data = None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or not str(data.get("format", "")).startswith("trimix-run/"):
             raise RunDirError(
-                f"{path} is not a trimix run manifest of format {FORMAT}: delete {self.path} to start over, "
-                "or use another --out"
+                f"{path} is not a trimix run manifest: delete {self.path} to start over, or use another --out"
+            )
+        if data["format"] != FORMAT:
+            raise RunDirError(
+                f"the run folder {self.path} was made by another version of trimix eval (format {data['format']}, "
+                f"this one reads {FORMAT}): delete {self.path} to start over, or use another --out"
             )
         return data
 
