@@ -78,6 +78,10 @@ def test_batched_fusion_is_each_models_logits_weighted_per_sequence(tiny_trio):
         gens = eng.generate_many("the cat", [SeqSpec(p, max_tokens=6) for p in PLANS.values()])
         eng.run(gens)
         for gen, p in zip(gens, PLANS.values()):
+            if id(gen) not in seen:  # proxy and trimix@1:1 are the same weights: one sequence serves both
+                twin = next(g for g, q in zip(gens, PLANS.values()) if q.weights == p.weights and id(g) in seen)
+                assert gen.token_ids == twin.token_ids
+                continue
             steps = seen[id(gen)]
             assert len(steps) >= 1
             for rows, fused in steps:
@@ -275,3 +279,22 @@ def test_eval_all_methods_in_one_batch_equal_one_method_at_a_time(tiny_trio, tmp
         assert r.returncode == 0, r.stderr.decode()
         for key, text in predictions(out).items():
             assert batched[key] == text, key
+
+
+def test_sequences_that_agree_decode_once_between_them(tiny_trio):
+    """Logits depend on the tokens, not on the weights that chose them: sequences with the same tokens
+    so far share one decode per model, and fork when they disagree."""
+    grid = [(a, b) for a in (0.1, 0.3, 0.5) for b in (0.5, 0.7, 0.9)]
+    with tm.Engine({r: tiny_trio[r] for r in TRIO}, opts(n_seq=len(grid))) as eng:
+        before = {r: m.n_decoded for r, m in eng.models.items()}
+        specs = [SeqSpec(tm.plan("trimix", alpha=a, beta=b), max_tokens=8) for a, b in grid]
+        gens = eng.generate_many("the cat sat", specs)
+        eng.run(gens)
+        used = {r: eng.models[r].n_decoded - before[r] for r in TRIO}
+        alone = [eng.generate("the cat sat", sp.fusion, max_tokens=8).run().token_ids for sp in specs]
+    assert [g.token_ids for g in gens] == alone
+    # every distinct prefix that was continued was decoded exactly once
+    prefixes = {tuple(g.token_ids[:k]) for g in gens for k in range(1, len(g.token_ids))}
+    n_prompt = len(gens[0].prompt_tokens)
+    assert used == {r: n_prompt + len(prefixes) for r in TRIO}
+    assert len(prefixes) < sum(len(g.token_ids) - 1 for g in gens)  # some of them agreed for a while

@@ -214,12 +214,39 @@ class _Request:
     gens: list[Generation]
     cells: int  # KV cells reserved while it runs: the prompt once, plus each sequence's new tokens
     running: int = 0  # its sequences still active; the shared prompt cells go with the last one
+    spare: list[int] = field(default_factory=list)  # its llama.cpp sequence ids no branch holds now
+
+
+class _Branch:
+    """One llama.cpp sequence id: a token history shared by every sequence that has produced exactly
+    those tokens so far. A model's logits depend on the tokens alone, not on the weights that chose
+    them, so sequences that agree (the grid pairs of an evaluation often do, for many tokens) decode
+    once per model between them. When their next tokens differ, the branch forks: the new branch
+    shares the old one's cells (``seq_cp``, no copy) and goes on with its own tokens."""
+
+    __slots__ = ("id", "kv_roles", "members", "n_past", "next_token", "request", "rows")
+
+    def __init__(self, seq_id: int, n_past: int, kv_roles: tuple[str, ...], request: _Request) -> None:
+        self.id = seq_id
+        self.n_past = n_past  # positions in the KV cache
+        self.next_token = -1  # picked, not yet decoded
+        self.kv_roles = kv_roles  # models where this sequence id holds cells
+        self.request = request
+        self.members: list[_Seq] = []
+        self.rows: dict[str, np.ndarray] = {}  # each model's logits after the last decoded token
+
+    def roles(self) -> tuple[str, ...]:
+        """The models this branch decodes in: those its members use."""
+        used = {r for s in self.members for r in s.roles}
+        return tuple(r for r in self.kv_roles if r in used)
 
 
 class _Seq:
-    """The state of one active sequence (one llama.cpp sequence id in every model it uses)."""
+    """The state of one active sequence: its weights, sampler, UTF-8 guard state, decoder and stop
+    matcher, and the branch (llama.cpp sequence) that holds its tokens."""
 
     __slots__ = (
+        "branch",
         "cells",
         "decoder",
         "drafter",
@@ -227,15 +254,11 @@ class _Seq:
         "fuser",
         "gen",
         "guard",
-        "id",
         "key",
-        "kv_roles",
-        "n_past",
-        "next_token",
         "pending",
+        "pick",
         "request",
         "roles",
-        "rows",
         "sampler",
         "slot",
         "started",
@@ -243,25 +266,47 @@ class _Seq:
         "stops",
     )
 
-    def __init__(self, gen: Generation, seq_id: int, kv_roles: tuple[str, ...], cells: int, request: _Request) -> None:
+    def __init__(self, gen: Generation, branch: _Branch, cells: int, request: _Request) -> None:
         self.gen = gen
         self.request = request
+        self.branch = branch
         self.slot = -1
         self.drafter: Drafter | None = None
         self.followers: list[Generation] = []  # generations with the very same settings: same output
         self.key: tuple = ()
-        self.id = seq_id
-        self.kv_roles = kv_roles
         self.cells = cells
         self.roles: tuple[str, ...] = ()
-        self.rows: dict[str, np.ndarray] = {}
-        self.n_past = len(gen.prompt_tokens)
-        self.next_token = -1
+        self.pick = -1  # the token chosen this step, before the branches regroup
         self.state = ACCEPT
         self.decoder = StreamDecoder()
         self.pending = ""
         self.stops = [s for s in gen.spec.stop if s]
         self.started = 0.0
+
+    # the branch's fields, as a sequence alone in its branch (a drafting one) sees them
+    @property
+    def id(self) -> int:
+        return self.branch.id
+
+    @property
+    def n_past(self) -> int:
+        return self.branch.n_past
+
+    @n_past.setter
+    def n_past(self, value: int) -> None:
+        self.branch.n_past = value
+
+    @property
+    def next_token(self) -> int:
+        return self.branch.next_token
+
+    @next_token.setter
+    def next_token(self, value: int) -> None:
+        self.branch.next_token = value
+
+    @property
+    def rows(self) -> dict[str, np.ndarray]:
+        return self.branch.rows
 
 
 def _same_output_key(spec: SeqSpec, fusion: FusionPlan) -> tuple:
@@ -394,7 +439,7 @@ class Scheduler:
             return
         batch = list(self.active)
         n_ctx = self.engine.n_ctx
-        drafting = [s for s in batch if usable(s, n_ctx) > 0]
+        drafting = [s for s in batch if usable(s, n_ctx) > 0 and len(s.branch.members) == 1]
         plain = [s for s in batch if s not in drafting]
         self.steps += 1
         for group, kind in ((plain, "plain"), (drafting, "draft")):
@@ -415,8 +460,8 @@ class Scheduler:
             self.decode_s += spent
             for s in group:
                 s.gen.timings.decode_s += spent
-                if kind == "plain":
-                    self._advance(s)
+            if kind == "plain":
+                self._advance_all(group)
 
     def _decode_seconds(self) -> float:
         return sum(m.decode_s for m in self.engine.models.values())
@@ -435,7 +480,7 @@ class Scheduler:
             self._prefill(req)
 
     def _prefill(self, req: _Request) -> None:
-        """Evaluate the prompt once, choose weights, share the prompt's cells, pick first tokens."""
+        """Evaluate the prompt once, choose weights, pick every sequence's first token."""
         eng = self.engine
         ids = [self.free_ids.pop() for _ in req.gens]
         self.cells_free -= req.cells
@@ -444,80 +489,107 @@ class Scheduler:
         selectors = [g.spec.fusion for g in req.gens if isinstance(g.spec.fusion, Selector)]
         seqs: list[_Seq] = []
         room = eng.n_ctx - len(req.prompt)
+        root = _Branch(ids[0], len(req.prompt), roles, req)
+        req.spare = ids[1:]
         try:
             ev = evaluate_prompt(eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors)
-            last = {r: eng.models[r].logits_row(-1) for r in roles}
-            for k, (g, seq_id) in enumerate(zip(req.gens, ids)):
-                g.timings.queued_s = started - g._submitted
-                g.timings.prompt_s = ev.seconds
-                if isinstance(g.spec.fusion, Selector):
-                    g.selection = ev.selections[g.spec.fusion]
-                    a, b = g.selection.chosen
-                    g.fusion = plan("trimix", alpha=a, beta=b)
-                fusion = g.fusion
-                assert isinstance(fusion, FusionPlan)
-                key = _same_output_key(g.spec, fusion)
-                leader = next((x for x in seqs if x.key == key), None) if k > 0 else None
-                if leader is not None:
-                    # the same weights and settings give the same tokens: follow, with no sequence
-                    leader.followers.append(g)
-                    self.free_ids.append(seq_id)
-                    self.cells_free += min(g.spec.max_tokens + g.spec.draft, room)
-                    continue
-                kv_roles = roles if k == 0 else fusion.roles
-                if k > 0:
-                    for r in fusion.roles:
-                        eng.models[r].seq_cp(ids[0], seq_id)
-                s = _Seq(g, seq_id, kv_roles, min(g.spec.max_tokens + g.spec.draft, room), req)
-                s.key = key
-                s.roles = fusion.roles
-                s.rows = last
-                seqs.append(s)
+            root.rows = {r: eng.models[r].logits_row(-1) for r in roles}
         except Exception as e:
             for m in eng.models.values():
-                for seq_id in ids:
-                    m.seq_rm(seq_id)
-            self.free_ids = [i for i in self.free_ids if i not in ids] + ids
-            self.cells_free += req.cells - sum(
-                min(f.spec.max_tokens + f.spec.draft, room) for x in seqs for f in x.followers
-            )
+                m.seq_rm(ids[0])
+            self.free_ids.extend(ids)
+            self.cells_free += req.cells
             self._fail(req.gens, e)
             return
-        req.running = len(seqs)
-        for s in seqs:
+        for g in req.gens:
+            g.timings.queued_s = started - g._submitted
+            g.timings.prompt_s = ev.seconds
+            if isinstance(g.spec.fusion, Selector):
+                g.selection = ev.selections[g.spec.fusion]
+                a, b = g.selection.chosen
+                g.fusion = plan("trimix", alpha=a, beta=b)
+            fusion = g.fusion
+            assert isinstance(fusion, FusionPlan)
+            key = _same_output_key(g.spec, fusion)
+            leader = next((x for x in seqs if x.key == key), None)
+            if leader is not None:
+                # the same weights and settings give the same tokens: follow, with no sequence
+                leader.followers.append(g)
+                self.free_ids.append(req.spare.pop())
+                self.cells_free += min(g.spec.max_tokens + g.spec.draft, room)
+                continue
+            s = _Seq(g, root, min(g.spec.max_tokens + g.spec.draft, room), req)
+            s.key = key
+            s.roles = fusion.roles
             s.started = time.perf_counter()
             s.slot = self._slots.pop()
-            s.fuser = Fuser(s.gen.fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
-            s.sampler = greedy if s.gen.spec.sampling.greedy else TokenSampler(s.gen.spec.sampling, eng.vocab.n_vocab)
-            s.guard = eng.guard(s.gen.spec.utf8_guard)
-            fusion = s.gen.fusion
-            if s.gen.spec.draft and isinstance(fusion, FusionPlan) and draft_plan(fusion) is not None:
-                s.drafter = Drafter(fusion, s.gen.spec.draft, s.gen.spec.sampling, eng.vocab.n_vocab)
+            s.fuser = Fuser(fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
+            s.sampler = greedy if g.spec.sampling.greedy else TokenSampler(g.spec.sampling, eng.vocab.n_vocab)
+            s.guard = eng.guard(g.spec.utf8_guard)
+            if g.spec.draft and draft_plan(fusion) is not None:
+                s.drafter = Drafter(fusion, g.spec.draft, g.spec.sampling, eng.vocab.n_vocab)
+            root.members.append(s)
+            seqs.append(s)
             self.active.append(s)
-        for s in seqs:
-            self._advance(s)
+        req.running = len(seqs)
+        self._advance_all(seqs)
 
     def _decode(self, batch: Sequence[_Seq]) -> None:
-        """One token of every sequence into every model it uses, in one decode per model."""
-        for s in batch:
-            s.rows = {}
+        """The pending token of every branch into every model its sequences use, in one decode per model."""
+        branches = list(dict.fromkeys(s.branch for s in batch))
+        for b in branches:
+            b.rows = {}
         for role, m in self.engine.models.items():
-            users = [s for s in batch if role in s.roles]
+            users = [b for b in branches if role in b.roles()]
             if not users:
                 continue
             n = len(users)
-            tokens = np.fromiter((s.next_token for s in users), dtype=np.int32, count=n)
-            pos = np.fromiter((s.n_past for s in users), dtype=np.int32, count=n)
-            ids = np.fromiter((s.id for s in users), dtype=np.int32, count=n)
+            tokens = np.fromiter((b.next_token for b in users), dtype=np.int32, count=n)
+            pos = np.fromiter((b.n_past for b in users), dtype=np.int32, count=n)
+            ids = np.fromiter((b.id for b in users), dtype=np.int32, count=n)
             m.decode_batch(tokens, pos, ids, 1)
             rows = m.logits_rows(n)
-            for k, s in enumerate(users):
-                s.rows[role] = rows[k]
-        for s in batch:
-            s.n_past += 1
+            for k, b in enumerate(users):
+                b.rows[role] = rows[k]
+        for b in branches:
+            b.n_past += 1
+
+    def _advance_all(self, seqs: Sequence[_Seq]) -> None:
+        """Every sequence picks its next token; then each branch keeps the sequences that agree and
+        forks for the others (a drafting sequence always gets a branch of its own)."""
+        branches = list(dict.fromkeys(s.branch for s in seqs))
+        for s in seqs:
+            self._advance(s)
+        for b in branches:
+            groups: dict[object, list[_Seq]] = {}
+            for s in b.members:
+                key = ("solo", id(s)) if s.drafter is not None else s.pick
+                groups.setdefault(key, []).append(s)
+            if not groups:
+                continue
+            (first, *rest) = groups.values()
+            b.members = first
+            b.next_token = first[0].pick
+            for group in rest:
+                self._fork(b, group)
+
+    def _fork(self, parent: _Branch, group: list[_Seq]) -> None:
+        """A new branch for ``group``, sharing ``parent``'s cells so far (no copy)."""
+        req = parent.request
+        seq_id = req.spare.pop()
+        roles = tuple(r for r in parent.kv_roles if any(r in s.roles for s in group))
+        for r in roles:
+            self.engine.models[r].seq_cp(parent.id, seq_id)
+        child = _Branch(seq_id, parent.n_past, roles, req)
+        child.members = group
+        child.next_token = group[0].pick
+        child.rows = parent.rows
+        for s in group:
+            s.branch = child
 
     def _advance(self, s: _Seq) -> None:
-        """Pick the sequence's next token from its rows, and stream what it completes."""
+        """Pick the sequence's next token from its rows (into ``s.pick``), and stream what it completes."""
+        s.pick = -1
         if len(s.gen.token_ids) >= s.gen.spec.max_tokens:
             self._finish(s, "length")
             return
@@ -535,7 +607,7 @@ class Scheduler:
                 self._finish(s, "no-valid-token")
                 return
         if self.accept(s, tok):
-            s.next_token = tok
+            s.pick = tok
 
     def masked_logits(self, s: _Seq, rows: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """The sequence's fused logits of one position with the UTF-8 guard applied (in its row of the
@@ -616,17 +688,23 @@ class Scheduler:
             f.timings = replace(g.timings, queued_s=f.timings.queued_s)
         if s in self.active:
             self.active.remove(s)
-        for r in s.kv_roles:
-            self.engine.models[r].seq_rm(s.id)
-        self.free_ids.append(s.id)
+        b = s.branch
+        if s in b.members:
+            b.members.remove(s)
+            if not b.members:
+                for r in b.kv_roles:
+                    self.engine.models[r].seq_rm(b.id)
+                b.request.spare.append(b.id)
         self.cells_free += s.cells
-        s.request.running -= 1
-        if s.request.running == 0:
-            self.cells_free += len(s.request.prompt)
+        req = s.request
+        req.running -= 1
+        if req.running == 0:
+            self.cells_free += len(req.prompt)
+            self.free_ids.extend(req.spare)
+            req.spare = []
         if s.slot >= 0:
             self._slots.append(s.slot)
             s.slot = -1
-        s.rows = {}
 
     def _fail(self, gens: Sequence[Generation], error: BaseException) -> None:
         for g in gens:
