@@ -482,3 +482,35 @@ def test_serve_help():
     assert r.returncode == 0
     for flag in ("--host", "--port", "--api-key-file", "--parallel", "--queue", "--lang"):
         assert flag in out
+
+
+def test_health_is_503_until_the_models_are_loaded(tiny_trio):
+    from starlette.testclient import TestClient
+
+    import trimix_cpp as tm
+    from trimix_cpp.modelset import ModelSet
+    from trimix_cpp.server import EngineWorker, ServerConfig, TrimixServer
+
+    gate = threading.Event()
+    paths = {r: tiny_trio[r] for r in ("large_ins", "small_cpt", "small_base")}
+
+    def load() -> tm.Engine:
+        gate.wait(60)
+        return tm.Engine(paths, tm.LoadOptions(n_ctx=256, n_gpu_layers=0, n_threads=1))
+
+    worker = EngineWorker(load, lambda engine: server.on_loaded(engine))
+    server = TrimixServer(ModelSet(None, {}), worker, ServerConfig())
+    worker.start()
+    try:
+        with TestClient(server.app) as http:
+            assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "loading"
+            early = http.post(C, json={"prompt": "the cat", "max_tokens": 2})
+            assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
+            assert early.headers["retry-after"]
+            gate.set()
+            assert worker.ready.wait(60) and worker.loaded
+            assert http.get("/health").json()["status"] == "ok"
+            assert http.post(C, json={"prompt": "the cat", "max_tokens": 2}).json()["usage"]["completion_tokens"] >= 1
+    finally:
+        gate.set()
+        worker.stop()
