@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -38,7 +38,22 @@ from .speculative import MAX_DRAFT, Drafter, draft_plan, run_round, usable
 from .utf8 import ACCEPT, StreamDecoder
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from ._llama import LlamaModel
+    from .utf8 import Utf8Guard
+    from .vocab import SharedVocab
+
+
+class Models(Protocol):
+    """What the scheduler needs of an engine: the models by role, their shared vocabulary, the
+    context of one sequence, the UTF-8 guard tables and the prompt check."""
+
+    models: dict[str, LlamaModel]
+    vocab: SharedVocab
+    n_ctx: int
+
+    def guard(self, enabled: bool) -> Utf8Guard: ...
+
+    def check_prompt(self, tokens: np.ndarray) -> None: ...
 
 
 class NonFiniteLogitsError(TrimixError):
@@ -349,7 +364,7 @@ class Scheduler:
     them, so one bad request never stops the others.
     """
 
-    def __init__(self, engine: Engine, n_seq: int, kv_cells: int) -> None:
+    def __init__(self, engine: Models, n_seq: int, kv_cells: int) -> None:
         self.engine = engine
         self.n_seq = n_seq
         self.kv_cells = kv_cells

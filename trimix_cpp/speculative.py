@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -37,7 +37,35 @@ from .fusion import LARGE_BASE, LARGE_INS, SMALL_CPT, Fuser, FusionPlan
 from .sampling import SamplingParams, TokenSampler
 
 if TYPE_CHECKING:
-    from .generation import Scheduler, _Seq
+    from .utf8 import Utf8Guard
+
+
+class _SeqLike(Protocol):
+    """What a round reads and writes of a sequence (the scheduler's per-sequence state)."""
+
+    gen: Any  # its Generation: spec, token_ids, timings
+    drafter: Drafter | None
+    guard: Utf8Guard
+    state: int
+    stops: list[str]
+    sampler: TokenSampler
+    id: int
+    n_past: int
+    next_token: int
+
+
+class _Verifier(Protocol):
+    """What a round needs of the scheduler: its models, its scratch row, and its per-token path
+    (fused logits with the guard applied; accepting a token; ending a sequence)."""
+
+    engine: Any  # the scheduler's models, vocabulary and context (generation.Models)
+    _tmp: np.ndarray
+
+    def masked_logits(self, s: _SeqLike, rows: dict[str, np.ndarray]) -> np.ndarray | None: ...
+
+    def accept(self, s: _SeqLike, tok: int) -> bool: ...
+
+    def _finish(self, s: _SeqLike, reason: str, error: BaseException | None = None) -> None: ...
 
 LARGE_ROLES = (LARGE_INS, LARGE_BASE)
 # Stop drafting when the drafter's most likely token has less probability than this (greedy).
@@ -86,7 +114,7 @@ class Drafter:
         self.accepted = 0
 
 
-def usable(s: _Seq, n_ctx: int) -> int:
+def usable(s: _SeqLike, n_ctx: int) -> int:
     """How many tokens this sequence may draft this round (0: decode it plainly)."""
     d: Drafter | None = s.drafter
     if d is None:
@@ -97,7 +125,7 @@ def usable(s: _Seq, n_ctx: int) -> int:
     return max(0, min(d.k, left, room))
 
 
-def run_round(sched: Scheduler, seqs: Sequence[_Seq]) -> None:
+def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
     """One speculative round for every sequence in ``seqs`` (each has a pending token)."""
     eng = sched.engine
     vocab = eng.vocab
@@ -160,7 +188,7 @@ def run_round(sched: Scheduler, seqs: Sequence[_Seq]) -> None:
         _verify(sched, s, starts[id(s)], large_rows[id(s)])
 
 
-def _draft_one(d: Drafter, s: _Seq, j: int, vocab) -> int | None:
+def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
     """The drafter's next token after position j of the round, or None to stop drafting."""
     logits = d.fuser.fuse({r: d.rows[r][j] for r in d.small_roles})
     if not np.isfinite(logits.max()):
@@ -199,7 +227,7 @@ def _hits_stop(piece: bytes, stops: Sequence[str]) -> bool:
     return any(x[0] in text for x in stops)
 
 
-def _verify(sched: Scheduler, s: _Seq, p: int, large: dict[str, np.ndarray]) -> None:
+def _verify(sched: _Verifier, s: _SeqLike, p: int, large: dict[str, np.ndarray]) -> None:
     """Accept the longest agreeing prefix of the draft, then one corrected or bonus token."""
     d = s.drafter
     drafted = d.tokens[1:]
