@@ -8,7 +8,7 @@ with tm.Engine({"large_ins": "L.gguf", "small_cpt": "C.gguf", "small_base": "B.g
         print(piece, end="", flush=True)
 """
 
-from .engine import Engine, Generation, LoadOptions, Timings
+from .engine import Engine, Generation, LoadOptions, SeqSpec, Timings
 from .errors import (
     ContextOverflowError,
     ModelFileError,
@@ -43,6 +43,7 @@ __all__ = [
     "SamplingParams",
     "Selection",
     "Selector",
+    "SeqSpec",
     "Timings",
     "TrimixError",
     "VocabularyMismatchError",
