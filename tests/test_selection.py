@@ -164,8 +164,8 @@ def test_kernels_agree_on_non_finite_logits(kernel):
     A, B, C = (rng.standard_normal((4, 600)).astype(np.float32) for _ in range(3))
     A[1, 5], C[2, 9] = np.nan, -np.inf
     x = np.array([1, 2, 3, 4])
-    with GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600) as g, GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600, kernel="numpy") as ref:
-        with np.errstate(invalid="ignore"):  # the numpy path's shifts are NaN before its check
+    with GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600, 1) as g, GridNLL(DEFAULT_GRID, DEFAULT_GRID, 600, 1, "numpy") as ref:
+        with np.errstate(invalid="ignore"):  # NaN shifts and dense rows, on this thread (one each)
             g.add(A, B, C, x)
             ref.add(A, B, C, x)
         assert g.scores.n_dense_fallback == ref.scores.n_dense_fallback == 2
@@ -196,6 +196,21 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.delenv(KERNEL_ENV)
     expected = "numba" if importlib.util.find_spec("numba") else "numpy"
     assert GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100).kernel == expected
+    if expected == "numba":  # installed but failing to load: the numpy path, on one thread, same sums
+
+        def broken(self):
+            raise ImportError("numba built for another numpy")
+
+        monkeypatch.setattr(selection._Compiled, "_load", broken)
+        rng = np.random.default_rng(0)
+        A, B, C = (rng.standard_normal((3, 100)).astype(np.float32) for _ in range(3))
+        with GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100) as g, GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100, 1, "numpy") as ref:
+            g.add(A, B, C, np.arange(3))
+            ref.add(A, B, C, np.arange(3))
+            assert (g.kernel, g.threads) == ("numpy", 1)
+            np.testing.assert_allclose(g.scores.mean_nll, ref.scores.mean_nll, atol=1e-12)
+        with pytest.raises(ImportError), GridNLL(DEFAULT_GRID, DEFAULT_GRID, 100, kernel="numba") as g:
+            g.add(A, B, C, np.arange(3))
     monkeypatch.setattr(selection.importlib.util, "find_spec", lambda name: None)
     assert selection.resolve_kernel() == "numpy"  # numba missing: the numpy path, silently
     with pytest.raises(tm.TrimixError, match="needs numba"):
