@@ -114,6 +114,9 @@ class Server:
         return self.proc.wait(60)
 
 
+TRIMIX: dict[str, object] = {}  # the requests' "trimix" settings (--weights), else the profile's PPL selection
+
+
 def stream_once(url: str, prompt: str, tokens: int, hang_up_after: int | None = None) -> Result:
     """One streaming completion; checks the stream's shape, or hangs up after some chunks."""
     body = {
@@ -122,6 +125,7 @@ def stream_once(url: str, prompt: str, tokens: int, hang_up_after: int | None = 
         "stop": [],
         "stream": True,
         "stream_options": {"include_usage": True},
+        **({"trimix": TRIMIX} if TRIMIX else {}),
     }
     t0 = time.perf_counter()
     ttft = 0.0
@@ -169,7 +173,7 @@ def whole_once(url: str, prompt: str, tokens: int) -> Result:
     try:
         r = httpx.post(
             url + "/v1/completions",
-            json={"prompt": prompt, "max_tokens": tokens, "stop": []},
+            json={"prompt": prompt, "max_tokens": tokens, "stop": [], **({"trimix": TRIMIX} if TRIMIX else {})},
             timeout=300,
             trust_env=False,
         )
@@ -257,15 +261,22 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=300)
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads per model (0: every core)")
+    ap.add_argument("--weights", help="fixed ALPHA:BETA for every request (default: PPL selection per request)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.weights:
+        a, b = (float(x) for x in args.weights.split(":"))
+        TRIMIX.update(alpha=a, beta=b)
     rng = random.Random(args.seed)
     levels = [int(x) for x in args.clients.split(",")]
     server = Server(args.parallel, 4 * args.parallel, args.threads)
     try:
         for _ in range(2):  # warm-up: the first requests build the UTF-8 guard tables and page in the models
             stream_once(server.url, PROMPTS[0], 8)
-        print(f"trimix serve --lang demo --parallel {args.parallel} --threads {args.threads}; {args.tokens} tokens")
+        how = f"weights {args.weights}" if args.weights else "PPL selection per request"
+        print(
+            f"trimix serve --lang demo --parallel {args.parallel} --threads {args.threads}; {args.tokens} tokens, {how}"
+        )
         print(
             f"{'clients':>7} {'requests':>8} {'agg tok/s':>10} {'client tok/s':>12} {'TTFT p50':>9} "
             f"{'TTFT p95':>9} {'errors':>6}"
