@@ -8,6 +8,8 @@ on the prompt, and alpha = 0.3, beta = 0.7), prints generated tokens per second 
 Greedy first, then sampling at T = 0.7. Every configuration of a prompt runs once per repeat, in
 turn, in one process, and the median of the repeats is printed: on a shared machine only figures
 measured side by side compare. Greedy outputs are checked to be identical to ``--draft 0``.
+Last, what verification costs: one batch of n tokens through each model against one token
+(drafting pays only as far as a batch costs less than its tokens one by one).
 
     python benchmarks/bench_speculative.py [--tokens 64] [--repeats 3] [--threads N]
 """
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
+
+import numpy as np
 
 import trimix_cpp as tm
 from trimix_cpp import _llama, packaged, speculative
@@ -72,6 +77,32 @@ def run(eng: tm.Engine, n: int, repeats: int, sampling: tm.SamplingParams, title
             print(f"| {lang} | large-ins alone | - | {med['large']:.1f} | - | - | 1.00x |")
 
 
+def batch_cost(paths: dict[str, object], threads: int | None, repeats: int = 15) -> None:
+    """Median time of one batch of n tokens after a 32-token context, per model, as a multiple of n=1."""
+    print("\n## one batch of n tokens through each model (ms, and x one token)")
+    sizes = (1, 2, 3, 5, 7, 9)
+    print("| model | " + " | ".join(f"n={n}" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for role, path in paths.items():
+        m = _llama.LlamaModel(path, n_ctx=256, n_threads=threads)
+        try:
+            toks = np.arange(100, 100 + 32 + max(sizes), dtype=np.int32) % m.n_vocab
+            m.decode_batch(toks[:32], np.arange(32, dtype=np.int32), 0, 0)
+            cost = {}
+            for n in sizes:
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    m.decode_batch(toks[32 : 32 + n], np.arange(32, 32 + n, dtype=np.int32), 0, 1)
+                    times.append(time.perf_counter() - t0)
+                    m.seq_rm(0, 32, -1)
+                cost[n] = statistics.median(times) * 1000
+            cells = " | ".join(f"{cost[n]:.1f} ({cost[n] / cost[1]:.1f}x)" for n in sizes)
+            print(f"| {role} | {cells} |")
+        finally:
+            m.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=64)
@@ -90,6 +121,7 @@ def main() -> None:
     with tm.Engine(paths, tm.LoadOptions(n_ctx=1024, n_threads=args.threads)) as eng:
         run(eng, args.tokens, args.repeats, tm.SamplingParams(), "greedy")
         run(eng, args.tokens, args.repeats, tm.SamplingParams(temperature=0.7, seed=1), "sampling, T = 0.7")
+    batch_cost(paths, args.threads)
 
 
 if __name__ == "__main__":

@@ -337,8 +337,10 @@ def test_queue_limit_disconnects_free_sequences(demo):
         lines = streams[0][1].iter_lines()
         assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")
         deadline = time.monotonic() + 30
-        while (h := health(demo))["active"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the second request joins the batch at the next step
+        # the second request joins the batch at the next step; the last ones reach the scheduler's
+        # queue when the worker next takes in new requests
+        while ((h := health(demo))["active"], h["queued"]) != (2, 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert h["in_flight"] == 4 and h["active"] == 2 and h["queued"] == 2, h
         busy = post(demo, C, {"prompt": UG, "max_tokens": 2})
         assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1

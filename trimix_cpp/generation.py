@@ -454,7 +454,7 @@ class Scheduler:
             return
         batch = list(self.active)
         n_ctx = self.engine.n_ctx
-        drafting = [s for s in batch if usable(s, n_ctx) > 0 and len(s.branch.members) == 1]
+        drafting = [s for s in batch if len(s.branch.members) == 1 and usable(s, n_ctx) > 0 and s.drafter.ready()]
         plain = [s for s in batch if s not in drafting]
         self.steps += 1
         for group, kind in ((plain, "plain"), (drafting, "draft")):

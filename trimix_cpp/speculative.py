@@ -10,7 +10,10 @@ the time. Each round, for every sequence that drafts:
    UTF-8 guard. Drafting stops early when the drafter is unsure (its top probability below
    :data:`UNSURE`), at end-of-generation, at the first character of a stop string, or where
    ``max_tokens`` or the context would end. The small models' logits of every drafted position are
-   kept: the fused distribution needs them again.
+   kept: the fused distribution needs them again. The draft length adapts per sequence
+   (:meth:`Drafter.update`): it grows while drafts are accepted whole and shrinks to what was
+   accepted; after a round whose first drafted token is rejected the sequence decodes plainly for
+   a while, longer after each further fruitless round.
 2. **Verify.** The large model(s) decode the pending token and the draft in one batch, with logits
    at every position. At each position the fused logits combine them with the kept small rows.
    Greedy: drafted tokens are accepted while they equal the fused argmax; the first mismatch is
@@ -67,10 +70,16 @@ class _Verifier(Protocol):
 
     def _finish(self, s: _SeqLike, reason: str, error: BaseException | None = None) -> None: ...
 
+
 LARGE_ROLES = (LARGE_INS, LARGE_BASE)
-# Stop drafting when the drafter's most likely token has less probability than this (greedy).
+# Stop drafting when the drafter's most likely token has less probability than this.
 UNSURE = 0.3
 MAX_DRAFT = 16
+# After a round whose first drafted token is rejected, the sequence decodes plainly for this many
+# steps before it drafts again, doubling on every further fruitless round up to MAX_PAUSE: on a
+# CPU a batch of two tokens through the large model costs about two single decodes, so a round
+# that gains nothing costs almost twice a plain step.
+MAX_PAUSE = 64
 
 
 def draft_plan(fusion: FusionPlan) -> FusionPlan | None:
@@ -112,6 +121,35 @@ class Drafter:
         self.limit = 0
         self.drafted = 0
         self.accepted = 0
+        self.k_now = k  # this round's draft length: grows while drafts are accepted whole
+        self.pause = 0  # plain steps left before the next round
+        self.backoff = 1  # the pause after the next fruitless round
+
+    def ready(self) -> bool:
+        """Whether this step is a drafting round (False while pausing after fruitless rounds)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return False
+        return True
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Adapt the draft length to what the verifier accepted this round.
+
+        Only the amount of drafting changes, never which token is chosen, so the output stays
+        exactly that of plain decoding (greedy) or its distribution (sampling).
+        """
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.k_now = min(self.k, self.k_now + 2)
+            self.backoff = 1
+        elif accepted == 0:
+            self.k_now = 1
+            self.pause = self.backoff
+            self.backoff = min(MAX_PAUSE, 2 * self.backoff)
+        else:
+            self.k_now = max(1, min(self.k_now - 1, accepted + 1))
+            self.backoff = 1
 
 
 def usable(s: _SeqLike, n_ctx: int) -> int:
@@ -122,7 +160,7 @@ def usable(s: _SeqLike, n_ctx: int) -> int:
     g = s.gen
     left = g.spec.max_tokens - len(g.token_ids) - 1  # the round also yields one verified token
     room = n_ctx - s.n_past - 1  # positions p .. p+k must fit
-    return max(0, min(d.k, left, room))
+    return max(0, min(d.k_now, left, room))
 
 
 def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
@@ -185,7 +223,10 @@ def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
             off += length
         # every sequence's rows are read before this model decodes again (next round)
     for s in seqs:
+        d = s.drafter
+        before = d.accepted
         _verify(sched, s, starts[id(s)], large_rows[id(s)])
+        d.update(len(d.tokens) - 1, d.accepted - before)
 
 
 def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
@@ -206,7 +247,7 @@ def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
             return None
     else:
         q = d.sampler.distribution(logits)
-        if not np.isfinite(q).all():
+        if not np.isfinite(q).all() or float(q.max()) < UNSURE:
             return None
         d.q[j] = q
         tok = d.sampler.draw(q)
