@@ -369,7 +369,9 @@ def test_calibration_writes_reloads_and_rejects_other_models(tiny_trio, tmp_path
     sample = random.Random(0).sample([json.loads(x)["prompt"] for x in lines], 5)
     with tm.Engine(paths, tm.LoadOptions(n_ctx=128, n_gpu_layers=0)) as eng:
         mean = sum(eng.select(p, Selector()).scores for p in sample) / 5
-    assert [c["nll"] for c in saved["grid"]] == pytest.approx(mean.ravel().tolist(), abs=1e-9)
+    # rel 1e-6: the command may reduce with the compiled kernel and this process with numpy (numba
+    # not importable here), whose float32 sums agree to about 1e-8
+    assert [c["nll"] for c in saved["grid"]] == pytest.approx(mean.ravel().tolist(), rel=1e-6)
     g = trimix("generate", "--json", "--weights-from", str(out), *_trio_args(tiny_trio), "-n", "3", "the cat")
     assert json.loads(g.stdout)["weights"]["large_ins"] == saved["chosen"]["alpha"]
     # a weights file made for other models is refused
