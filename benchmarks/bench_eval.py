@@ -45,7 +45,7 @@ TASKS = {
 
 def per_item(engine: tm.Engine, data_root: Path, n_items: int, repeats: int, calibration_n: int) -> None:
     print("\n## per item: one fused method against every method with the full 6x6 upper bound")
-    print("| task | prompt tokens | one method (trimix-ppl) | every method (46 columns) | ratio | target |")
+    print("| task | prompt tokens | one method (trimix-ppl) | every method | ratio | target |")
     print("|---|---|---|---|---|---|")
     specs = parse_methods(DEFAULT_METHODS, DEFAULT_GRID, DEFAULT_GRID)
     [one] = parse_methods("trimix-ppl", DEFAULT_GRID, DEFAULT_GRID)
