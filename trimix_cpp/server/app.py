@@ -40,7 +40,7 @@ from ..errors import TrimixError
 from ..generation import SeqSpec
 from ..modelset import ModelSet
 from .chat import ChatFormat, ChatTemplateError, NoChat, chat_format, messages_from_request, prompt_tokens
-from .errors import APIError, from_trimix, server_error
+from .errors import APIError, from_trimix, server_error, still_loading
 from .responses import Outcome, Reply
 from .schema import ChatRequest, CompletionRequest, Limits, StreamOptions, completion_prompt, parse, seq_spec
 from .worker import EngineWorker, Job, PromptMaker
@@ -262,13 +262,7 @@ class TrimixServer:
 
     def _require_loaded(self) -> None:
         if not self.worker.loaded:
-            raise APIError(
-                503,
-                "the models are still loading (GET /health answers 200 once they are ready)",
-                type="server_error",
-                code="loading",
-                headers={"Retry-After": "2"},
-            )
+            raise still_loading()
 
     def _limits(self) -> Limits:
         self._require_loaded()

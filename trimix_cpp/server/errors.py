@@ -85,3 +85,21 @@ def from_trimix(e: TrimixError, status: int = 400) -> APIError:
 def server_error(message: str = "the server failed to complete this request (see the server's log)") -> APIError:
     """An unexpected failure: a generic message, so that nothing internal reaches the client."""
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def shutting_down() -> APIError:
+    """A request that arrives or waits while the server stops."""
+    return APIError(
+        503, "the server is shutting down", type="server_error", code="server_shutdown", headers={"Retry-After": "5"}
+    )
+
+
+def still_loading() -> APIError:
+    """A request before the models are loaded: the client may retry shortly."""
+    return APIError(
+        503,
+        "the models are still loading (GET /health answers 200 once they are ready)",
+        type="server_error",
+        code="loading",
+        headers={"Retry-After": "2"},
+    )

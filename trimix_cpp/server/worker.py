@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import TrimixError
 from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
-from .errors import APIError, from_trimix, server_error
+from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
 from .responses import Outcome
 
 if TYPE_CHECKING:
@@ -40,12 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("trimix.server")
 
 PromptMaker = Callable[["Engine"], np.ndarray]
-
-
-def shutting_down() -> APIError:
-    return APIError(
-        503, "the server is shutting down", type="server_error", code="server_shutdown", headers={"Retry-After": "5"}
-    )
 
 
 @dataclass(eq=False)
@@ -121,13 +115,7 @@ class EngineWorker:
         if self.draining or self._stopping:
             raise shutting_down()
         if not self.loaded:
-            raise APIError(
-                503,
-                "the models are still loading (GET /health answers 200 once they are ready)",
-                type="server_error",
-                code="loading",
-                headers={"Retry-After": "2"},
-            )
+            raise still_loading()
         with self._cv:
             self._inbox.append(job)
             self._cv.notify()
