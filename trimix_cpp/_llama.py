@@ -80,6 +80,23 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def extra_buffers_usable() -> bool:
+    """Whether llama.cpp may store weights in its CPU "extra" buffer types (AMX, repacked layouts).
+
+    A build that compiled in Intel AMX (``AMX_INT8 = 1`` in :func:`system_info`, which a native build
+    does on any CPU that reports AMX) dies with SIGILL in its first AMX matrix product on the
+    llama.cpp of llama-cpp-python 0.3.36: a kernel runs tile instructions on a thread that never
+    loaded a tile configuration (seen on a 2-core Xeon VM, where AMX itself works in a plain C
+    program). The extra buffer types are then left off, which keeps weights in plain CPU buffers;
+    ``TRIMIX_CPU_EXTRA_BUFFERS=1`` turns them back on for a llama.cpp where the bug is fixed, ``0``
+    turns them off everywhere.
+    """
+    setting = os.environ.get("TRIMIX_CPU_EXTRA_BUFFERS", "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return "AMX_INT8 = 1" not in system_info()
+
+
 def check_gguf_file(path: Path) -> None:
     """Fail with one clear line when ``path`` is missing or is not a GGUF file."""
     if not path.exists():
@@ -160,6 +177,7 @@ class LlamaModel:
             n_gpu_layers = 999 if gpu_offload_supported() else 0
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
+        mparams.use_extra_bufts = extra_buffers_usable()
         model = _lc.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not model:
             raise ModelFileError(
