@@ -38,7 +38,7 @@ def opts(n_seq: int = 1, n_ctx: int = 256, **kw) -> tm.LoadOptions:
 
 
 def test_llama_layer_sequences_share_a_prompt_and_undo(smollm2):
-    with LlamaModel(smollm2, n_ctx=128, n_seq=4, kv_cells=512, n_gpu_layers=0) as m:
+    with LlamaModel(smollm2, n_ctx=128, n_seq=4, kv_cells=512, n_gpu_layers=0, isolated=False) as m:
         t = m.tokenize("The capital of France is", add_bos=m.add_bos)
         alone = []
         for nxt in (11, 12, 13):
@@ -181,7 +181,7 @@ def test_more_sequences_than_parallel_and_a_full_cache(tiny_trio):
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts(n_seq=2, n_ctx=64)) as eng:
         with pytest.raises(tm.TrimixError, match=r"needs 3 sequences but the engine holds 2 \(raise --parallel\)"):
             eng.generate_many("the cat", [SeqSpec(tm.plan("single"))] * 3)
-    with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts(n_seq=2, n_ctx=64, kv_cells=64)) as eng:
+    with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts(n_seq=2, n_ctx=64, kv_cells=64, isolated=False)) as eng:
         with pytest.raises(tm.TrimixError, match=r"needs \d+ KV cells .* but the cache holds 64 \(raise --n-ctx"):
             eng.generate_many("the cat", [SeqSpec(tm.plan("single"), max_tokens=60)] * 2)
         # two requests that each fit but not together: the second waits, then runs

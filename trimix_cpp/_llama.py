@@ -136,11 +136,25 @@ class KVCacheFullError(TrimixError):
 class LlamaModel:
     """One GGUF model with one llama.cpp context holding up to ``n_seq`` sequences.
 
-    The KV cache is unified: every sequence draws on the same ``kv_cells`` cells, and a prompt
-    evaluated once in one sequence is shared by others with :meth:`seq_cp` without copying. A
-    sequence may hold at most ``n_ctx`` positions. The object owns the model and the context and
-    frees them in :meth:`close`, which the context-manager protocol calls, so a run holding three
-    models releases them deterministically rather than whenever the garbage collector gets to them.
+    Two layouts of the KV cache:
+
+    * ``isolated=True`` (the default): every sequence has a cache of its own, ``n_ctx`` cells, and
+      attention runs without llama.cpp's flash-attention kernel. A sequence's logits are then
+      bit-for-bit those it has decoding alone, whatever other sequences decode in the same batch,
+      start or end: this is what keeps one request from changing another's output. With one
+      shared cache (``isolated=False``), the cells freed by a sequence that ends are reused by the
+      ones that continue, in a different order than alone, and llama.cpp's CPU flash attention
+      sums the cells in cell order with a half-precision accumulator, so the continuing
+      sequences' logits move (by 0.5-1.7 on SmolLM2-135M); without flash attention, a shared
+      cache still puts every sequence's queries in one matrix product whose kernel depends on the
+      batch. :meth:`seq_cp` copies a sequence's whole cache in this layout.
+    * ``isolated=False``: one unified cache of ``kv_cells`` cells that every sequence draws on;
+      :meth:`seq_cp` shares a prompt's cells without copying. Evaluation uses it, where dozens of
+      sequences continue one long prompt and copying it for each would multiply the memory.
+
+    The object owns the model and the context and frees them in :meth:`close`, which the
+    context-manager protocol calls, so a run holding three models releases them deterministically
+    rather than whenever the garbage collector gets to them.
     """
 
     def __init__(
@@ -154,13 +168,19 @@ class LlamaModel:
         n_threads: int | None = None,
         n_gpu_layers: int = -1,
         vocab_only: bool = False,
+        isolated: bool = True,
     ) -> None:
         _ensure_backend()
         self.path = Path(path)
         check_load_numbers(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
         if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= MAX_SEQ:
             raise TrimixError(f"--parallel must be a whole number from 1 to {MAX_SEQ}, got {n_seq!r}")
-        cells = n_ctx if kv_cells is None else kv_cells
+        if isolated:
+            if kv_cells is not None:
+                raise TrimixError("kv_cells sizes a cache shared by every sequence: pass it with isolated=False")
+            cells = n_ctx * n_seq  # llama.cpp gives each sequence n_ctx cells of its own
+        else:
+            cells = n_ctx if kv_cells is None else kv_cells
         if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= MAX_N_CTX:
             raise TrimixError(
                 f"the KV cache must hold 1 to {MAX_N_CTX} cells, got {cells!r} (lower --n-ctx or --parallel)"
@@ -194,6 +214,7 @@ class LlamaModel:
         self.n_batch = 0
         self.n_seq = n_seq
         self.kv_cells = 0
+        self.isolated = isolated
         if vocab_only:
             return
 
@@ -204,7 +225,9 @@ class LlamaModel:
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_batch
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = True
+        cparams.kv_unified = not isolated
+        if isolated:
+            cparams.flash_attn_type = _lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
@@ -220,7 +243,8 @@ class LlamaModel:
         # it was asked for; a batch longer than its real n_batch aborts the process. So both are
         # read back, and what the caller asked for stays the limit when llama.cpp allocated more.
         self.kv_cells = min(cells, int(_lc.llama_n_ctx(ctx)))
-        self.n_ctx = min(n_ctx, self.kv_cells)
+        per_seq = int(_lc.llama_n_ctx_seq(ctx)) if isolated else self.kv_cells
+        self.n_ctx = min(n_ctx, per_seq)
         self.n_batch = min(n_batch, int(_lc.llama_n_batch(ctx)), int(_lc.llama_n_ubatch(ctx)))
         self._mem = _lc.llama_get_memory(ctx)
         nb = self.n_batch
@@ -356,9 +380,11 @@ class LlamaModel:
         if seq == 0:
             self.n_past = min(self.n_past, p0) if p0 >= 0 else 0
 
-    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Let ``dst`` share ``src``'s cells at positions [p0, p1): no copy, the cells gain a sequence."""
-        _lc.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Give ``dst`` (empty) every position of ``src``: in the unified layout the cells gain a
+        sequence (no copy); in the isolated one llama.cpp copies ``src``'s cache into ``dst``'s at
+        the next decode (it copies whole caches only, hence no position range here)."""
+        _lc.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def seq_pos_max(self, seq: int) -> int:
         """The last position a sequence holds, -1 when empty."""
@@ -387,8 +413,7 @@ class LlamaModel:
         self.decode_s += time.perf_counter() - t0
         if rc == 1:
             raise KVCacheFullError(
-                f"the KV cache of {self.path.name} is full ({self.kv_cells} cells shared by every sequence): "
-                "raise --n-ctx or lower --parallel"
+                f"the KV cache of {self.path.name} is full ({self.kv_cells} cells): raise --n-ctx or lower --parallel"
             )
         if rc != 0:
             raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")

@@ -49,8 +49,11 @@ class Engine:
         self.n_ctx = min(m.n_ctx for m in self.models.values())
         self._guards: dict[bool, Utf8Guard] = {}
         self._scratch_seq = self.options.n_seq  # the scoring calls' own sequence
-        kv_cells = min(m.kv_cells for m in self.models.values())
-        self.scheduler = Scheduler(self, self.options.n_seq, kv_cells)
+        if self.options.isolated:  # a cache per sequence: each sequence holds a copy of its prompt
+            self.scheduler = Scheduler(self, self.options.n_seq, self.options.n_seq * self.n_ctx, shared_prompt=False)
+        else:
+            kv_cells = min(m.kv_cells for m in self.models.values())
+            self.scheduler = Scheduler(self, self.options.n_seq, kv_cells)
 
     # -- lifetime ---------------------------------------------------------------------------------
 

@@ -237,7 +237,8 @@ class _Branch:
     those tokens so far. A model's logits depend on the tokens alone, not on the weights that chose
     them, so sequences that agree (the grid pairs of an evaluation often do, for many tokens) decode
     once per model between them. When their next tokens differ, the branch forks: the new branch
-    shares the old one's cells (``seq_cp``, no copy) and goes on with its own tokens."""
+    shares the old one's cells (``seq_cp``: no copy in a shared cache, a copy of the parent's cache
+    when each sequence has its own) and goes on with its own tokens."""
 
     __slots__ = ("id", "kv_roles", "members", "n_past", "next_token", "request", "rows")
 
@@ -364,10 +365,13 @@ class Scheduler:
     them, so one bad request never stops the others.
     """
 
-    def __init__(self, engine: Models, n_seq: int, kv_cells: int) -> None:
+    def __init__(self, engine: Models, n_seq: int, kv_cells: int, shared_prompt: bool = True) -> None:
         self.engine = engine
         self.n_seq = n_seq
         self.kv_cells = kv_cells
+        # whether a request's sequences share its prompt's cells (one unified cache) or each holds
+        # a copy (a cache per sequence): the cells a request reserves count the prompt once or per sequence
+        self.shared_prompt = shared_prompt
         self.cells_free = kv_cells
         self.free_ids = list(range(n_seq - 1, -1, -1))
         self.queue: deque[_Request] = deque()
@@ -409,7 +413,9 @@ class Scheduler:
                 )
         eng.check_prompt(prompt)
         room = eng.n_ctx - len(prompt)
-        cells = len(prompt) + sum(min(s.max_tokens + s.draft, room) for s in specs)
+        cells = sum(self._seq_cells(len(prompt), min(s.max_tokens + s.draft, room)) for s in specs)
+        if self.shared_prompt:
+            cells += len(prompt)
         if cells > self.kv_cells:
             raise ContextOverflowError(
                 f"this request needs {cells} KV cells (a {len(prompt)}-token prompt and {len(specs)} sequences) "
@@ -418,6 +424,11 @@ class Scheduler:
         gens = [Generation(self, prompt, spec) for spec in specs]
         self.queue.append(_Request(prompt, gens, cells))
         return gens
+
+    def _seq_cells(self, n_prompt: int, n_new: int) -> int:
+        """Cells one sequence reserves: its new tokens, plus its copy of the prompt when each
+        sequence has a cache of its own."""
+        return n_new if self.shared_prompt else n_prompt + n_new
 
     def reap(self) -> None:
         """Drop cancelled generations: queued ones leave the queue, active ones free their sequence."""
@@ -531,9 +542,9 @@ class Scheduler:
                 # the same weights and settings give the same tokens: follow, with no sequence
                 leader.followers.append(g)
                 self.free_ids.append(req.spare.pop())
-                self.cells_free += min(g.spec.max_tokens + g.spec.draft, room)
+                self.cells_free += self._seq_cells(len(req.prompt), min(g.spec.max_tokens + g.spec.draft, room))
                 continue
-            s = _Seq(g, root, min(g.spec.max_tokens + g.spec.draft, room), req)
+            s = _Seq(g, root, self._seq_cells(len(req.prompt), min(g.spec.max_tokens + g.spec.draft, room)), req)
             s.key = key
             s.roles = fusion.roles
             s.started = time.perf_counter()
@@ -589,7 +600,7 @@ class Scheduler:
                 self._fork(b, group)
 
     def _fork(self, parent: _Branch, group: list[_Seq]) -> None:
-        """A new branch for ``group``, sharing ``parent``'s cells so far (no copy)."""
+        """A new branch for ``group``, holding ``parent``'s cells so far (shared, or copied)."""
         req = parent.request
         seq_id = req.spare.pop()
         roles = tuple(r for r in parent.kv_roles if any(r in s.roles for s in group))
@@ -714,7 +725,8 @@ class Scheduler:
         req = s.request
         req.running -= 1
         if req.running == 0:
-            self.cells_free += len(req.prompt)
+            if self.shared_prompt:
+                self.cells_free += len(req.prompt)
             self.free_ids.extend(req.spare)
             req.spare = []
         if s.slot >= 0:

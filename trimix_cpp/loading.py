@@ -1,8 +1,8 @@
 """Loading the models of a run, one per role, and the vocabulary they share.
 
-Each model gets one llama.cpp context whose KV cache holds several sequences (``n_seq``, unified
-cells), so one prompt evaluation can be shared by every method that continues it, and several
-generations or users can decode side by side. Models loaded from the same file are loaded once per
+Each model gets one llama.cpp context whose KV cache holds several sequences (``n_seq``), so one
+prompt evaluation can serve every method that continues it, and several generations or users can
+decode side by side, each in a cache of its own (or, for evaluation, all in one shared cache). Models loaded from the same file are loaded once per
 role (each role needs its own context) but their vocabularies are read once.
 """
 
@@ -27,9 +27,12 @@ class LoadOptions:
     """How llama.cpp loads each model.
 
     ``n_ctx`` bounds one sequence (prompt plus generation); ``n_seq`` is how many sequences decode
-    together (``--parallel``); ``kv_cells`` is the KV cache every sequence shares, by default room
-    for ``n_seq`` full sequences. ``n_gpu_layers=-1`` puts every layer on the GPU when the build
-    has a GPU backend and none otherwise.
+    together (``--parallel``). ``isolated`` (the default) gives every sequence a KV cache of its own,
+    so that sequences decoding together never change each other's logits (see
+    :class:`~trimix_cpp._llama.LlamaModel`); with ``isolated=False`` every sequence shares one cache
+    of ``kv_cells`` cells (by default room for ``n_seq`` full sequences), where a prompt is shared
+    without copying. ``n_gpu_layers=-1`` puts every layer on the GPU when the build has a GPU
+    backend and none otherwise.
     """
 
     n_ctx: int = 4096
@@ -39,6 +42,14 @@ class LoadOptions:
     verbose: bool = False
     n_seq: int = 1
     kv_cells: int | None = None
+    isolated: bool = True
+
+    def __post_init__(self) -> None:
+        if self.isolated and self.kv_cells is not None:
+            raise TrimixError(
+                f"kv_cells={self.kv_cells} sizes one cache shared by every sequence, but isolated=True gives each "
+                "sequence its own n_ctx cells (pass isolated=False with kv_cells, or leave kv_cells out)"
+            )
 
     def cells(self) -> int:
         return self.kv_cells if self.kv_cells is not None else self.n_ctx * self.n_seq
@@ -102,9 +113,10 @@ def load_models(
                 n_ctx=options.n_ctx,
                 n_batch=options.n_batch,
                 n_seq=options.n_seq + extra_seqs,
-                kv_cells=options.cells(),
+                kv_cells=None if options.isolated else options.cells(),
                 n_threads=options.n_threads,
                 n_gpu_layers=options.n_gpu_layers,
+                isolated=options.isolated,
             )
         names = [f"{r} ({models[r].path.name})" for r in ordered]
         vocab = build_shared_vocab(names, [models[r] for r in ordered])

@@ -100,12 +100,13 @@ def load_task_spec(spec: str, train: Path | None, settings: PromptSettings) -> T
 
 
 def batch_options(options: LoadOptions, specs: Sequence[MethodSpec], n_grid: int, max_tokens: int, draft: int):
-    """Load options with a sequence for every concrete method of an item and room in the KV cache for
-    one prompt plus every method's answer (and its draft)."""
+    """Load options with a sequence for every concrete method of an item and room in one shared KV
+    cache for one prompt plus every method's answer (and its draft): the methods of an item continue
+    one prompt, which a shared cache holds once where separate caches would hold it per method."""
     n_methods = sum(n_grid if m.task_level == "upper-bound" else 1 for m in specs)
     n_seq = max(1, min(n_methods, MAX_SEQ - 1))
     cells = options.n_ctx + n_seq * (max_tokens + draft + 1)
-    return replace(options, n_seq=n_seq, kv_cells=cells)
+    return replace(options, n_seq=n_seq, kv_cells=cells, isolated=False)
 
 
 def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, cfg: EvalConfig, report: Reporter):
