@@ -77,7 +77,7 @@ def test_the_shared_cache_does_move_them(demo_paths):
 
 
 def test_batch_command_lines_equal_each_alone(tmp_path):
-    prompts = [(A, N_A)] + list(OTHERS)
+    prompts = [(A, N_A), *OTHERS]
     batch = tmp_path / "prompts.jsonl"
     batch.write_text(
         "".join(json.dumps({"prompt": p, "max_tokens": n}, ensure_ascii=False) + "\n" for p, n in prompts),

@@ -2,8 +2,9 @@
 
 Each model gets one llama.cpp context whose KV cache holds several sequences (``n_seq``), so one
 prompt evaluation can serve every method that continues it, and several generations or users can
-decode side by side, each in a cache of its own (or, for evaluation, all in one shared cache). Models loaded from the same file are loaded once per
-role (each role needs its own context) but their vocabularies are read once.
+decode side by side, each in a cache of its own (or, for evaluation, all in one shared cache).
+Models loaded from the same file are loaded once per role (each role needs its own context) but
+their vocabularies are read once.
 """
 
 from __future__ import annotations
