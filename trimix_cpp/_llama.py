@@ -21,7 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+# isort: off
+from . import _openmp  # noqa: F401  (first: OpenMP reads how its threads wait when llama_cpp loads it)
 import llama_cpp as _lc
+
+# isort: on
 import numpy as np
 
 from .errors import ContextOverflowError, ModelFileError, TrimixError

@@ -1,0 +1,150 @@
+"""Generation speed on an idle machine and beside one CPU-bound process, per OpenMP wait setting.
+
+llama.cpp's OpenMP threads meet at a barrier after every operation of a decode. How long a waiting
+thread spins before it sleeps decides what another busy process costs (see trimix_cpp/_openmp.py).
+This benchmark runs ``trimix generate --lang demo -n N --json`` in fresh processes (the OpenMP
+runtime reads its settings once, at load) for each setting, idle and with one busy loop beside it,
+interleaved, and prints decode tokens/s (medians) and the busy/idle ratio:
+
+* ``before``: llama.cpp loaded before trimix sets anything (the OpenMP runtime's own default);
+* ``default``: trimix as shipped (``GOMP_SPINCOUNT`` = trimix_cpp._openmp.SPIN_COUNT);
+* ``spin=N``: ``GOMP_SPINCOUNT=N`` set by the user; ``passive``: ``OMP_WAIT_POLICY=PASSIVE``;
+* ``threads=1``: the default with ``--threads 1``.
+
+``--serve`` measures ``trimix serve --lang demo`` the same way: one client streams a completion.
+
+    python benchmarks/bench_busy.py [--tokens 64] [--repeats 3] [--serve]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+PROMPT = "ئالاقەداشنى ئۆچۈرۈش"
+BEFORE = (  # llama_cpp imported first: its OpenMP runtime starts before trimix sets anything
+    "import sys, runpy, llama_cpp; sys.argv = ['trimix', *sys.argv[1:]]; "
+    "runpy.run_module('trimix_cli.main', run_name='__main__')"
+)
+
+
+def settings(spins: list[int]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name -> (python command prefix, environment changes)."""
+    base = [sys.executable, "-m", "trimix_cli.main"]
+    out = {"before": ([sys.executable, "-c", BEFORE], {}), "default": (base, {})}
+    for n in spins:
+        out[f"spin={n}"] = (base, {"GOMP_SPINCOUNT": str(n)})
+    out["passive"] = (base, {"OMP_WAIT_POLICY": "PASSIVE"})
+    out["threads=1"] = ([*base, "--threads-1"], {})
+    return out
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(extra)
+    return env
+
+
+def generate(cmd: list[str], env: dict[str, str], tokens: int, single: bool) -> float:
+    threads1 = "--threads-1" in cmd
+    cmd = [c for c in cmd if c != "--threads-1"]
+    args = ["generate", "--lang", "demo", "-n", str(tokens), "--json"]
+    if single:
+        args += ["--method", "single"]
+    if threads1:
+        args += ["--threads", "1"]
+    r = subprocess.run([*cmd, *args, PROMPT], capture_output=True, text=True, env=clean_env(env), timeout=900)
+    if r.returncode != 0:
+        raise SystemExit(f"generate failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout)["timings"]["gen_tokens_per_s"]
+
+
+def serve_once(cmd: list[str], env: dict[str, str], tokens: int) -> float:
+    import httpx
+
+    threads1 = "--threads-1" in cmd
+    cmd = [c for c in cmd if c != "--threads-1"]
+    args = ["serve", "--lang", "demo", "--port", "0", *(["--threads", "1"] if threads1 else [])]
+    proc = subprocess.Popen([*cmd, *args], stderr=subprocess.PIPE, text=True, env=clean_env(env))
+    url = ""
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url = m.group(1)
+                break
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        while httpx.get(url + "/health", timeout=10).status_code != 200:
+            time.sleep(0.2)
+        body = {"prompt": PROMPT, "max_tokens": tokens, "stop": [], "stream": True}
+        first = None
+        n = 0
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    if first is None:
+                        first = time.perf_counter()
+                    n += 1
+        end = time.perf_counter()
+        return (n - 1) / (end - first) if first is not None and n > 1 else float("nan")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def busy_loop() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--spins", default="1000,10000,100000", help="GOMP_SPINCOUNT values to compare")
+    ap.add_argument("--serve", action="store_true", help="measure trimix serve (one streaming client)")
+    ap.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    args = ap.parse_args()
+    spins = [int(x) for x in args.spins.split(",") if x]
+    table = settings(spins)
+    if args.only:
+        table = {k: v for k, v in table.items() if k in args.only.split(",")}
+    modes = ["serve"] if args.serve else ["fused", "single"]
+    res: dict[tuple[str, str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for mode in modes:
+            for state in ("idle", "busy"):
+                for name, (cmd, env) in table.items():
+                    hog = busy_loop() if state == "busy" else None
+                    try:
+                        time.sleep(0.3 if hog else 0)
+                        if mode == "serve":
+                            v = serve_once(cmd, env, args.tokens)
+                        else:
+                            v = generate(cmd, env, args.tokens, single=mode == "single")
+                    finally:
+                        if hog:
+                            hog.kill()
+                            hog.wait()
+                    res.setdefault((mode, state, name), []).append(v)
+    print(f"# {args.tokens} tokens, median of {args.repeats}; decode tokens/s (busy = one CPU-bound process beside)")
+    print("| mode | setting | idle tok/s | busy tok/s | busy / idle | idle vs before |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        ref = statistics.median(res[(mode, "idle", "before")]) if (mode, "idle", "before") in res else None
+        for name in table:
+            idle = statistics.median(res[(mode, "idle", name)])
+            busy = statistics.median(res[(mode, "busy", name)])
+            rel = f"{idle / ref:.2f}x" if ref else "-"
+            print(f"| {mode} | {name} | {idle:.1f} | {busy:.1f} | {busy / idle:.2f} | {rel} |")
+
+
+if __name__ == "__main__":
+    main()
