@@ -31,6 +31,8 @@ from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
 from . import render
+from .bench import BENCH_HELP
+from .bench import bench as bench_cmd
 from .common import Verbose, err, errors
 from .evaluate import run_eval
 from .serve import SERVE_HELP
@@ -48,6 +50,7 @@ app = typer.Typer(
 
 app.add_typer(models_cmd.app, name="models")
 app.command("serve", help=SERVE_HELP)(serve_cmd)
+app.command("bench", help=BENCH_HELP)(bench_cmd)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 

@@ -300,6 +300,12 @@ class LlamaModel:
         except Exception:
             pass
 
+    def set_threads(self, n_threads: int) -> None:
+        """Compute with ``n_threads`` threads from the next decode on (0: every core)."""
+        check_load_numbers(n_ctx=1, n_batch=1, n_threads=n_threads)
+        n = n_threads or default_threads()
+        _lc.llama_set_n_threads(self._ctx, n, n)
+
     # -- metadata and vocabulary ------------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:

@@ -71,6 +71,12 @@ class Engine:
             m.close()
         self.models = {}
 
+    def set_threads(self, n_threads: int) -> None:
+        """Every model computes with ``n_threads`` threads from the next decode on (0: every core)."""
+        self._check_open()
+        for m in self.models.values():
+            m.set_threads(n_threads)
+
     @property
     def closed(self) -> bool:
         return not self.models
@@ -127,6 +133,12 @@ class Engine:
 
     # -- scoring (on the engine's own sequence) ---------------------------------------------------
 
+    def _fresh_scratch(self) -> int:
+        """The scoring sequence, emptied (an :meth:`evaluate_prompt` leaves its cells for the caller)."""
+        for m in self.models.values():
+            m.seq_rm(self._scratch_seq)
+        return self._scratch_seq
+
     def evaluate_prompt(
         self,
         tokens: np.ndarray,
@@ -157,7 +169,7 @@ class Engine:
         self._need(SELECTION_ROLES, "weight selection")
         tokens = self._as_tokens(prompt)
         self.check_prompt(tokens)
-        seq = self._scratch_seq
+        seq = self._fresh_scratch()
         try:
             ev = evaluate_prompt(self.models, self.vocab.n_vocab, tokens, seq, SELECTION_ROLES, [selector])
         finally:
@@ -172,7 +184,7 @@ class Engine:
         self._need(SELECTION_ROLES, "weight selection")
         tokens = self._as_tokens(prompt)
         self.check_prompt(tokens)
-        seq = self._scratch_seq
+        seq = self._fresh_scratch()
         try:
             ev = evaluate_prompt(self.models, self.vocab.n_vocab, tokens, seq, SELECTION_ROLES, selectors)
         finally:
