@@ -146,8 +146,14 @@ def test_a_second_eval_on_the_folder_fails_at_once(tiny_trio, tmp_path):
         while time.time() < deadline and not (out / PREDICTIONS).exists():
             time.sleep(0.05)
         assert (out / LOCK).read_text().strip() == str(first.pid)
-        t0 = time.monotonic()
-        err = one_line_error(run_eval(args))
+        # the first run is paused while the second starts, so that on a busy machine it cannot
+        # finish (and release the folder) before the second one looks
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            err = one_line_error(run_eval(args))
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
         assert f"the run folder {out} is in use by another trimix eval (pid {first.pid})" in err
         assert time.monotonic() - t0 < 30  # at once: no model loaded, no item computed
         assert first.wait(timeout=300) == 0
