@@ -32,7 +32,8 @@ from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 from . import models as models_cmd
 from . import render
 from .common import Verbose, err, errors
-from .evaluate import run_eval
+from .evaluate import check_plot, run_eval
+from .options import TrimixGroup, VersionOption
 from .serve import SERVE_HELP
 from .serve import serve as serve_cmd
 
@@ -43,7 +44,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=TrimixGroup,
 )
+
+
+@app.callback()
+def _root(version: Annotated[bool, VersionOption] = False) -> None:
+    """Fuse the next-token logits of several GGUF models (TriMix) through llama.cpp."""
 
 
 app.add_typer(models_cmd.app, name="models")
@@ -398,7 +405,9 @@ def calibrate(
         cal = cal[selector.strategy]
         cal.save(output)
         a, b = cal.chosen
-        skipped = f" ({cal.n_skipped} too long for the context)" if cal.n_skipped else ""
+        left_out = [f"{cal.n_skipped} too long for the context"] if cal.n_skipped else []
+        left_out += [f"{cal.n_short} of one token, which has no perplexity"] if cal.n_short else []
+        skipped = f" (left out: {'; '.join(left_out)})" if left_out else ""
         err.print(
             f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
         )
@@ -546,6 +555,8 @@ def eval_cmd(
     generate together as one batch.
     """
     with errors(verbose):
+        if plot_file is not None:
+            check_plot(plot_file)
         setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         cfg = EvalConfig(
