@@ -27,6 +27,7 @@ from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
+from trimix_cpp.profiles import profile_files
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
@@ -191,7 +192,8 @@ def generate(
         typer.Option(
             "--draft",
             help="Speculative decoding: the small models draft up to this many tokens per round and the large "
-            "model checks them in one batch. Same output as 0 (off).",
+            "model checks them in one batch. Greedy: the same text as 0 (off). Sampling: the same fused "
+            "distribution, but not the same text for a --seed (the draws differ).",
         ),
     ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
@@ -586,14 +588,20 @@ def _weights_text(weights: dict[str, float]) -> str:
 
 @app.command()
 def inspect(
-    models: Annotated[list[Path], typer.Argument(help="One or more GGUF files.")],
+    models: Annotated[list[Path] | None, typer.Argument(help="GGUF files (with --lang: added to the profile's).")] = None,
+    lang: Annotated[
+        str | None, typer.Option("--lang", "-l", help="Inspect this profile's model files (those present).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Show each model's architecture, vocabulary, quantization and context, and whether they fuse."""
     with errors(verbose):
         tm._llama.set_verbose(verbose)
-        check = tm.inspect_models(models)
+        files = [*(profile_files(lang) if lang is not None else []), *(models or [])]
+        if not files:
+            raise tm.TrimixError("give one or more GGUF files, or --lang CODE to inspect a profile's models")
+        check = tm.inspect_models(files)
         if as_json:
             payload = {
                 "models": [m.as_dict() for m in check.models],

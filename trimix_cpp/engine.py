@@ -270,7 +270,8 @@ class Engine:
         anyway. Several generations may be started and read in any order: each has its own
         sequence (up to ``LoadOptions.n_seq`` decode together; the others wait their turn).
         ``draft`` > 0 lets the small models draft that many tokens per round for the large model to
-        check in one batch (speculative decoding: the same output, see :mod:`.speculative`).
+        check in one batch (speculative decoding, see :mod:`.speculative`): greedy gives the same text as
+        without it; sampling keeps the same fused distribution, but not the same draws for a seed.
         """
         spec = SeqSpec(fusion, sampling or SamplingParams(), max_tokens, tuple(stop), utf8_guard, draft)
         return self.generate_many(prompt, [spec])[0]

@@ -263,6 +263,13 @@ def find_profile(lang: str) -> Profile:
     )
 
 
+def profile_files(lang: str) -> list[Path]:
+    """The model files of ``--lang``'s profile: every required one (one line naming a missing one)
+    and the optional ones that are present."""
+    profile = find_profile(lang)
+    return [profile.locate(r) for r in profile.models if not profile.is_optional(r) or profile.present(r)]
+
+
 def all_profiles() -> tuple[list[Profile], list[str]]:
     """Every profile found, the first of each language code winning as ``--lang`` would, and a
     one-line error for each file that does not read as a profile."""

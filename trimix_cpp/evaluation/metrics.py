@@ -129,11 +129,13 @@ _MISSING = {
 def check_metric_available(metric: str) -> None:
     """Fail with one line naming the extra to install when ``metric`` needs a package that is
     missing: checked before an evaluation runs, not when it scores at the end."""
-    import importlib.util
+    import importlib
 
     for module in _NEEDS.get(metric, ()):
-        if importlib.util.find_spec(module) is None:
-            raise TrimixError(_MISSING[metric])
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise TrimixError(_MISSING[metric]) from None
 
 
 class ScriptTokenizer:
