@@ -588,7 +588,9 @@ def _weights_text(weights: dict[str, float]) -> str:
 
 @app.command()
 def inspect(
-    models: Annotated[list[Path] | None, typer.Argument(help="GGUF files (with --lang: added to the profile's).")] = None,
+    models: Annotated[
+        list[Path] | None, typer.Argument(help="GGUF files (with --lang: added to the profile's).")
+    ] = None,
     lang: Annotated[
         str | None, typer.Option("--lang", "-l", help="Inspect this profile's model files (those present).")
     ] = None,

@@ -93,14 +93,19 @@ def _plain_switch_help(command: Any) -> None:
         _plain_switch_help(sub)
 
 
-def _check_switch_values(group: Any, args: Sequence[str]) -> None:
-    """Refuse ``--json true`` and the like: a switch takes no value, and the word after it would be
-    read as the command's next argument (for ``generate``, the prompt)."""
-    command = group
-    i = 0
+def _resolve(group: Any, args: Sequence[str]) -> tuple[Any, int]:
+    """The (sub)command ``args`` names, and how many of the args name it."""
+    command, i = group, 0
     while i < len(args) and args[i] in _subcommands(command):
         command = _subcommands(command)[args[i]]
         i += 1
+    return command, i
+
+
+def _check_switch_values(group: Any, args: Sequence[str]) -> None:
+    """Refuse ``--json true`` and the like: a switch takes no value, and the word after it would be
+    read as the command's next argument (for ``generate``, the prompt)."""
+    command, i = _resolve(group, args)
     switches = _switches(command)
     path = " ".join(["trimix", *args[:i]])
     for j in range(i, len(args) - 1):
@@ -139,7 +144,8 @@ class TrimixGroup(TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # "trimix" or "trimix models" alone: the help
                 sys.stdout.write(e.format_message().rstrip("\n") + "\n")
                 sys.exit(e.exit_code)
-            where = f"; see '{e.ctx.command_path} --help'" if e.ctx is not None else ""
+            path = e.ctx.command_path if e.ctx is not None else " ".join(["trimix", *argv[: _resolve(self, argv)[1]]])
+            where = f"; see '{path} --help'"
             message = _one_line(e.format_message()).rstrip(".")
             if "--help'" in message:
                 where = ""

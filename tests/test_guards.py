@@ -116,7 +116,9 @@ def test_n_ctx_1_is_refused_before_llama_cpp_sees_it(tiny_trio):
 def test_n_ctx_2_is_the_measured_minimum():
     """One prompt token and one generated token: the smallest context that works, end to end (the
     demo trio adds no BOS, so "The" is one token)."""
-    r = trimix("generate", "--lang", "demo", "--alpha", "0.1", "--beta", "0.9", "--n-ctx", "2", "-n", "4", "--json", "The")
+    r = trimix(
+        "generate", "--lang", "demo", "--alpha", "0.1", "--beta", "0.9", "--n-ctx", "2", "-n", "4", "--json", "The"
+    )
     assert r.returncode == 0, r.stderr.decode()
     out = json.loads(r.stdout)
     assert out["timings"]["prompt_tokens"] == 1
