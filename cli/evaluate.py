@@ -6,6 +6,7 @@ bars and warnings on stderr, the results table on stdout, and the plot.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -17,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp.calibrate import check_output_path
 from trimix_cpp.evaluation.results import Results
 from trimix_cpp.evaluation.run import EvalConfig, run_evaluation
 from trimix_cpp.evaluation.runner import calibration_path
@@ -60,6 +62,16 @@ def show(results: Results, console: Console) -> None:
     console.print(table)
 
 
+def check_plot(path: Path) -> None:
+    """Refuse, before the run, a --plot that could not be drawn or written at its end."""
+    check_output_path(path, "--plot", "results.png")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise tm.TrimixError(_NO_MATPLOTLIB)
+
+
+_NO_MATPLOTLIB = "--plot needs matplotlib, which is not installed: pip install 'trimix[plot]' (or -e '.[plot]')"
+
+
 def plot(results: Results, out_dir: Path, path: Path) -> None:
     """Per-task bars of every method, and the calibration PPL landscape of each task."""
     try:
@@ -68,7 +80,7 @@ def plot(results: Results, out_dir: Path, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise tm.TrimixError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise tm.TrimixError(_NO_MATPLOTLIB) from None
     landscapes = [(t, calibration_path(out_dir, t)) for t in results.tasks]
     landscapes = [(t, p) for t, p in landscapes if p.is_file()]
     cols = 1 + len(landscapes)

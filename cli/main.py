@@ -27,6 +27,7 @@ from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
+from trimix_cpp.profiles import profile_files
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
@@ -34,7 +35,8 @@ from . import render
 from .bench import BENCH_HELP
 from .bench import bench as bench_cmd
 from .common import Verbose, err, errors
-from .evaluate import run_eval
+from .evaluate import check_plot, run_eval
+from .options import TrimixGroup, VersionOption
 from .serve import SERVE_HELP
 from .serve import serve as serve_cmd
 
@@ -45,7 +47,13 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=TrimixGroup,
 )
+
+
+@app.callback()
+def _root(version: Annotated[bool, VersionOption] = False) -> None:
+    """Fuse the next-token logits of several GGUF models (TriMix) through llama.cpp."""
 
 
 app.add_typer(models_cmd.app, name="models")
@@ -187,7 +195,8 @@ def generate(
         typer.Option(
             "--draft",
             help="Speculative decoding: the small models draft up to this many tokens per round and the large "
-            "model checks them in one batch. Same output as 0 (off).",
+            "model checks them in one batch. Greedy: the same text as 0 (off). Sampling: the same fused "
+            "distribution, but not the same text for a --seed (the draws differ).",
         ),
     ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
@@ -401,7 +410,9 @@ def calibrate(
         cal = cal[selector.strategy]
         cal.save(output)
         a, b = cal.chosen
-        skipped = f" ({cal.n_skipped} too long for the context)" if cal.n_skipped else ""
+        left_out = [f"{cal.n_skipped} too long for the context"] if cal.n_skipped else []
+        left_out += [f"{cal.n_short} of one token, which has no perplexity"] if cal.n_short else []
+        skipped = f" (left out: {'; '.join(left_out)})" if left_out else ""
         err.print(
             f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
         )
@@ -549,6 +560,8 @@ def eval_cmd(
     generate together as one batch.
     """
     with errors(verbose):
+        if plot_file is not None:
+            check_plot(plot_file)
         setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         cfg = EvalConfig(
@@ -578,14 +591,22 @@ def _weights_text(weights: dict[str, float]) -> str:
 
 @app.command()
 def inspect(
-    models: Annotated[list[Path], typer.Argument(help="One or more GGUF files.")],
+    models: Annotated[
+        list[Path] | None, typer.Argument(help="GGUF files (with --lang: added to the profile's).")
+    ] = None,
+    lang: Annotated[
+        str | None, typer.Option("--lang", "-l", help="Inspect this profile's model files (those present).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Show each model's architecture, vocabulary, quantization and context, and whether they fuse."""
     with errors(verbose):
         tm._llama.set_verbose(verbose)
-        check = tm.inspect_models(models)
+        files = [*(profile_files(lang) if lang is not None else []), *(models or [])]
+        if not files:
+            raise tm.TrimixError("give one or more GGUF files, or --lang CODE to inspect a profile's models")
+        check = tm.inspect_models(files)
         if as_json:
             payload = {
                 "models": [m.as_dict() for m in check.models],

@@ -9,14 +9,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
 from trimix_cpp.modelinfo import kv_cache_bytes
 from trimix_cpp.profiles import (
+    OPTIONAL_ROLES,
     Profile,
     all_profiles,
+    check_n_ctx,
     check_new_profile,
     find_profile,
     user_profiles_dir,
@@ -24,35 +27,37 @@ from trimix_cpp.profiles import (
 )
 
 from .common import Verbose, err, errors
+from .options import TrimixGroup
 
-app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True)
+app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True, cls=TrimixGroup)
 out = Console()
 
 
-def _present(profile: Profile, role: str) -> bool:
-    try:
-        profile.locate(role)
-        return True
-    except tm.TrimixError:
-        return False
+def _file_mark(profile: Profile, role: str) -> str:
+    """✓ present, ✗ missing (the profile's method needs it), ○ missing but optional."""
+    name = role.replace("_", "-")
+    if profile.present(role):
+        return f"[green]✓[/] {name}" + (" (optional)" if profile.is_optional(role) else "")
+    if profile.is_optional(role):
+        return f"[dim]○ {name} (optional: {', '.join(OPTIONAL_ROLES[role])})[/]"
+    return f"[red]✗[/] {name}"
 
 
 @app.command("list")
 def list_cmd(verbose: Verbose = False) -> None:
-    """Every profile --lang can find, and whether each of its model files is present."""
+    """Every profile --lang can find, and whether each of its model files is present (○: an
+    optional model, absent; it enables only the methods named)."""
     with errors(verbose):
         profiles, problems = all_profiles()
         table = Table(title="trimix profiles (--lang CODE)", title_justify="left")
         for col in ("lang", "name", "model files", "profile"):
             table.add_column(col, overflow="fold")
         for p in profiles:
-            files = " ".join(
-                ("[green]✓[/]" if _present(p, r) else "[red]✗[/]") + " " + r.replace("_", "-") for r in p.models
-            )
+            files = " ".join(_file_mark(p, r) for r in p.models)
             table.add_row(p.lang, p.name, files, _short(p.path))
         out.print(table)
         for line in problems:
-            err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)
 
 
 def _short(path: Path) -> str:
@@ -73,12 +78,16 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Check a profile: files exist and are GGUF, vocabularies fuse, and how much memory it needs."""
+    """Check a profile: files exist and are GGUF, vocabularies fuse, and how much memory it needs.
+
+    An optional model (the large base, used only by trimix4) that is absent is reported, not a failure.
+    """
     with errors(verbose):
         tm._llama.set_verbose(verbose)
         profile = find_profile(lang)
-        paths = profile.paths()
-        ctx = n_ctx or profile.n_ctx
+        ctx = profile.n_ctx if n_ctx is None else check_n_ctx(n_ctx, "--n-ctx")
+        absent = [r for r in profile.models if profile.is_optional(r) and not profile.present(r)]
+        paths = profile.paths(tuple(r for r in profile.models if r not in absent))
         fusion = tm.inspect_models(list(paths.values()))
         rows, total = [], 0
         for role, path in paths.items():
@@ -96,6 +105,7 @@ def check(
             "reason": fusion.reason,
             "n_ctx": ctx,
             "memory_estimate_bytes": total,
+            "optional_absent": [{"role": r, "enables": list(OPTIONAL_ROLES[r])} for r in absent],
         }
         if as_json:
             sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
@@ -109,6 +119,12 @@ def check(
             mark = "[green]fusable[/]" if fusion.fusable else "[red]not fusable[/]"
             out.print(f"{mark}: {fusion.reason}; shared vocabulary {fusion.shared_vocab:,} tokens", soft_wrap=True)
             out.print(f"memory estimate (weights + KV cache for n_ctx={ctx}): {_gib(total)}", soft_wrap=True)
+            for r in absent:
+                methods = ", ".join(f"--method {m}" for m in OPTIONAL_ROLES[r])
+                out.print(
+                    f"[dim]optional {r.replace('_', '-')} absent: everything but {methods} runs without it[/]",
+                    soft_wrap=True,
+                )
         if not fusion.fusable:
             raise typer.Exit(1)
 

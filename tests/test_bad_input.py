@@ -87,9 +87,9 @@ def test_library_resolution_matches_the_cli_rules():
 @pytest.mark.parametrize(
     "flags,needle",
     [
-        (["--n-ctx", "0"], "--n-ctx must be a whole number from 1 to"),
-        (["--n-ctx", "-5"], "--n-ctx must be a whole number from 1 to"),
-        (["--n-ctx", str(2**40)], "--n-ctx must be a whole number from 1 to"),
+        (["--n-ctx", "0"], "--n-ctx must be a whole number from 2 (a prompt token"),
+        (["--n-ctx", "-5"], "--n-ctx must be a whole number from 2 (a prompt token"),
+        (["--n-ctx", str(2**40)], "--n-ctx must be a whole number from 2 (a prompt token"),
         (["--threads", "-1"], "--threads must be from 0"),
         (["--threads", "100000"], "--threads must be from 0"),
         (["--alpha", "1e308", "--beta", "0.5"], "beyond ±1000"),

@@ -7,6 +7,7 @@ copy of the sources in a temporary folder, so the working tree gets no build/ or
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -60,8 +61,26 @@ def test_wheel_ships_profiles_and_demo_models(wheel):
         info = wheel.getinfo(f"trimix_models/demo/{gguf}")
         assert info.file_size == (ROOT / "models" / "demo" / gguf).stat().st_size
     assert "trimix_models/__init__.py" in names and "trimix_models/README.md" in names
-    # the recipe and its training data stay in the repository
-    assert not [n for n in names if n.startswith("trimix_models/demo/") and not n.endswith((".gguf", ".md"))]
+    # the recipe and its training data stay in the repository; the data the README's examples read ships
+    shipped_data = {f"trimix_models/demo/data/{f}" for f in README_DATA}
+    assert not [
+        n
+        for n in names
+        if n.startswith("trimix_models/demo/") and not n.endswith((".gguf", ".md")) and n not in shipped_data
+    ]
+
+
+# The files the README's `trimix ppl` and `trimix eval` examples read from $DEMO (trimix_models.DEMO_DATA).
+README_DATA = ("ug_heldout.txt", "translation_en_ug.test.jsonl", "translation_en_ug.train.jsonl")
+
+
+def test_wheel_ships_the_data_of_the_readme_examples(wheel):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"\$DEMO/([\w.-]+)", readme)) == set(README_DATA)
+    for f in README_DATA:
+        assert wheel.read(f"trimix_models/demo/data/{f}") == (ROOT / "models" / "demo" / "data" / f).read_bytes()
+    init = wheel.read("trimix_models/__init__.py").decode()
+    assert "DEMO_DATA" in init
 
 
 def test_wheel_has_only_trimix_import_names(wheel):

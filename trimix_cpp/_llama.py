@@ -37,6 +37,11 @@ _GGUF_MAGIC = b"GGUF"
 MAX_THREADS = 512
 # Positions llama.cpp can address in one context; larger requests only fail later, less clearly.
 MAX_N_CTX = 1 << 24
+# The smallest context that can generate: one prompt token and one new token. (Measured: a context
+# whose KV cache has fewer cells than it has sequences aborts inside llama.cpp when it is created,
+# GGML_ASSERT(n_outputs_max <= cparams.n_outputs_max), since its batch is clamped to the cells; an
+# engine keeps one scoring sequence besides --parallel ones, so --n-ctx 1 made 1 cell for 2 sequences.)
+MIN_N_CTX = 2
 # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold.
 MAX_SEQ = 256
 _backend_ready = False
@@ -121,9 +126,13 @@ def check_gguf_file(path: Path) -> None:
 
 def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> None:
     """Refuse context, batch and thread counts that llama.cpp would crash on or misread."""
-    for value, flag in ((n_ctx, "--n-ctx"), (n_batch, "n_batch")):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N_CTX:
-            raise TrimixError(f"{flag} must be a whole number from 1 to {MAX_N_CTX}, got {value!r}")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not MIN_N_CTX <= n_ctx <= MAX_N_CTX:
+        raise TrimixError(
+            f"--n-ctx must be a whole number from {MIN_N_CTX} (a prompt token and a generated one) to {MAX_N_CTX}, "
+            f"got {n_ctx!r}"
+        )
+    if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not 1 <= n_batch <= MAX_N_CTX:
+        raise TrimixError(f"n_batch must be a whole number from 1 to {MAX_N_CTX}, got {n_batch!r}")
     if n_threads is not None and (
         isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 0 <= n_threads <= MAX_THREADS
     ):
@@ -189,6 +198,8 @@ class LlamaModel:
             raise TrimixError(
                 f"the KV cache must hold 1 to {MAX_N_CTX} cells, got {cells!r} (lower --n-ctx or --parallel)"
             )
+        if not vocab_only and cells < n_seq:  # llama.cpp aborts creating such a context (see MIN_N_CTX)
+            raise TrimixError(f"a KV cache of {cells} cells cannot hold {n_seq} sequences (raise --n-ctx)")
         check_gguf_file(self.path)
         self._model = None
         self._ctx = None

@@ -66,6 +66,8 @@ def read_batch(path: str | Path, text: str | None = None) -> list[BatchLine]:
                 f"batch file {path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
                 "save it as UTF-8"
             ) from None
+    # A byte-order mark (what some editors write first) is not part of the first prompt.
+    text = text.removeprefix("\ufeff")
     jsonl = path.suffix == ".jsonl"
     out: list[BatchLine] = []
     for n, raw in enumerate(text.split("\n"), start=1):
@@ -84,6 +86,8 @@ def _parse_json_line(n: int, raw: str, path: Path) -> BatchLine:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         return BatchLine(n, error=f"{where}: not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:  # Python's parser recurses once per nested array or object
+        return BatchLine(n, error=f"{where}: JSON nested too deeply (write one flat object per line)")
     if not isinstance(obj, dict):
         return BatchLine(n, error=f'{where}: expected a JSON object such as {{"prompt": "..."}}')
     prompt = obj.get("prompt")

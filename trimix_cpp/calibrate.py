@@ -37,8 +37,9 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                line = raw.decode("utf-8")
+                record = json.loads(line.removeprefix("\ufeff") if lineno == 1 else line)
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise TrimixError(
                     f"{path}:{lineno}: not a JSON object in UTF-8 ({e.__class__.__name__}); "
                     "write one JSON object per line"
@@ -60,16 +61,16 @@ def sample_prompts(prompts: Sequence[str], n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(list(prompts), n)
 
 
-def check_output_path(path: str | Path) -> None:
-    """Refuse, before any model loads, an output path the weights file could not be written to:
-    a calibration takes minutes, and finding out only at the end loses it."""
+def check_output_path(path: str | Path, flag: str = "-o", example: str = "weights.json") -> None:
+    """Refuse, before any model loads, an output path a result could not be written to (a
+    calibration or an evaluation takes minutes, and finding out only at the end loses it)."""
     path = Path(path)
     if path.is_dir():
-        raise TrimixError(f"-o {path} is a folder; give a file path such as {path / 'weights.json'}")
+        raise TrimixError(f"{flag} {path} is a folder; give a file path such as {path / example}")
     folder = path.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
-        raise TrimixError(f"cannot write {path}: the folder {folder} {what} (create it, or choose another -o)")
+        raise TrimixError(f"cannot write {path}: the folder {folder} {what} (create it, or choose another {flag})")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -95,6 +96,7 @@ class Calibration:
     n_prompts: int
     models: dict[str, dict[str, object]]
     n_skipped: int = 0  # sampled prompts too long for the context
+    n_short: int = 0  # sampled prompts of one token: no perplexity, so left out of a ``ppl`` mean
 
     @property
     def mean_nll(self) -> np.ndarray:
@@ -117,6 +119,7 @@ class Calibration:
             "grid": grid,
             "n_prompts": self.n_prompts,
             "n_skipped": self.n_skipped,
+            "n_short": self.n_short,
             "models": self.models,
         }
 
@@ -143,12 +146,17 @@ def calibrate(
 
     This is how the authors' evaluation uses perplexity selection: one pair for the whole task from
     a few dozen of its prompts, no labels. A prompt too long for the context is skipped and counted.
+    A one-token prompt predicts nothing, so it has no perplexity (a single selection falls back to
+    the entropy of its next token): its entropy is not a mean NLL and would skew the ``ppl`` mean, so
+    ``ppl`` skips it and counts it in ``n_short``; ``ent`` still uses it.
     """
     sels = [selectors] if isinstance(selectors, Selector) else list(selectors)
     if not sels:
         raise TrimixError("calibration needs a selection strategy (ppl or ent)")
     totals = {s: np.zeros((len(s.alphas), len(s.betas))) for s in sels}
-    used = skipped = 0
+    used = dict.fromkeys(sels, 0)
+    short = dict.fromkeys(sels, 0)
+    skipped = 0
     for k, prompt in enumerate(prompts):
         try:
             picked = engine.select_many(prompt, sels)
@@ -156,24 +164,33 @@ def calibrate(
             skipped += 1
             continue
         for s in sels:
+            if picked[s].strategy != s.strategy:  # a ppl selector that had to choose by entropy
+                short[s] += 1
+                continue
             totals[s] += picked[s].scores
-        used += 1
+            used[s] += 1
         if progress is not None:
             progress(k + 1)
-    if not used:
-        raise TrimixError("no calibration prompt fits the context (raise --n-ctx)")
     out: dict[str, Calibration] = {}
     for s in sels:
-        mean = totals[s] / used
+        if not used[s]:
+            if short[s]:
+                raise TrimixError(
+                    f"no calibration prompt has the two tokens a perplexity needs ({short[s]} of one token, "
+                    f"{skipped} too long for the context): give longer prompts, or --strategy ent"
+                )
+            raise TrimixError("no calibration prompt fits the context (raise --n-ctx)")
+        mean = totals[s] / used[s]
         out[s.strategy] = Calibration(
             strategy=s.strategy,
             alphas=s.alphas,
             betas=s.betas,
             scores=mean,
             chosen=choose(s.alphas, s.betas, mean),
-            n_prompts=used,
+            n_prompts=used[s],
             models=model_fingerprint(paths),
             n_skipped=skipped,
+            n_short=short[s],
         )
     return out
 
@@ -198,6 +215,7 @@ def read_calibration(path: str | Path) -> Calibration:
             n_prompts=int(data["n_prompts"]),
             models=data["models"],
             n_skipped=int(data.get("n_skipped", 0)),
+            n_short=int(data.get("n_short", 0)),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise TrimixError(

@@ -11,10 +11,17 @@ An :class:`Engine` loads the models (:mod:`~trimix_cpp.loading`), and offers:
 Generation runs through the engine's scheduler on sequences ``0 .. n_seq-1``; the scoring calls
 use one more sequence of their own, so they can run between the steps of unfinished generations
 without disturbing them.
+
+Threads: an Engine may be shared between threads. Every call that touches llama.cpp holds the
+engine's re-entrant lock (``engine.lock``), so calls from two threads run one after the other,
+never at once (llama.cpp's contexts are not thread-safe). Two threads may each iterate their own
+generation: whichever steps the scheduler advances every active sequence, and each reads its own
+text. The lock serialises; it adds no parallelism (``--parallel`` sequences already decode together).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,8 +29,8 @@ import numpy as np
 
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, FusionPlan
-from .generation import Generation, Scheduler, SeqSpec, Timings, check_max_tokens
-from .loading import LoadOptions, build_shared_vocab, load_models
+from .generation import Generation, Scheduler, SeqSpec, Timings, check_max_tokens, locked
+from .loading import SCORING_SEQS, LoadOptions, build_shared_vocab, load_models
 from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perplexity
 from .sampling import SamplingParams
 from .scoring import MethodScore
@@ -38,11 +45,16 @@ def _flag(role: str) -> str:
 
 
 class Engine:
-    """A set of models, one per role, that share a vocabulary; the context manager frees them."""
+    """A set of models, one per role, that share a vocabulary; the context manager frees them.
+
+    Safe to share between threads: calls that touch llama.cpp take turns on ``self.lock`` (see the
+    module docstring).
+    """
 
     def __init__(self, paths: Mapping[str, str | Path], options: LoadOptions | None = None) -> None:
+        self.lock = threading.RLock()
         self.options = options or LoadOptions()
-        self.models, self.vocab = load_models(paths, self.options, extra_seqs=1)
+        self.models, self.vocab = load_models(paths, self.options, extra_seqs=SCORING_SEQS)
         # The prompt is tokenized once, by the large instruction model when there is one: its
         # metadata decides whether a BOS token goes first, and the same ids go to every model.
         self.reference_role = LARGE_INS if LARGE_INS in self.models else next(iter(self.models))
@@ -57,6 +69,7 @@ class Engine:
 
     # -- lifetime ---------------------------------------------------------------------------------
 
+    @locked
     def close(self) -> None:
         sched = getattr(self, "scheduler", None)
         if sched is not None:
@@ -71,6 +84,7 @@ class Engine:
             m.close()
         self.models = {}
 
+    @locked
     def set_threads(self, n_threads: int) -> None:
         """Every model computes with ``n_threads`` threads from the next decode on (0: every core)."""
         self._check_open()
@@ -97,6 +111,7 @@ class Engine:
     def roles(self) -> tuple[str, ...]:
         return tuple(self.models)
 
+    @locked
     def tokenize(self, prompt: str, special: bool = False) -> np.ndarray:
         """The prompt's token ids, shared by every model. ``special`` parses control-token text
         (chat markup in a profile's template) into control tokens."""
@@ -124,6 +139,7 @@ class Engine:
         if missing:
             raise WeightError(f"{what} needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
 
+    @locked
     def guard(self, enabled: bool) -> Utf8Guard:
         """The UTF-8 guard tables (built once per engine and setting: they cost a vocabulary pass)."""
         if enabled not in self._guards:
@@ -139,6 +155,7 @@ class Engine:
             m.seq_rm(self._scratch_seq)
         return self._scratch_seq
 
+    @locked
     def evaluate_prompt(
         self,
         tokens: np.ndarray,
@@ -160,6 +177,7 @@ class Engine:
         toks = np.asarray(tokens, dtype=np.int32)
         evaluate(used, toks, seq, fold_roles=fold, on_chunk=on_chunk, chunk_rows=chunk_rows)
 
+    @locked
     def select(self, prompt: str | Sequence[int] | np.ndarray, selector: Selector) -> Selection:
         """Score the grid of (alpha, beta) on the prompt and choose a pair, without labels.
 
@@ -177,6 +195,7 @@ class Engine:
                 m.seq_rm(seq)
         return ev.selections[selector]
 
+    @locked
     def select_many(
         self, prompt: str | Sequence[int] | np.ndarray, selectors: Sequence[Selector]
     ) -> dict[Selector, Selection]:
@@ -192,6 +211,7 @@ class Engine:
                 m.seq_rm(seq)
         return ev.selections
 
+    @locked
     def perplexity(
         self,
         text: str,
@@ -224,6 +244,7 @@ class Engine:
             grid=grid,
         )
 
+    @locked
     def option_nlls(
         self,
         prompt: str | np.ndarray,
@@ -265,11 +286,13 @@ class Engine:
         anyway. Several generations may be started and read in any order: each has its own
         sequence (up to ``LoadOptions.n_seq`` decode together; the others wait their turn).
         ``draft`` > 0 lets the small models draft that many tokens per round for the large model to
-        check in one batch (speculative decoding: the same output, see :mod:`.speculative`).
+        check in one batch (speculative decoding, see :mod:`.speculative`): greedy gives the same text as
+        without it; sampling keeps the same fused distribution, but not the same draws for a seed.
         """
         spec = SeqSpec(fusion, sampling or SamplingParams(), max_tokens, tuple(stop), utf8_guard, draft)
         return self.generate_many(prompt, [spec])[0]
 
+    @locked
     def generate_many(self, prompt: str | Sequence[int] | np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:
         """Several sequences continuing one prompt, evaluated once and shared (for instance every
         method of an evaluation). They start together and run side by side."""

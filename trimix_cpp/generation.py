@@ -21,6 +21,8 @@ text until read.
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -356,6 +358,18 @@ def _weights_text(weights: Mapping[str, float]) -> str:
     return ", ".join(f"{r}={w:g}" for r, w in weights.items())
 
 
+def locked(method: Callable) -> Callable:
+    """Run ``method`` holding ``self.lock`` (the engine's re-entrant lock): llama.cpp's contexts
+    and the scheduler's state must never be used from two threads at once."""
+
+    @functools.wraps(method)
+    def run_locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run_locked
+
+
 class Scheduler:
     """Admits requests as sequences and KV cells allow, and steps every active sequence together.
 
@@ -367,6 +381,7 @@ class Scheduler:
 
     def __init__(self, engine: Models, n_seq: int, kv_cells: int, shared_prompt: bool = True) -> None:
         self.engine = engine
+        self.lock: threading.RLock = getattr(engine, "lock", None) or threading.RLock()
         self.n_seq = n_seq
         self.kv_cells = kv_cells
         # whether a request's sequences share its prompt's cells (one unified cache) or each holds
@@ -389,6 +404,7 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
 
+    @locked
     def submit(self, prompt: np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:
         """Queue a prompt with the sequences that continue it; their generations start at the next step."""
         eng = self.engine
@@ -430,6 +446,7 @@ class Scheduler:
         sequence has a cache of its own."""
         return n_new if self.shared_prompt else n_prompt + n_new
 
+    @locked
     def reap(self) -> None:
         """Drop cancelled generations: queued ones leave the queue, active ones free their sequence."""
         for req in list(self.queue):
@@ -454,6 +471,7 @@ class Scheduler:
 
     # -- the step ---------------------------------------------------------------------------------
 
+    @locked
     def step(self) -> None:
         """Admit what fits, decode every active sequence's last token, pick every next token."""
         self.reap()
@@ -492,6 +510,7 @@ class Scheduler:
     def _decode_seconds(self) -> float:
         return sum(m.decode_s for m in self.engine.models.values())
 
+    @locked
     def run(self, gens: Sequence[Generation]) -> None:
         """Step until every generation in ``gens`` is finished (their text stays readable)."""
         while any(g.finish_reason is None for g in gens):

@@ -46,6 +46,10 @@ class LoadOptions:
     isolated: bool = True
 
     def __post_init__(self) -> None:
+        """Refuse, before anything loads (a server has not yet said "listening"), a context or a
+        sequence count llama.cpp would abort on, and a cache size the layout would ignore."""
+        _llama.check_load_numbers(n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=self.n_threads)
+        check_parallel(self.n_seq)
         if self.isolated and self.kv_cells is not None:
             raise TrimixError(
                 f"kv_cells={self.kv_cells} sizes one cache shared by every sequence, but isolated=True gives each "
@@ -54,6 +58,20 @@ class LoadOptions:
 
     def cells(self) -> int:
         return self.kv_cells if self.kv_cells is not None else self.n_ctx * self.n_seq
+
+
+# An engine keeps one sequence of its own for scoring besides the ``n_seq`` it generates on.
+SCORING_SEQS = 1
+
+
+def check_parallel(n_seq: object) -> None:
+    """``--parallel``: 1 up to llama.cpp's sequence limit less the engine's own scoring sequence."""
+    top = _llama.MAX_SEQ - SCORING_SEQS
+    if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= top:
+        raise TrimixError(
+            f"--parallel must be a whole number from 1 to {top} (llama.cpp holds {_llama.MAX_SEQ} sequences and "
+            f"trimix keeps one for scoring), got {n_seq!r}"
+        )
 
 
 def _vocab_of(model: _llama.LlamaModel) -> tuple[list[bytes], np.ndarray]:
@@ -103,6 +121,8 @@ def load_models(
     if not paths:
         raise TrimixError("no model given (pass --large-ins/--small-cpt/--small-base or --lang)")
     _llama.set_verbose(options.verbose)
+    if extra_seqs:
+        check_parallel(options.n_seq)
     ordered = [r for r in ROLES if r in paths]
     for r in ordered:
         _llama.check_gguf_file(Path(paths[r]))

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelFileError, TrimixError
-from .fusion import METHODS, ROLES
+from .fusion import LARGE_BASE, METHODS, ROLES
 from .packaged import check_package_ref, package_file
 
 if sys.version_info >= (3, 11):
@@ -57,9 +57,14 @@ PACKAGE_PREFIX = "package:"
 # llama.cpp takes the context length as a 32-bit count; 2^24 (16,777,216) positions is already far
 # beyond any model's training context, and a larger number only fails later inside llama.cpp.
 MAX_N_CTX = 2**24
+# The smallest context that generates anything: one prompt token and one new token.
+MIN_N_CTX = 2
 # A language code becomes a file name (CODE.toml): letters, digits, "-" and "_", starting with a
 # letter or digit, so it can never name another folder or a hidden file.
 LANG_CODE = re.compile(r"[^\W_][\w-]{0,63}")
+# Roles a profile may name although its default method does not use them, and the methods they
+# enable: the large base model is loaded only by trimix4 (Eq. 1), so a setup without it is complete.
+OPTIONAL_ROLES: dict[str, tuple[str, ...]] = {LARGE_BASE: ("trimix4",)}
 
 
 def _shipped_dir() -> Path:
@@ -124,6 +129,20 @@ class Profile:
     def paths(self, roles: tuple[str, ...] | None = None) -> dict[str, Path]:
         return {r: self.locate(r) for r in (roles or tuple(self.models))}
 
+    def is_optional(self, role: str) -> bool:
+        """Whether the profile's default method runs without ``role`` (see :data:`OPTIONAL_ROLES`)."""
+        return role in OPTIONAL_ROLES and self.method not in OPTIONAL_ROLES[role]
+
+    def required_roles(self) -> tuple[str, ...]:
+        return tuple(r for r in self.models if not self.is_optional(r))
+
+    def present(self, role: str) -> bool:
+        try:
+            self.locate(role)
+            return True
+        except TrimixError:
+            return False
+
 
 def _package_ref(ref: str) -> tuple[str, str]:
     package, _, name = ref[len(PACKAGE_PREFIX) :].partition("/")
@@ -172,6 +191,10 @@ def load_profile(path: Path) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise TrimixError(f"{path} is not UTF-8 text (save it as UTF-8)") from None
+    except IsADirectoryError:
+        raise TrimixError(f"{path} is a folder, not a profile file (rename it, or move it out of the way)") from None
+    except OSError as e:
+        raise TrimixError(f"cannot read {path}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise TrimixError(f"{path} is not valid TOML: {e}") from None
     prof = data.get("profile", {})
@@ -233,11 +256,18 @@ def find_profile(lang: str) -> Profile:
         cand = d / f"{lang}.toml"
         if cand.is_file():
             return load_profile(cand)
-    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml")})
+    known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml") if p.is_file()})
     raise TrimixError(
         f"no profile for --lang {lang} (looked for {lang}.toml in {', '.join(map(str, dirs))}); "
         f"known: {', '.join(known) or 'none'}; add one with trimix models add"
     )
+
+
+def profile_files(lang: str) -> list[Path]:
+    """The model files of ``--lang``'s profile: every required one (one line naming a missing one)
+    and the optional ones that are present."""
+    profile = find_profile(lang)
+    return [profile.locate(r) for r in profile.models if not profile.is_optional(r) or profile.present(r)]
 
 
 def all_profiles() -> tuple[list[Profile], list[str]]:
@@ -280,10 +310,11 @@ def check_name(name: str, where: str) -> str:
 
 def check_n_ctx(n_ctx: int, where: str) -> int:
     """A context length llama.cpp can take (it counts positions in 32 bits)."""
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 1 <= n_ctx <= MAX_N_CTX:
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not MIN_N_CTX <= n_ctx <= MAX_N_CTX:
         raise TrimixError(
-            f"{where} must be a whole number from 1 to {MAX_N_CTX:,} (2^24, beyond any model's training "
-            f"context; llama.cpp takes a 32-bit count), got {n_ctx!r}"
+            f"{where} must be a whole number from {MIN_N_CTX} (a prompt token and a generated one) to "
+            f"{MAX_N_CTX:,} (2^24, beyond any model's training context; llama.cpp takes a 32-bit count), "
+            f"got {n_ctx!r}"
         )
     return n_ctx
 

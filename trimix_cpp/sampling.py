@@ -25,6 +25,7 @@ from .errors import TrimixError
 Sampler = Callable[[np.ndarray], int]
 
 _F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
 MAX_SEED = 2**64 - 1
 
 
@@ -72,9 +73,12 @@ class TokenSampler:
         self.scratch = np.empty(n_vocab, dtype=np.float32)
         self.mask = np.empty(n_vocab, dtype=bool)
         self.cdf = np.empty(n_vocab, dtype=np.float64)
-        # 1/T, kept finite: a temperature so small that 1/T overflows float32 still means "only
-        # the most likely tokens", which (l - max) * F32_MAX gives without a NaN.
-        self._inv_t = np.float32(min(1.0 / params.temperature, _F32_MAX)) if params.temperature > 0 else None
+        # 1/T, kept finite and nonzero: a temperature so small that 1/T overflows float32 still
+        # means "only the most likely tokens", which (l - max) * F32_MAX gives without a NaN; one so
+        # large that 1/T underflows to 0 still means "every kept token alike", which the smallest
+        # normal float32 gives, where 0 would turn the masked tokens' -inf into NaN (-inf * 0).
+        t = params.temperature
+        self._inv_t = np.float32(min(max(1.0 / t, _F32_TINY), _F32_MAX)) if t > 0 else None
 
     def keep_mask(self, logits: np.ndarray) -> np.ndarray:
         """``self.mask``: True for every token top-k, top-p and min-p drop (judged at T = 1)."""

@@ -111,9 +111,31 @@ def chrf_pp(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 @lru_cache(maxsize=1)
 def _chrf() -> Any:
-    from sacrebleu.metrics import CHRF
-
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        raise TrimixError(_MISSING["chrf++"]) from None
     return CHRF(word_order=2, lowercase=True)
+
+
+# The packages of the [eval] extra each metric imports, and the line that says how to get them.
+_NEEDS: dict[str, tuple[str, ...]] = {"chrf++": ("sacrebleu",), "rouge-l": ("rouge_score",)}
+_MISSING = {
+    "chrf++": "chrF++ needs sacrebleu, which is not installed: pip install 'trimix[eval]' (or -e '.[eval]')",
+    "rouge-l": "ROUGE-L needs rouge-score, which is not installed: pip install 'trimix[eval]' (or -e '.[eval]')",
+}
+
+
+def check_metric_available(metric: str) -> None:
+    """Fail with one line naming the extra to install when ``metric`` needs a package that is
+    missing: checked before an evaluation runs, not when it scores at the end."""
+    import importlib
+
+    for module in _NEEDS.get(metric, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise TrimixError(_MISSING[metric]) from None
 
 
 class ScriptTokenizer:
@@ -230,7 +252,10 @@ def rouge_l(hyps: Sequence[str], refs: Sequence[str], tokenizer: str = "xlsum") 
 @cache
 def _rouge_scorer(tokenizer: str) -> Any:
     made = make_rouge_tokenizer(tokenizer)
-    from rouge_score.rouge_scorer import RougeScorer
+    try:
+        from rouge_score.rouge_scorer import RougeScorer
+    except ImportError:
+        raise TrimixError(_MISSING["rouge-l"]) from None
 
     return RougeScorer(["rougeL"], tokenizer=made)
 

@@ -25,7 +25,7 @@ from ..loading import LoadOptions
 from ..modelset import ModelSet
 from ..selection import parse_grid
 from ..speculative import MAX_DRAFT
-from .metrics import ROUGE_TOKENIZERS
+from .metrics import ROUGE_TOKENIZERS, check_metric_available, make_rouge_tokenizer
 from .results import Results, build_results
 from .rundir import RunDir, method_identity, model_identity, task_identity
 from .runner import (
@@ -124,6 +124,11 @@ def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, 
         raise SettingsError("no task to evaluate (give FILE.jsonl, milic:ROOT:TASK:LANG, ...)")
     ga, gb = parse_grid(cfg.grid_alpha), parse_grid(cfg.grid_beta)
     specs = parse_methods(cfg.methods, ga, gb)
+    if cfg.draft and not any(m.drafts for m in specs):
+        raise SettingsError(
+            f"--draft lets the small models draft for the large one, but none of --methods {cfg.methods} has a large "
+            "model and small-cpt (TriMix, Proxy Tuning do): use --draft 0 or add such a method"
+        )
     paths = setup.paths(needed_roles(specs), "evaluation")
     # Tasks are read without the token budget (no model needed), so every spec, file and name is
     # checked before the run folder is made or a model loads; prompts are fitted to the budget later,
@@ -136,6 +141,9 @@ def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, 
     for d in loaded:
         if not d.items:
             raise TrimixError(f"task {d.task} has no items to evaluate")
+        check_metric_available(d.items[0].metric)
+        if d.items[0].metric == "rouge-l":
+            make_rouge_tokenizer(cfg.rouge_tokenizer)  # xlsum needs pyonmttok: say so before the run
     options = batch_options(options, specs, len(ga) * len(gb), settings.max_tokens, cfg.draft)
     task_scores: dict[str, dict[str, float]] = {}
     metrics: dict[str, str] = {}

@@ -69,6 +69,11 @@ class MethodSpec:
             return self.fusion.roles
         return SELECTION_ROLES
 
+    @property
+    def drafts(self) -> bool:
+        """Whether ``--draft`` applies (task-level methods become TriMix plans, which draft)."""
+        return self.task_level is not None or _drafts(self.fusion)
+
 
 def parse_methods(spec: str, grid_alpha: Sequence[float] = DEFAULT_GRID, grid_beta: Sequence[float] = DEFAULT_GRID):
     """The ``--methods`` list, in order, as :class:`MethodSpec` objects."""
