@@ -132,10 +132,11 @@ def test_a_cache_with_fewer_cells_than_sequences_is_an_error_not_an_abort(tiny_t
         from trimix_cpp._llama import LlamaModel
         from trimix_cpp.errors import TrimixError
         try:
-            LlamaModel({str(tiny_trio["large_ins"])!r}, n_ctx=2, n_seq=3, kv_cells=2, n_gpu_layers=0)
+            LlamaModel({str(tiny_trio["large_ins"])!r}, n_ctx=2, n_seq=3, kv_cells=2, n_gpu_layers=0, isolated=False)
         except TrimixError as e:
             print("refused:", e)
-        with LlamaModel({str(tiny_trio["large_ins"])!r}, n_ctx=2, n_seq=3, kv_cells=3, n_gpu_layers=0) as m:
+        shared = dict(n_gpu_layers=0, isolated=False)
+        with LlamaModel({str(tiny_trio["large_ins"])!r}, n_ctx=2, n_seq=3, kv_cells=3, **shared) as m:
             print("loaded", m.kv_cells)
     """)
     r = run_python(code)
