@@ -130,6 +130,10 @@ def train_byte_level_bpe(
     tok.add_tokens([tokenizers.AddedToken(u, special=False, normalized=False) for u in user])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
+    # Training builds a fresh model: restore the model options the spec asked for (Llama 3's ignore_merges).
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["ignore_merges"] = spec["model"]["ignore_merges"]
+    write_json(folder / "tokenizer.json", data)
     return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
@@ -251,41 +255,18 @@ def test_qwen2_bpe_tokenizes_like_the_reference(
         assert model.n_vocab == n_vocab
         assert model.add_bos is False
         attrs = model.token_attrs()
-        assert (attrs[-37:] & 1).all()  # llama.cpp's UNUSED attribute
+        assert (attrs[-37:] == 2).all()  # llama.cpp's LLAMA_TOKEN_ATTR_UNUSED alone
         assert model.is_eog(tok.token_to_id("<|im_end|>"))
-
-
-def test_the_pre_tokenizer_name_matters(qwen2_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path) -> None:
-    """The comparison can fail: the same vocabulary under Llama 3's pre-tokenizer name (digits in threes
-    instead of one by one) tokenizes the digit text differently from the reference."""
-    folder, tok = qwen2_checkpoint
-    vocab = load_vocabulary(folder, "qwen2")
-    w = gguf.GGUFWriter(str(tmp_path / "wrong.gguf"), "qwen2")
-    for key, value in (("context_length", 256), ("embedding_length", 8), ("block_count", 1)):
-        getattr(w, f"add_{key}")(value)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    got = llama_ids(tmp_path / "wrong.gguf", {"digits": TEXTS["digits"]}, special=False)
-    assert got["digits"] != tok.encode(TEXTS["digits"], add_special_tokens=False).ids
 
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
-def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
-    """Llama 3.x: its pre-tokenizer (digits in threes), merges ignored for whole-word hits, and BOS added by
-    the post-processor, which llama.cpp must reproduce when asked to add special tokens."""
-    folder = tmp_path / "llama3"
+@pytest.fixture(scope="module")
+def llama3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tokenizers.Tokenizer]:
+    """Llama 3.x's tokenizer layout: its pre-tokenizer (digits in threes), merges ignored for whole-word
+    hits, BOS added by the post-processor."""
+    folder = tmp_path_factory.mktemp("llama3")
     spec = tokenizer_json(LLAMA3_PRE, ignore_merges=True)
     spec["post_processor"] = {
         "type": "Sequence",
@@ -314,6 +295,14 @@ def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
         folder / "tokenizer_config.json",
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE},
     )
+    return folder, tok
+
+
+def test_llama3_bpe_tokenizes_like_the_reference(
+    llama3_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path
+) -> None:
+    """Llama 3.x, including the BOS its post-processor adds, which llama.cpp must add too."""
+    folder, tok = llama3_checkpoint
     path = write_gguf(tmp_path / "llama3.gguf", folder, "llama")
     texts = {**TEXTS, "special": special_text("<|start_header_id|>", "<|eot_id|>")}
     want = {k: tok.encode(t, add_special_tokens=False).ids for k, t in texts.items()}
@@ -329,6 +318,31 @@ def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
         with_bos = model.tokenize(TEXTS["kazakh"], add_bos=model.add_bos, special=True).tolist()
     assert with_bos == tok.encode(TEXTS["kazakh"], add_special_tokens=True).ids
     assert with_bos[0] == 0
+
+
+def test_the_pre_tokenizer_name_matters(llama3_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path) -> None:
+    """The comparison can fail: the same vocabulary under Qwen2's pre-tokenizer name (digits one by one
+    instead of in threes) tokenizes the digit text differently from the reference."""
+    folder, tok = llama3_checkpoint
+    vocab = load_vocabulary(folder, "llama")
+    assert vocab.pre == "llama-bpe"
+    w = gguf.GGUFWriter(str(tmp_path / "wrong.gguf"), "qwen2")
+    for key, value in (("context_length", 256), ("embedding_length", 8), ("block_count", 1)):
+        getattr(w, f"add_{key}")(value)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = llama_ids(tmp_path / "wrong.gguf", {"digits": TEXTS["digits"]}, special=False)
+    assert got["digits"] != tok.encode(TEXTS["digits"], add_special_tokens=False).ids
 
 
 def smollm2_tokenizer_json(folder: Path) -> Path:
@@ -434,22 +448,28 @@ def train_sentencepiece(
     return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
 
 
-def sentencepiece_json(sp: spm.SentencePieceProcessor, *, prefix: bool) -> dict:
+def sentencepiece_json(sp: spm.SentencePieceProcessor, *, prefix: bool, user: tuple[str, ...] = ()) -> dict:
     """The tokenizer.json a SentencePiece BPE model is published with (Llama 2, Gemma): the same pieces, merges
     made from every split of every piece into two pieces, ordered by the joined piece's score, byte fallback."""
-    from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    def kind(i: int) -> int:
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_byte(i):
+            return 6
+        return 4 if sp.id_to_piece(i) in user else 1
+
+    pieces = [(sp.id_to_piece(i), sp.get_score(i), kind(i)) for i in range(sp.get_piece_size())]
     vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
     normal = {p for p, _, k in pieces if k == 1}
     merges = []
-    for p, score, kind in pieces:
-        if kind != 1:
+    for p, score, k in pieces:
+        if k != 1:
             continue
-        for k in range(1, len(p)):
-            left, right = p[:k], p[k:]
+        for cut in range(1, len(p)):
+            left, right = p[:cut], p[cut:]
             if left in normal and right in normal:
                 merges.append((-score, vocab[left], vocab[right], left, right))
     merges.sort()
@@ -567,7 +587,7 @@ def test_gemma3_sentencepiece_tokenizes_like_the_reference(tmp_path: Path) -> No
     folder = tmp_path / "gemma3"
     turn = ("<start_of_turn>", "<end_of_turn>")
     sp = train_sentencepiece(folder, add_dummy_prefix=False, ids=GEMMA3_IDS, user=turn, control=("<mask>",))
-    write_json(folder / "tokenizer.json", sentencepiece_json(sp, prefix=False))
+    write_json(folder / "tokenizer.json", sentencepiece_json(sp, prefix=False, user=turn))
     decoder = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in turn}
     template = (
         "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"

@@ -494,7 +494,7 @@ def _sentencepiece(path: Path, n_vocab: int | None, overlay: list[tuple[int, str
     # user-defined otherwise, written as plain text as llama.cpp expects user-defined tokens. Ids past the
     # embedding (placeholders of a multimodal sibling) cannot be produced by this model and are left out.
     for tid, content, special in overlay:
-        if tid >= size:
+        if tid >= size or types[tid] in (int(T.UNKNOWN), int(T.BYTE)):
             continue
         if special or _looks_special(content):
             types[tid] = int(T.CONTROL)
@@ -704,10 +704,11 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
                 specials.chat_template = jinja.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise TokenizerError(f"cannot read {jinja} as UTF-8 text ({exc})") from None
-    if vocab.model == "llama":
-        # SentencePiece models begin with BOS unless the checkpoint says otherwise; say so explicitly.
-        specials.add_special_token.setdefault("bos", True)
-        specials.add_special_token.setdefault("eos", False)
+    # Written explicitly, so llama.cpp never falls back on its per-name defaults: SentencePiece models begin
+    # with BOS unless the checkpoint says otherwise, byte-level BPEs add nothing unless their post-processor
+    # or tokenizer_config.json says so (Llama 3's does).
+    specials.add_special_token.setdefault("bos", vocab.model == "llama")
+    specials.add_special_token.setdefault("eos", False)
 
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
