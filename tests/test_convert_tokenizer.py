@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -178,9 +180,44 @@ def assert_same(got: dict[str, list[int]], want: dict[str, list[int]]) -> None:
             )
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
 def gguf_fields(path: Path) -> dict:
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    """The ``tokenizer.*`` metadata of a GGUF file as Python values, read straight from the header (gguf's
+    reader takes tens of seconds on a 262,144-token vocabulary here)."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n : pos].decode("utf-8")
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, count = take("<I"), take("<Q")
+            return [value(item) for _ in range(count)]
+        return take(_SCALAR[kind])
+
+    assert data[:4] == b"GGUF"
+    pos = 8
+    take("<Q")
+    n_kv = take("<Q")
+    out = {}
+    for _ in range(n_kv):
+        key = string()
+        out[key] = value(take("<I"))
+    return {k: v for k, v in out.items() if k.startswith("tokenizer.")}
 
 
 def not_bytewise(ids: dict[str, list[int]], texts: dict[str, str]) -> None:
@@ -351,12 +388,11 @@ def smollm2_tokenizer_json(folder: Path) -> Path:
     digits, then GPT-2's byte-level regex)."""
     from trimix_cpp.packaged import smollm2_path
 
-    reader = gguf.GGUFReader(str(smollm2_path()))
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    fields = gguf_fields(smollm2_path())
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     spec = tokenizer_json(SMOLLM_PRE)
     spec["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
-    spec["model"]["merges"] = reader.fields["tokenizer.ggml.merges"].contents()
+    spec["model"]["merges"] = fields["tokenizer.ggml.merges"]
     spec["added_tokens"] = [
         {
             "id": i,
@@ -761,3 +797,74 @@ def test_corrupt_tokenizer_config(llama2_checkpoint: tuple[Path, spm.SentencePie
     (folder / "tokenizer.model").write_bytes((llama2_checkpoint[0] / "tokenizer.model").read_bytes())
     (folder / "tokenizer_config.json").write_text('{"add_bos_token": tru', encoding="utf-8")
     assert "tokenizer_config.json is not valid JSON" in convert_error(folder, "llama")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, value: bytes | int | float) -> bytes:
+    if isinstance(value, bytes):
+        return _varint(num << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(num << 3 | 5) + struct.pack("<f", value)
+    return _varint(num << 3) + _varint(value)
+
+
+def gemma3_tokenizer_model(folder: Path) -> Path:
+    """Gemma 3's tokenizer.model (262,144 pieces, byte fallback, no leading space) rebuilt from the packaged
+    Gemma 3 270M GGUF, serialized as SentencePiece's ModelProto so the sentencepiece package loads it."""
+    from trimix_cpp.packaged import gemma3_270m_path
+
+    fields = gguf_fields(gemma3_270m_path())
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    types = fields["tokenizer.ggml.token_type"]
+    types[3] = gguf.TokenType.UNKNOWN  # SentencePiece's own type for <unk> (the GGUF marks it control)
+    # The GGUF spells user-defined pieces with plain spaces, as llama.cpp matches them; SentencePiece with ▁.
+    tokens = [t.replace(" ", "▁") if k == gguf.TokenType.USER_DEFINED else t for t, k in zip(tokens, types)]
+    pieces = b"".join(
+        _field(1, _field(1, t.encode()) + _field(2, float(s)) + _field(3, int(k)))
+        for t, s, k in zip(tokens, scores, types)
+    )
+    trainer = b"".join(_field(n, v) for n, v in ((3, 2), (4, len(tokens)), (35, 1), (40, 3), (41, 2), (42, 1), (43, 0)))
+    normalizer = _field(1, b"identity") + _field(3, 0) + _field(4, 0) + _field(5, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(pieces + _field(2, trainer) + _field(3, normalizer))
+    write_json(folder / "tokenizer_config.json", {"add_bos_token": True, "add_eos_token": False})
+    write_json(
+        folder / "config.json", {"vocab_size": len(tokens), "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    )
+    return folder
+
+
+def test_gemma3_real_vocabulary(tmp_path: Path) -> None:
+    """A real 262,144-piece SentencePiece vocabulary: Gemma 3's, as a tokenizer.model. llama.cpp tokenizes the
+    converted file as sentencepiece does and as the original GGUF does, and the vocabulary round-trips."""
+    from trimix_cpp.packaged import gemma3_270m_path
+
+    folder = gemma3_tokenizer_model(tmp_path / "gemma3")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert sp.get_piece_size() == 262144
+    path = write_gguf(tmp_path / "gemma3.gguf", folder, "gemma3", n_vocab=262144)
+    texts = dict(TEXTS)
+    want = {k: sp.encode(t) for k, t in texts.items()}
+    assert_same(llama_ids(path, texts, special=False), want)
+    assert_same(llama_ids(gemma3_270m_path(), texts, special=False), want)
+    got_fields, orig = gguf_fields(path), gguf_fields(gemma3_270m_path())
+    for key in (
+        "model",
+        "pre",
+        "tokens",
+        "scores",
+        "bos_token_id",
+        "eos_token_id",
+        "padding_token_id",
+        "add_space_prefix",
+    ):
+        assert got_fields[f"tokenizer.ggml.{key}"] == orig[f"tokenizer.ggml.{key}"], key

@@ -487,7 +487,10 @@ def _sentencepiece(path: Path, n_vocab: int | None, overlay: list[tuple[int, str
             "tokenizer does not do, so its tokens would differ (convert it with llama.cpp's convert_hf_to_gguf.py)"
         )
     size = _size(len(sp.pieces), n_vocab, str(path))
-    tokens: list[str | None] = [*sp.pieces, *([None] * (size - len(sp.pieces)))]
+    # llama.cpp finds user-defined tokens in the raw text, before spaces become ▁, so their text is stored
+    # with plain spaces (Gemma's "▁▁▁▁" piece matches four spaces).
+    pieces = [p.replace(_SPIECE_SPACE, " ") if k == int(T.USER_DEFINED) else p for p, k in zip(sp.pieces, sp.types)]
+    tokens: list[str | None] = [*pieces, *([None] * (size - len(sp.pieces)))]
     scores = [*sp.scores, *([-1000.0] * (size - len(sp.pieces)))]
     types = [*sp.types, *([int(T.UNUSED)] * (size - len(sp.pieces)))]
     # Tokens the checkpoint adds or re-marks (tokenizer_config.json, tokenizer.json): control when special,
