@@ -868,3 +868,23 @@ def test_gemma3_real_vocabulary(tmp_path: Path) -> None:
         "add_space_prefix",
     ):
         assert got_fields[f"tokenizer.ggml.{key}"] == orig[f"tokenizer.ggml.{key}"], key
+
+
+def test_special_tokens_from_special_tokens_map(
+    qwen2_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path
+) -> None:
+    """Older checkpoints name their special tokens only in special_tokens_map.json."""
+    folder = copy_bpe(qwen2_checkpoint[0], tmp_path / "map")
+    tok = qwen2_checkpoint[1]
+    write_json(
+        folder / "special_tokens_map.json", {"eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}
+    )
+    fields = gguf_fields(write_gguf(tmp_path / "map.gguf", folder, "qwen2"))
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.token_to_id("<|im_end|>")
+    assert fields["tokenizer.ggml.padding_token_id"] == tok.token_to_id("<|endoftext|>")
+    assert "tokenizer.ggml.bos_token_id" not in fields
+
+
+def test_unigram_tokenizer_json(tmp_path: Path) -> None:
+    write_json(tmp_path / "tokenizer.json", {"model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.0]]}})
+    assert "a Unigram tokenizer is not one trimix converts" in convert_error(tmp_path, "llama")

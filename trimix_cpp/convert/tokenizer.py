@@ -662,6 +662,13 @@ class _Specials(gguf.SpecialVocab):
         super()._set_special_token(typ, tid)
 
 
+def _token_text(entry: Any) -> str | None:
+    """A special token as tokenizer_config.json or special_tokens_map.json names it: text or {"content": text}."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) and entry else None
+
+
 def _first_id(value: Any) -> int | None:
     if isinstance(value, list) and value:
         value = value[0]
@@ -679,8 +686,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
     checkpoint_dir = Path(checkpoint_dir)
     vocab = load_vocabulary(checkpoint_dir, arch, n_vocab=n_vocab)
     # Parse every JSON file SpecialVocab will read, so a corrupt one fails here with its name and position.
-    for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json"):
-        _optional_json(checkpoint_dir / name)
+    config = _optional_json(checkpoint_dir / "tokenizer_config.json")
+    _optional_json(checkpoint_dir / "config.json")
+    special_map = _optional_json(checkpoint_dir / "special_tokens_map.json")
     generation = _optional_json(checkpoint_dir / "generation_config.json")
     gguf_log = logging.getLogger("gguf.vocab")
     level = gguf_log.level
@@ -692,8 +700,19 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
     finally:
         gguf_log.setLevel(level)
     ids = specials.special_token_ids
-    # generation_config.json names the ids generation stops at and starts with; the tokenizer model's own
-    # (SentencePiece's trainer spec) come last.
+    # Special tokens named by text that SpecialVocab could not place (it looks only among tokenizer.json's
+    # added tokens): tokenizer_config.json, then special_tokens_map.json (older checkpoints), found in the
+    # whole vocabulary. Then generation_config.json's ids; the tokenizer model's own (SentencePiece's trainer
+    # spec) come last.
+    missing = [typ for typ in ("bos", "eos", "unk", "pad") if typ not in ids]
+    if missing:
+        index = {t: i for i, t in enumerate(vocab.tokens)}
+        for typ in missing:
+            for source in (config, special_map):
+                text = _token_text(source.get(f"{typ}_token"))
+                if text is not None and text in index:
+                    ids[typ] = index[text]
+                    break
     for typ in ("bos", "eos", "pad"):
         tid = _first_id(generation.get(f"{typ}_token_id"))
         if typ not in ids and tid is not None and tid < len(vocab):
