@@ -271,6 +271,11 @@ def _describe(sig: tuple[Any, ...]) -> str:
 
 
 def _bpe_pre_name(tj: dict[str, Any], model: dict[str, Any], path: Path) -> str:
+    """llama.cpp's name for the byte-level tokenizer's pre-tokenizer, or one line saying why there is none.
+
+    Qwen2's NFC normalizer is accepted although llama.cpp does not normalize: the two differ only on text
+    that is not already in NFC, and text as written and published almost always is.
+    """
     normalizer = tj.get("normalizer")
     if normalizer is not None and not (isinstance(normalizer, dict) and normalizer.get("type") == "NFC"):
         kind = normalizer.get("type") if isinstance(normalizer, dict) else type(normalizer).__name__
