@@ -55,8 +55,19 @@ def _gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def forward(folder: Path, ids: list[int] | np.ndarray) -> np.ndarray:
-    """Logits (positions x embedding rows) of the checkpoint in ``folder`` for token ``ids``."""
+def _gelu_ggml(x: np.ndarray) -> np.ndarray:
+    """GELU as ggml's CPU kernel computes it: looked up in a table indexed by the input rounded to f16,
+    holding f16 values (exact for |x| >= 10). A property of llama.cpp's runtime, not of the weights."""
+    x16 = x.astype(np.float16).astype(np.float64)
+    y = _gelu_tanh(x16).astype(np.float16).astype(np.float64)
+    return np.where(x <= -10, 0.0, np.where(x >= 10, x, y))
+
+
+def forward(folder: Path, ids: list[int] | np.ndarray, *, ggml_gelu: bool = False) -> np.ndarray:
+    """Logits (positions x embedding rows) of the checkpoint in ``folder`` for token ``ids``.
+
+    ``ggml_gelu`` computes Gemma's GELU through ggml's f16 table instead of exactly.
+    """
     cfg = json.loads((folder / "config.json").read_text())
     if "text_config" in cfg:
         cfg = {**cfg, **cfg["text_config"]}
@@ -119,7 +130,7 @@ def forward(folder: Path, ids: list[int] | np.ndarray) -> np.ndarray:
             x = x + out
             h = rms(x, w[p + "post_attention_layernorm.weight"])
         gate = h @ w[p + "mlp.gate_proj.weight"].T
-        act = _gelu_tanh(gate) if gemma else gate / (1 + np.exp(-gate))
+        act = (_gelu_ggml(gate) if ggml_gelu else _gelu_tanh(gate)) if gemma else gate / (1 + np.exp(-gate))
         ff = (act * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
         if gemma:
             ff = rms(ff, w[p + "post_feedforward_layernorm.weight"])
