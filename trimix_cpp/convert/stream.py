@@ -247,5 +247,6 @@ def _encode(x: np.ndarray, qtype: T) -> np.ndarray:
     if qtype == T.F32:
         return x.astype(np.float32, copy=False)
     if qtype == T.F16:
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # out-of-range values become inf, which the caller reports
+            return x.astype(np.float16)
     return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
