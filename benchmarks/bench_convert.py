@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tinyckpt import QWEN2_REGEX, byte_level_tokenizer  # noqa: E402  (the tests' tokenizer builder)
+from tinyckpt import QWEN2_REGEX, byte_level_tokenizer  # the tests' tokenizer builder
 
 STEP = """
 import json, resource, sys, time
@@ -201,7 +201,8 @@ def main() -> None:
             print(json.dumps(report))
             return
         print(
-            f"checkpoint: {size / 1e9:.2f} GB BF16 ({args.layers} layers, hidden {args.hidden}), written in {made:.0f} s"
+            f"checkpoint: {size / 1e9:.2f} GB BF16 ({args.layers} layers, hidden {args.hidden}), "
+            f"written in {made:.0f} s"
         )
         print(f"{'step':<17}{'seconds':>9}{'MB/s':>9}{'x copy':>8}{'peak RSS':>11}")
         for kind, r in results.items():
