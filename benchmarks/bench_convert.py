@@ -54,7 +54,12 @@ else:
     else:
         quantize_gguf(a, b, kind.split(":")[1])
 dt = time.perf_counter() - t0
-rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+try:  # VmHWM: this process's own peak (ru_maxrss would start from the parent's, inherited across exec)
+    own = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+except OSError:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# the quantizer's child process, forked from this small one
+rss = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"seconds": dt, "peak_rss_bytes": rss * 1024}))
 """
 
