@@ -23,7 +23,7 @@ from .architectures import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
 from .checkpoint import CheckpointError
 from .outfile import OutputError, check_output, partial_beside
 from .qtypes import CONVERT_TYPES, DIRECT_TYPES, check_type, estimated_bytes
-from .quantize import quantize_gguf, quantized_tensor_types
+from .quantize import check_threads, quantize_gguf, quantized_tensor_types
 from .stream import convert_direct, plan_conversion
 
 __all__ = [
@@ -51,19 +51,22 @@ def convert_checkpoint(
 
     ``out_type`` is one of :data:`CONVERT_TYPES`. ``progress(stage, done, total)`` is called with
     stage ``"convert"`` (bytes of the checkpoint read) and, for types llama.cpp quantizes,
-    ``"quantize"`` (tensors). ``threads`` is for the quantizer. Raises a :class:`TrimixError`
+    ``"quantize"`` (tensors). ``threads`` converting threads and quantizer threads (default: every
+    core, at most 4 for the conversion, whose extra threads only add memory beyond that). Raises a :class:`TrimixError`
     subclass with one line on any problem, leaving nothing at ``out_path``.
     """
     out_type = check_type(out_type)
     out_path = check_output(Path(out_path), force=force)
     checkpoint_dir = Path(checkpoint_dir)
+    workers = min(4, check_threads(threads))
     if out_type in DIRECT_TYPES:
         plan = plan_conversion(checkpoint_dir, out_type)
-        return convert_direct(plan, out_path, progress=progress)
+        return convert_direct(plan, out_path, progress=progress, workers=workers)
     plan = plan_conversion(checkpoint_dir, "f16")
     scratch = partial_beside(out_path, ".f16")
     try:
-        convert_direct(plan, scratch, progress=progress, room_extra=estimated_bytes(plan.n_weights, out_type))
+        extra = estimated_bytes(plan.n_weights, out_type)
+        convert_direct(plan, scratch, progress=progress, room_extra=extra, workers=workers)
         return quantize_gguf(scratch, out_path, out_type, threads=threads, force=force, progress=progress)
     finally:
         scratch.unlink(missing_ok=True)

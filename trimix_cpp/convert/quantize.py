@@ -67,7 +67,7 @@ def quantize_gguf(
     in_path = Path(in_path)
     _llama.check_gguf_file(in_path)
     out_path = check_output(Path(out_path), force=force, inputs=(in_path,))
-    n_threads = _check_threads(threads)
+    n_threads = check_threads(threads)
     quantized = quantized_tensor_types(in_path)
     if quantized and not allow_requantize:
         raise TrimixError(
@@ -92,7 +92,7 @@ def _prod(dims: tuple[int, ...]) -> int:
     return n
 
 
-def _check_threads(threads: int | None) -> int:
+def check_threads(threads: int | None) -> int:
     from .._llama import MAX_THREADS, default_threads
 
     if threads is None or threads == 0:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ __all__ = ["Progress", "convert_direct", "plan_conversion"]
 
 Progress = Callable[[str, int, int], None]
 
-SLAB_BYTES = 16 * 2**20  # float32 bytes of rows handled at once; bounds the working memory
+SLAB_BYTES = 4 * 2**20  # float32 bytes of rows converted at once; with the slabs in flight, the working memory
 _ITEM_BYTES = {T.F32: 4, T.F16: 2, T.BF16: 2}
 
 
@@ -194,17 +197,23 @@ def _pack_value(val: Any, vtype: int, sub_type: int | None) -> bytes:
 
 
 def convert_direct(
-    plan: ConversionPlan, out_path: Path, *, progress: Progress | None = None, room_extra: int = 0
+    plan: ConversionPlan,
+    out_path: Path,
+    *,
+    progress: Progress | None = None,
+    room_extra: int = 0,
+    workers: int = 1,
 ) -> Path:
-    """Write ``plan`` to ``out_path`` (beside, then renamed); ``room_extra`` is further disk space a
-    following step will need in the same folder, checked now so that step cannot fail half-way."""
+    """Write ``plan`` to ``out_path`` (beside, then renamed) with ``workers`` converting threads;
+    ``room_extra`` is further disk space a following step will need in the same folder, checked now
+    so that step cannot fail half-way."""
     size = plan.file_bytes()
     check_room(
         out_path.parent, size + room_extra, f"the {gib(size)} GGUF" + (" and its quantized copy" if room_extra else "")
     )
     partial = partial_beside(out_path)
     try:
-        _write(plan, partial, progress)
+        _write(plan, partial, progress, max(1, workers))
         written = partial.stat().st_size
         if written != size:
             raise TrimixError(f"wrote {written:,} bytes to {partial} but planned {size:,} (report this)")
@@ -213,81 +222,118 @@ def convert_direct(
         partial.unlink(missing_ok=True)
 
 
-def _write(plan: ConversionPlan, path: Path, progress: Progress | None) -> None:
+def _write(plan: ConversionPlan, path: Path, progress: Progress | None, workers: int) -> None:
+    """Header, metadata and tensor table through GGUFWriter, then the tensor data slab by slab.
+
+    Slabs are read in file order, converted by ``workers`` threads (numpy's casts, sums and the
+    quantizer release the GIL) and written in order; at most ``workers + 2`` slabs are in flight, so
+    memory stays a few slabs whatever the model.
+    """
     w = plan.writer
-    total = sum(_source_bytes(t, plan.ckpt.tensors[t.source]) for t in plan.tensors if t.source)
-    done = 0
+    jobs = [(t, plan.ckpt.tensors.get(t.source), r0, r1) for t in plan.tensors for r0, r1 in _slabs(t, plan.ckpt)]
+    total = sum(_slab_source_bytes(t, src, r0, r1) for t, src, r0, r1 in jobs if src is not None)
     handles = plan.ckpt.open_files()
-    buf = np.empty(SLAB_BYTES, np.uint8)
+    read_lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="convert")
     try:
         w.write_header_to_file(path)
         assert w.fout is not None
         w.fout[0].write(plan.kv_bytes())
         w.state = WriterState.KV_DATA  # the metadata went in whole (see pack_kv); the writer resumes here
         w.write_ti_data_to_file()
-        assert w.fout is not None
         fout = w.fout[0]
         w.write_padding(fout, fout.tell())
         if progress:
             progress("convert", 0, total)
-        for t in plan.tensors:
-            start = fout.tell()
-            if t.computed is not None:
-                fout.write(_encode(t.computed, t.qtype).tobytes())
-            else:
-                src = plan.ckpt.tensors[t.source]
-                for n in _stream_tensor(t, src, handles[src.path], fout, buf):
-                    done += n
-                    if progress:
-                        progress("convert", done, total)
-            if fout.tell() - start != t.nbytes:
-                raise TrimixError(f"tensor {t.name} took {fout.tell() - start} bytes, planned {t.nbytes} (report this)")
-            w.write_padding(fout, t.nbytes)
+        done = 0
+        start = fout.tell()
+        pending: deque[tuple[tuple[Any, ...], Future[np.ndarray]]] = deque()
+
+        def finish_one() -> None:
+            nonlocal done, start
+            (t, src, r0, r1), fut = pending.popleft()
+            data = fut.result()
+            if r0 == 0:
+                start = fout.tell()
+            fout.write(memoryview(data).cast("B"))
+            if src is not None:
+                done += _slab_source_bytes(t, src, r0, r1)
+                if progress:
+                    progress("convert", done, total)
+            if r1 == _n_rows(t):  # the tensor's last slab
+                if fout.tell() - start != t.nbytes:
+                    raise TrimixError(
+                        f"tensor {t.name} took {fout.tell() - start} bytes, planned {t.nbytes} (report this)"
+                    )
+                w.write_padding(fout, t.nbytes)
+
+        for job in jobs:
+            t, src, r0, r1 = job
+            handle = handles[src.path] if src is not None else None
+            pending.append((job, pool.submit(_convert_slab, t, src, handle, read_lock, r0, r1)))
+            if len(pending) >= workers + 2:
+                finish_one()
+        while pending:
+            finish_one()
         fout.flush()
     except OSError as e:
         raise TrimixError(f"writing {path} failed: {e.strerror or e} (is the disk full?)") from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         w.close()
         for h in handles.values():
             h.close()
 
 
-def _source_bytes(t: TensorPlan, src: SourceTensor) -> int:
-    """Bytes of ``src`` the output reads (all of it, except rows cut off the embedding)."""
-    return math.prod(t.shape) * (src.nbytes // max(math.prod(src.shape), 1))
+def _n_rows(t: TensorPlan) -> int:
+    return t.shape[0] if len(t.shape) > 1 else 1
 
 
-def _stream_tensor(t: TensorPlan, src: SourceTensor, handle: Any, fout: Any, buf: np.ndarray):
-    """Write one tensor slab by slab; yield the source bytes each slab consumed."""
-    rows = t.shape[0] if len(t.shape) > 1 else 1
-    row_elems = src.row_elems
-    align = t.head_dim or 1  # a permuted tensor is cut at head boundaries
+def _slabs(t: TensorPlan, ckpt: Checkpoint) -> list[tuple[int, int]]:
+    """Row ranges of one tensor, each about SLAB_BYTES of float32, cut at head boundaries when permuted."""
+    rows = _n_rows(t)
+    if t.computed is not None:
+        return [(0, rows)]
+    row_elems = ckpt.tensors[t.source].row_elems
+    align = t.head_dim or 1
     per = max(align, SLAB_BYTES // 4 // max(row_elems, 1) // align * align)
-    item = src.nbytes // max(math.prod(src.shape), 1)
-    for r0 in range(0, rows, per):
-        r1 = min(rows, r0 + per)
-        x = src.read_rows(handle, r0, r1, buf)
-        if t.head_dim:
-            k = (r1 - r0) // t.head_dim
-            x = x.reshape(k, 2, t.head_dim // 2, row_elems).swapaxes(1, 2).reshape(r1 - r0, row_elems)
-        if t.add_one:
-            x = x + np.float32(1.0)
-        data = _encode(x if len(t.shape) > 1 else x.reshape(-1), t.qtype)
-        # one pass finds NaN and infinity: a sum is not finite exactly when an element is not (in float64,
-        # float32 and float16 values cannot overflow it); f16 output is checked after encoding, which also
-        # catches values beyond f16's range
-        checked = data if t.qtype == T.F16 else x
-        if not math.isfinite(float(checked.sum(dtype=np.float64))):
-            if t.qtype == T.F16 and math.isfinite(float(x.sum(dtype=np.float64))):
-                raise CheckpointError(
-                    f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
-                )
+    return [(r0, min(rows, r0 + per)) for r0 in range(0, rows, per)]
+
+
+def _slab_source_bytes(t: TensorPlan, src: SourceTensor, r0: int, r1: int) -> int:
+    return (r1 - r0) * src.row_elems * (src.nbytes // max(math.prod(src.shape), 1))
+
+
+def _convert_slab(
+    t: TensorPlan, src: SourceTensor | None, handle: Any, read_lock: threading.Lock, r0: int, r1: int
+) -> np.ndarray:
+    """Rows ``[r0, r1)`` of one tensor: read, transformed, checked and encoded for the output."""
+    if t.computed is not None:
+        return np.ascontiguousarray(_encode(t.computed, t.qtype))
+    assert src is not None
+    with read_lock:  # one handle per shard, read in turn; the work after the read runs in parallel
+        x = src.read_rows(handle, r0, r1)
+    row_elems = src.row_elems
+    if t.head_dim:
+        k = (r1 - r0) // t.head_dim
+        x = x.reshape(k, 2, t.head_dim // 2, row_elems).swapaxes(1, 2).reshape(r1 - r0, row_elems)
+    if t.add_one:
+        x = x + np.float32(1.0)
+    data = _encode(x if len(t.shape) > 1 else x.reshape(-1), t.qtype)
+    # one pass finds NaN and infinity: a sum is not finite exactly when an element is not (in float64,
+    # float32 and float16 values cannot overflow it); f16 output is checked after encoding, which also
+    # catches values beyond f16's range
+    checked = data if t.qtype == T.F16 else x
+    if not math.isfinite(float(checked.sum(dtype=np.float64))):
+        if t.qtype == T.F16 and math.isfinite(float(x.sum(dtype=np.float64))):
             raise CheckpointError(
-                f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
-                "or was saved mid-divergence: download it again or use another checkpoint"
+                f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
             )
-        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-        yield (r1 - r0) * row_elems * item
+        raise CheckpointError(
+            f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
+            "or was saved mid-divergence: download it again or use another checkpoint"
+        )
+    return np.ascontiguousarray(data)
 
 
 def _encode(x: np.ndarray, qtype: T) -> np.ndarray:
