@@ -54,6 +54,11 @@ def set_verbose(verbose: bool) -> None:
     _lc.llama_log_set(_log_quiet, ctypes.c_void_p(0))
 
 
+def is_verbose() -> bool:
+    """Whether llama.cpp's log goes to stderr (``--verbose``)."""
+    return _verbose
+
+
 def _ensure_backend() -> None:
     global _backend_ready
     if not _backend_ready:

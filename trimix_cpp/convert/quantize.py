@@ -15,7 +15,6 @@ counts tensors.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -105,13 +104,23 @@ def check_threads(threads: int | None) -> int:
 def _run_child(
     src: Path, dst: Path, ftype: int, n_threads: int, allow_requantize: bool, progress: Progress | None
 ) -> None:
+    from .._llama import is_verbose
+
+    verbose = is_verbose()
     job = json.dumps(
-        {"src": str(src), "dst": str(dst), "ftype": ftype, "threads": n_threads, "allow": allow_requantize}
+        {
+            "src": str(src),
+            "dst": str(dst),
+            "ftype": ftype,
+            "threads": n_threads,
+            "allow": allow_requantize,
+            "verbose": verbose,
+        }
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "trimix_cpp.convert.quantize", job],
         stdout=subprocess.PIPE,
-        stderr=None if os.environ.get("TRIMIX_QUANTIZE_LOG") else subprocess.DEVNULL,
+        stderr=None if verbose else subprocess.DEVNULL,  # llama.cpp's log, with --verbose
         stdin=subprocess.DEVNULL,
         text=True,
         encoding="utf-8",
@@ -146,6 +155,8 @@ def _child(job: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends the child at once, mid-call included
     spec = json.loads(job)
     from .. import _llama
+
+    _llama.set_verbose(bool(spec.get("verbose")))
 
     seen = {"total": 0}
 
