@@ -39,6 +39,7 @@ CASES = {
     "llama3": ("llama3", {}),  # byte-level BPE, GQA, tied, llama3 RoPE scaling
     "gemma3": ("gemma3", {}),  # (1 + w) norms, Q/K norms, post norms, sliding window, linear RoPE, rows cut
     "llama3-f32": ("llama3", {"dtype": "F32", "tied": False}),  # F32 storage
+    "gemma3-multimodal": ("gemma3", {"multimodal": True}),  # the text half of Gemma3ForConditionalGeneration
 }
 
 

@@ -374,11 +374,14 @@ def write_checkpoint(
     dtype: str | None = None,
     shards: int = 1,
     extra_rows: int | None = None,
+    multimodal: bool = False,
 ) -> Path:
     """Write a tiny checkpoint of ``family`` into ``folder`` (created) and return the folder.
 
     ``extra_rows`` embedding rows beyond the tokenizer's tokens: by default 17 for Qwen2 (whose
     published embeddings are padded) and 5 for Gemma 3 (whose converter cuts them), 0 otherwise.
+    ``multimodal`` (Gemma 3) lays it out as ``Gemma3ForConditionalGeneration``: the text config nested,
+    the text model's tensors under ``language_model.``, and a vision tower beside them.
     """
     folder.mkdir(parents=True, exist_ok=True)
     cfg = family_config(family, hidden=hidden, layers=layers, tied=tied)
@@ -422,10 +425,20 @@ def write_checkpoint(
     if extra_rows is None:
         extra_rows = {"qwen2": 17, "gemma3": 5}.get(family, 0)
     cfg["vocab_size"] = n_tokens + extra_rows
+    weights = random_weights(cfg, cfg["vocab_size"], seed)
+    if multimodal:
+        cfg = {
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": {k: v for k, v in cfg.items() if k != "architectures"},
+            "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 16},
+        }
+        weights = {"language_model." + k: v for k, v in weights.items()}
+        weights["vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.ones((16, 3), np.float32)
+        weights["multi_modal_projector.mm_input_projection_weight"] = np.ones((16, 4), np.float32)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, ensure_ascii=False))
-    weights = random_weights(cfg, cfg["vocab_size"], seed)
     dtype = dtype or {"llama2": "F16"}.get(family, "BF16")
     names = list(weights)
     if shards == 1:
