@@ -7,9 +7,10 @@ The order of work is what keeps this safe and small:
 2. Plan the file: the metadata, then each tensor's name, shape and output type, so the exact size
    of the file is known before its first byte; check the disk has room for it.
 3. Write the header, the metadata and the tensor table with ``gguf.GGUFWriter``, then the tensor
-   data straight to its file handle, slab by slab: a slab is a few MiB of rows, read into a reused
-   buffer, transformed (llama's Q/K permutation, Gemma's ``1 + w``), checked for NaN, encoded and
-   written. Peak memory is a few slabs, not a tensor and never the model.
+   data straight to its file handle, slab by slab: a slab is a few MiB of rows, read, transformed
+   (llama's Q/K permutation, Gemma's ``1 + w``), checked for NaN, encoded (by a few threads, since
+   numpy releases the GIL) and written in order. Peak memory is a few slabs, not a tensor and never
+   the model.
 4. Check the file has exactly the planned size and rename it into place. Any failure or Ctrl-C on
    the way removes the partial file.
 """
@@ -39,8 +40,8 @@ __all__ = ["Progress", "convert_direct", "plan_conversion"]
 
 Progress = Callable[[str, int, int], None]
 
-SLAB_BYTES = 4 * 2**20  # float32 bytes of rows converted at once; with the slabs in flight, the working memory
-_ITEM_BYTES = {T.F32: 4, T.F16: 2, T.BF16: 2}
+# float32 bytes of rows converted at once; the slabs in flight (threads + 2) make the working memory
+SLAB_BYTES = 4 * 2**20
 
 
 class ConversionPlan:
