@@ -79,7 +79,9 @@ def convert(
     output: Annotated[Path, typer.Option("--output", "-o", help="The GGUF file to write.")],
     out_type: OutType = "f16",
     force: Force = False,
-    threads: Threads = 0,
+    threads: Annotated[
+        int, typer.Option("--threads", help="Threads converting (at most 4) and quantizing (0: every core).")
+    ] = 0,
     verbose: Verbose = False,
 ) -> None:
     """Convert a Hugging Face checkpoint (Qwen2/2.5, Llama 2/3.x, Gemma 3 text) to GGUF, without torch."""
