@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 from pathlib import Path
+from typing import Any
 
 import gguf
 import pytest
@@ -130,6 +132,10 @@ def train_byte_level_bpe(
     tok.add_tokens([tokenizers.AddedToken(u, special=False, normalized=False) for u in user])
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
+    # Training builds a fresh model: restore the model options the spec asked for (Llama 3's ignore_merges).
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["ignore_merges"] = spec["model"]["ignore_merges"]
+    write_json(folder / "tokenizer.json", data)
     return tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
@@ -174,9 +180,44 @@ def assert_same(got: dict[str, list[int]], want: dict[str, list[int]]) -> None:
             )
 
 
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
 def gguf_fields(path: Path) -> dict:
-    reader = gguf.GGUFReader(str(path))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    """The ``tokenizer.*`` metadata of a GGUF file as Python values, read straight from the header (gguf's
+    reader takes tens of seconds on a 262,144-token vocabulary here)."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, data, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        pos += n
+        return data[pos - n : pos].decode("utf-8")
+
+    def value(kind: int) -> Any:
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item, count = take("<I"), take("<Q")
+            return [value(item) for _ in range(count)]
+        return take(_SCALAR[kind])
+
+    assert data[:4] == b"GGUF"
+    pos = 8
+    take("<Q")
+    n_kv = take("<Q")
+    out = {}
+    for _ in range(n_kv):
+        key = string()
+        out[key] = value(take("<I"))
+    return {k: v for k, v in out.items() if k.startswith("tokenizer.")}
 
 
 def not_bytewise(ids: dict[str, list[int]], texts: dict[str, str]) -> None:
@@ -251,41 +292,18 @@ def test_qwen2_bpe_tokenizes_like_the_reference(
         assert model.n_vocab == n_vocab
         assert model.add_bos is False
         attrs = model.token_attrs()
-        assert (attrs[-37:] & 1).all()  # llama.cpp's UNUSED attribute
+        assert (attrs[-37:] == 2).all()  # llama.cpp's LLAMA_TOKEN_ATTR_UNUSED alone
         assert model.is_eog(tok.token_to_id("<|im_end|>"))
-
-
-def test_the_pre_tokenizer_name_matters(qwen2_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path) -> None:
-    """The comparison can fail: the same vocabulary under Llama 3's pre-tokenizer name (digits in threes
-    instead of one by one) tokenizes the digit text differently from the reference."""
-    folder, tok = qwen2_checkpoint
-    vocab = load_vocabulary(folder, "qwen2")
-    w = gguf.GGUFWriter(str(tmp_path / "wrong.gguf"), "qwen2")
-    for key, value in (("context_length", 256), ("embedding_length", 8), ("block_count", 1)):
-        getattr(w, f"add_{key}")(value)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(vocab.tokens)
-    w.add_token_types(vocab.types)
-    w.add_token_merges(vocab.merges)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    got = llama_ids(tmp_path / "wrong.gguf", {"digits": TEXTS["digits"]}, special=False)
-    assert got["digits"] != tok.encode(TEXTS["digits"], add_special_tokens=False).ids
 
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
-def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
-    """Llama 3.x: its pre-tokenizer (digits in threes), merges ignored for whole-word hits, and BOS added by
-    the post-processor, which llama.cpp must reproduce when asked to add special tokens."""
-    folder = tmp_path / "llama3"
+@pytest.fixture(scope="module")
+def llama3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tokenizers.Tokenizer]:
+    """Llama 3.x's tokenizer layout: its pre-tokenizer (digits in threes), merges ignored for whole-word
+    hits, BOS added by the post-processor."""
+    folder = tmp_path_factory.mktemp("llama3")
     spec = tokenizer_json(LLAMA3_PRE, ignore_merges=True)
     spec["post_processor"] = {
         "type": "Sequence",
@@ -314,6 +332,14 @@ def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
         folder / "tokenizer_config.json",
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": CHAT_TEMPLATE},
     )
+    return folder, tok
+
+
+def test_llama3_bpe_tokenizes_like_the_reference(
+    llama3_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path
+) -> None:
+    """Llama 3.x, including the BOS its post-processor adds, which llama.cpp must add too."""
+    folder, tok = llama3_checkpoint
     path = write_gguf(tmp_path / "llama3.gguf", folder, "llama")
     texts = {**TEXTS, "special": special_text("<|start_header_id|>", "<|eot_id|>")}
     want = {k: tok.encode(t, add_special_tokens=False).ids for k, t in texts.items()}
@@ -331,18 +357,42 @@ def test_llama3_bpe_tokenizes_like_the_reference(tmp_path: Path) -> None:
     assert with_bos[0] == 0
 
 
+def test_the_pre_tokenizer_name_matters(llama3_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path) -> None:
+    """The comparison can fail: the same vocabulary under Qwen2's pre-tokenizer name (digits one by one
+    instead of in threes) tokenizes the digit text differently from the reference."""
+    folder, tok = llama3_checkpoint
+    vocab = load_vocabulary(folder, "llama")
+    assert vocab.pre == "llama-bpe"
+    w = gguf.GGUFWriter(str(tmp_path / "wrong.gguf"), "qwen2")
+    for key, value in (("context_length", 256), ("embedding_length", 8), ("block_count", 1)):
+        getattr(w, f"add_{key}")(value)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(vocab.tokens)
+    w.add_token_types(vocab.types)
+    w.add_token_merges(vocab.merges)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = llama_ids(tmp_path / "wrong.gguf", {"digits": TEXTS["digits"]}, special=False)
+    assert got["digits"] != tok.encode(TEXTS["digits"], add_special_tokens=False).ids
+
+
 def smollm2_tokenizer_json(folder: Path) -> Path:
     """SmolLM2's tokenizer rebuilt as the tokenizer.json its checkpoint ships, from the packaged GGUF: the
     49,152 tokens and 48,900 merges, its 17 control tokens as added tokens, its pre-tokenizer (single
     digits, then GPT-2's byte-level regex)."""
     from trimix_cpp.packaged import smollm2_path
 
-    reader = gguf.GGUFReader(str(smollm2_path()))
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    fields = gguf_fields(smollm2_path())
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
     spec = tokenizer_json(SMOLLM_PRE)
     spec["model"]["vocab"] = {t: i for i, t in enumerate(tokens)}
-    spec["model"]["merges"] = reader.fields["tokenizer.ggml.merges"].contents()
+    spec["model"]["merges"] = fields["tokenizer.ggml.merges"]
     spec["added_tokens"] = [
         {
             "id": i,
@@ -434,22 +484,28 @@ def train_sentencepiece(
     return spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
 
 
-def sentencepiece_json(sp: spm.SentencePieceProcessor, *, prefix: bool) -> dict:
+def sentencepiece_json(sp: spm.SentencePieceProcessor, *, prefix: bool, user: tuple[str, ...] = ()) -> dict:
     """The tokenizer.json a SentencePiece BPE model is published with (Llama 2, Gemma): the same pieces, merges
     made from every split of every piece into two pieces, ordered by the joined piece's score, byte fallback."""
-    from sentencepiece import sentencepiece_model_pb2
 
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp.serialized_model_proto())
-    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    def kind(i: int) -> int:
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_byte(i):
+            return 6
+        return 4 if sp.id_to_piece(i) in user else 1
+
+    pieces = [(sp.id_to_piece(i), sp.get_score(i), kind(i)) for i in range(sp.get_piece_size())]
     vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
     normal = {p for p, _, k in pieces if k == 1}
     merges = []
-    for p, score, kind in pieces:
-        if kind != 1:
+    for p, score, k in pieces:
+        if k != 1:
             continue
-        for k in range(1, len(p)):
-            left, right = p[:k], p[k:]
+        for cut in range(1, len(p)):
+            left, right = p[:cut], p[cut:]
             if left in normal and right in normal:
                 merges.append((-score, vocab[left], vocab[right], left, right))
     merges.sort()
@@ -567,7 +623,7 @@ def test_gemma3_sentencepiece_tokenizes_like_the_reference(tmp_path: Path) -> No
     folder = tmp_path / "gemma3"
     turn = ("<start_of_turn>", "<end_of_turn>")
     sp = train_sentencepiece(folder, add_dummy_prefix=False, ids=GEMMA3_IDS, user=turn, control=("<mask>",))
-    write_json(folder / "tokenizer.json", sentencepiece_json(sp, prefix=False))
+    write_json(folder / "tokenizer.json", sentencepiece_json(sp, prefix=False, user=turn))
     decoder = {str(sp.piece_to_id(t)): {"content": t, "special": True} for t in turn}
     template = (
         "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
@@ -741,3 +797,94 @@ def test_corrupt_tokenizer_config(llama2_checkpoint: tuple[Path, spm.SentencePie
     (folder / "tokenizer.model").write_bytes((llama2_checkpoint[0] / "tokenizer.model").read_bytes())
     (folder / "tokenizer_config.json").write_text('{"add_bos_token": tru', encoding="utf-8")
     assert "tokenizer_config.json is not valid JSON" in convert_error(folder, "llama")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(num: int, value: bytes | int | float) -> bytes:
+    if isinstance(value, bytes):
+        return _varint(num << 3 | 2) + _varint(len(value)) + value
+    if isinstance(value, float):
+        return _varint(num << 3 | 5) + struct.pack("<f", value)
+    return _varint(num << 3) + _varint(value)
+
+
+def gemma3_tokenizer_model(folder: Path) -> Path:
+    """Gemma 3's tokenizer.model (262,144 pieces, byte fallback, no leading space) rebuilt from the packaged
+    Gemma 3 270M GGUF, serialized as SentencePiece's ModelProto so the sentencepiece package loads it."""
+    from trimix_cpp.packaged import gemma3_270m_path
+
+    fields = gguf_fields(gemma3_270m_path())
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    types = fields["tokenizer.ggml.token_type"]
+    types[3] = gguf.TokenType.UNKNOWN  # SentencePiece's own type for <unk> (the GGUF marks it control)
+    # The GGUF spells user-defined pieces with plain spaces, as llama.cpp matches them; SentencePiece with ▁.
+    tokens = [t.replace(" ", "▁") if k == gguf.TokenType.USER_DEFINED else t for t, k in zip(tokens, types)]
+    pieces = b"".join(
+        _field(1, _field(1, t.encode()) + _field(2, float(s)) + _field(3, int(k)))
+        for t, s, k in zip(tokens, scores, types)
+    )
+    trainer = b"".join(_field(n, v) for n, v in ((3, 2), (4, len(tokens)), (35, 1), (40, 3), (41, 2), (42, 1), (43, 0)))
+    normalizer = _field(1, b"identity") + _field(3, 0) + _field(4, 0) + _field(5, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(pieces + _field(2, trainer) + _field(3, normalizer))
+    write_json(folder / "tokenizer_config.json", {"add_bos_token": True, "add_eos_token": False})
+    write_json(
+        folder / "config.json", {"vocab_size": len(tokens), "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+    )
+    return folder
+
+
+def test_gemma3_real_vocabulary(tmp_path: Path) -> None:
+    """A real 262,144-piece SentencePiece vocabulary: Gemma 3's, as a tokenizer.model. llama.cpp tokenizes the
+    converted file as sentencepiece does and as the original GGUF does, and the vocabulary round-trips."""
+    from trimix_cpp.packaged import gemma3_270m_path
+
+    folder = gemma3_tokenizer_model(tmp_path / "gemma3")
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert sp.get_piece_size() == 262144
+    path = write_gguf(tmp_path / "gemma3.gguf", folder, "gemma3", n_vocab=262144)
+    texts = dict(TEXTS)
+    want = {k: sp.encode(t) for k, t in texts.items()}
+    assert_same(llama_ids(path, texts, special=False), want)
+    assert_same(llama_ids(gemma3_270m_path(), texts, special=False), want)
+    got_fields, orig = gguf_fields(path), gguf_fields(gemma3_270m_path())
+    for key in (
+        "model",
+        "pre",
+        "tokens",
+        "scores",
+        "bos_token_id",
+        "eos_token_id",
+        "padding_token_id",
+        "add_space_prefix",
+    ):
+        assert got_fields[f"tokenizer.ggml.{key}"] == orig[f"tokenizer.ggml.{key}"], key
+
+
+def test_special_tokens_from_special_tokens_map(
+    qwen2_checkpoint: tuple[Path, tokenizers.Tokenizer], tmp_path: Path
+) -> None:
+    """Older checkpoints name their special tokens only in special_tokens_map.json."""
+    folder = copy_bpe(qwen2_checkpoint[0], tmp_path / "map")
+    tok = qwen2_checkpoint[1]
+    write_json(
+        folder / "special_tokens_map.json", {"eos_token": {"content": "<|im_end|>"}, "pad_token": "<|endoftext|>"}
+    )
+    fields = gguf_fields(write_gguf(tmp_path / "map.gguf", folder, "qwen2"))
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.token_to_id("<|im_end|>")
+    assert fields["tokenizer.ggml.padding_token_id"] == tok.token_to_id("<|endoftext|>")
+    assert "tokenizer.ggml.bos_token_id" not in fields
+
+
+def test_unigram_tokenizer_json(tmp_path: Path) -> None:
+    write_json(tmp_path / "tokenizer.json", {"model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.0]]}})
+    assert "a Unigram tokenizer is not one trimix converts" in convert_error(tmp_path, "llama")

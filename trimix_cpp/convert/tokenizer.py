@@ -271,6 +271,11 @@ def _describe(sig: tuple[Any, ...]) -> str:
 
 
 def _bpe_pre_name(tj: dict[str, Any], model: dict[str, Any], path: Path) -> str:
+    """llama.cpp's name for the byte-level tokenizer's pre-tokenizer, or one line saying why there is none.
+
+    Qwen2's NFC normalizer is accepted although llama.cpp does not normalize: the two differ only on text
+    that is not already in NFC, and text as written and published almost always is.
+    """
     normalizer = tj.get("normalizer")
     if normalizer is not None and not (isinstance(normalizer, dict) and normalizer.get("type") == "NFC"):
         kind = normalizer.get("type") if isinstance(normalizer, dict) else type(normalizer).__name__
@@ -487,14 +492,17 @@ def _sentencepiece(path: Path, n_vocab: int | None, overlay: list[tuple[int, str
             "tokenizer does not do, so its tokens would differ (convert it with llama.cpp's convert_hf_to_gguf.py)"
         )
     size = _size(len(sp.pieces), n_vocab, str(path))
-    tokens: list[str | None] = [*sp.pieces, *([None] * (size - len(sp.pieces)))]
+    # llama.cpp finds user-defined tokens in the raw text, before spaces become ▁, so their text is stored
+    # with plain spaces (Gemma's "▁▁▁▁" piece matches four spaces).
+    pieces = [p.replace(_SPIECE_SPACE, " ") if k == int(T.USER_DEFINED) else p for p, k in zip(sp.pieces, sp.types)]
+    tokens: list[str | None] = [*pieces, *([None] * (size - len(sp.pieces)))]
     scores = [*sp.scores, *([-1000.0] * (size - len(sp.pieces)))]
     types = [*sp.types, *([int(T.UNUSED)] * (size - len(sp.pieces)))]
     # Tokens the checkpoint adds or re-marks (tokenizer_config.json, tokenizer.json): control when special,
     # user-defined otherwise, written as plain text as llama.cpp expects user-defined tokens. Ids past the
     # embedding (placeholders of a multimodal sibling) cannot be produced by this model and are left out.
     for tid, content, special in overlay:
-        if tid >= size:
+        if tid >= size or types[tid] in (int(T.UNKNOWN), int(T.BYTE)):
             continue
         if special or _looks_special(content):
             types[tid] = int(T.CONTROL)
@@ -659,6 +667,13 @@ class _Specials(gguf.SpecialVocab):
         super()._set_special_token(typ, tid)
 
 
+def _token_text(entry: Any) -> str | None:
+    """A special token as tokenizer_config.json or special_tokens_map.json names it: text or {"content": text}."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) and entry else None
+
+
 def _first_id(value: Any) -> int | None:
     if isinstance(value, list) and value:
         value = value[0]
@@ -676,8 +691,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
     checkpoint_dir = Path(checkpoint_dir)
     vocab = load_vocabulary(checkpoint_dir, arch, n_vocab=n_vocab)
     # Parse every JSON file SpecialVocab will read, so a corrupt one fails here with its name and position.
-    for name in ("tokenizer_config.json", "config.json", "special_tokens_map.json"):
-        _optional_json(checkpoint_dir / name)
+    config = _optional_json(checkpoint_dir / "tokenizer_config.json")
+    _optional_json(checkpoint_dir / "config.json")
+    special_map = _optional_json(checkpoint_dir / "special_tokens_map.json")
     generation = _optional_json(checkpoint_dir / "generation_config.json")
     gguf_log = logging.getLogger("gguf.vocab")
     level = gguf_log.level
@@ -689,8 +705,19 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
     finally:
         gguf_log.setLevel(level)
     ids = specials.special_token_ids
-    # generation_config.json names the ids generation stops at and starts with; the tokenizer model's own
-    # (SentencePiece's trainer spec) come last.
+    # Special tokens named by text that SpecialVocab could not place (it looks only among tokenizer.json's
+    # added tokens): tokenizer_config.json, then special_tokens_map.json (older checkpoints), found in the
+    # whole vocabulary. Then generation_config.json's ids; the tokenizer model's own (SentencePiece's trainer
+    # spec) come last.
+    missing = [typ for typ in ("bos", "eos", "unk", "pad") if typ not in ids]
+    if missing:
+        index = {t: i for i, t in enumerate(vocab.tokens)}
+        for typ in missing:
+            for source in (config, special_map):
+                text = _token_text(source.get(f"{typ}_token"))
+                if text is not None and text in index:
+                    ids[typ] = index[text]
+                    break
     for typ in ("bos", "eos", "pad"):
         tid = _first_id(generation.get(f"{typ}_token_id"))
         if typ not in ids and tid is not None and tid < len(vocab):
@@ -704,10 +731,11 @@ def write_tokenizer(writer: gguf.GGUFWriter, checkpoint_dir: Path, arch: str, *,
                 specials.chat_template = jinja.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise TokenizerError(f"cannot read {jinja} as UTF-8 text ({exc})") from None
-    if vocab.model == "llama":
-        # SentencePiece models begin with BOS unless the checkpoint says otherwise; say so explicitly.
-        specials.add_special_token.setdefault("bos", True)
-        specials.add_special_token.setdefault("eos", False)
+    # Written explicitly, so llama.cpp never falls back on its per-name defaults: SentencePiece models begin
+    # with BOS unless the checkpoint says otherwise, byte-level BPEs add nothing unless their post-processor
+    # or tokenizer_config.json says so (Llama 3's does).
+    specials.add_special_token.setdefault("bos", vocab.model == "llama")
+    specials.add_special_token.setdefault("eos", False)
 
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
