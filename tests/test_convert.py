@@ -275,3 +275,29 @@ def test_metadata_is_packed_exactly_as_gguf_writer_packs_it(converted: dict[str,
             for k, v in w.kv_data[0].items()
         )
         assert pack_kv(w.kv_data[0]) == theirs
+
+
+def test_rope_parameters_of_newer_configs_are_read(tmp_path: Path) -> None:
+    """Configs that nest RoPE in ``rope_parameters`` (per layer type for Gemma 3) convert to the same
+    file as the flat keys: the same theta, scaling and local base, not the family's defaults."""
+    for family, nested in (
+        ("qwen2", {"rope_theta": 1000000.0, "rope_type": "default"}),
+        (
+            "gemma3",
+            {
+                "full_attention": {"rope_theta": 1000000.0, "rope_type": "linear", "factor": 8.0},
+                "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+            },
+        ),
+    ):
+        flat = tinyckpt.write_checkpoint(tmp_path / f"{family}-flat", family, seed=5)
+        new = tinyckpt.write_checkpoint(tmp_path / f"{family}-nested", family, seed=5)
+        cfg = json.loads((new / "config.json").read_text())
+        for key in ("rope_theta", "rope_scaling", "rope_local_base_freq"):
+            cfg.pop(key, None)
+        cfg["rope_parameters"] = nested
+        (new / "config.json").write_text(json.dumps(cfg))
+        a = gguf.GGUFReader(convert_checkpoint(flat, tmp_path / f"{family}-flat.gguf"))
+        b = gguf.GGUFReader(convert_checkpoint(new, tmp_path / f"{family}-nested.gguf"))
+        rope = {k: a.fields[k].contents() for k in a.fields if ".rope." in k}
+        assert rope and rope == {k: b.fields[k].contents() for k in b.fields if ".rope." in k}

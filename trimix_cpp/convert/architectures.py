@@ -216,7 +216,27 @@ def family_for(config: dict[str, Any]) -> Family:
     cfg = dict(config)
     if isinstance(cfg.get("text_config"), dict):  # multimodal Gemma 3: the text model's settings
         cfg = {**cfg, **cfg["text_config"]}
+    _rope_parameters_as_keys(cfg)
     return {"qwen2": _qwen2, "llama": _llama, "gemma3": _gemma3}[arch](hf_arch, cfg)
+
+
+def _rope_parameters_as_keys(cfg: dict[str, Any]) -> None:
+    """Newer configs nest RoPE settings in ``rope_parameters`` (per layer type for Gemma 3) instead of
+    ``rope_theta``, ``rope_scaling`` and ``rope_local_base_freq``; read them into those keys, so that a
+    missing ``rope_theta`` never silently becomes the family's default."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict):
+        return
+    full = rp.get("full_attention", rp)
+    sliding = rp.get("sliding_attention")
+    if not isinstance(full, dict) or (sliding is not None and not isinstance(sliding, dict)):
+        raise CheckpointError(f"config.json: rope_parameters is malformed: {rp!r}")
+    if cfg.get("rope_theta") is None and full.get("rope_theta") is not None:
+        cfg["rope_theta"] = full["rope_theta"]
+    if cfg.get("rope_scaling") is None:
+        cfg["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"} or None
+    if sliding and cfg.get("rope_local_base_freq") is None and sliding.get("rope_theta") is not None:
+        cfg["rope_local_base_freq"] = sliding["rope_theta"]
 
 
 def _int(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
@@ -284,7 +304,7 @@ def _activation(cfg: dict[str, Any], allowed: tuple[str, ...], default: str) -> 
 
 
 def _rope_scaling(cfg: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any] | None:
-    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    rs = cfg.get("rope_scaling")
     if not rs:
         return None
     if not isinstance(rs, dict):
