@@ -159,15 +159,18 @@ def test_q8_0_and_q4_k_m_stay_close_to_the_reference(wide: dict[str, Path], tmp_
     range; q6_k for some tensors) give about 10% per product, about 30% compounded: bound 45%. Random
     weights lack a trained model's redundancy, so real models lose far less. A layout error instead
     makes the logits unrelated: about 140%. Measured here (rms/std): q8_0 0.012-0.035, q4_k_m 0.10-0.32.
+    f16 (the BF16 weights stored exactly; llama.cpp rounds the activations to f16 for its products) is
+    held to 1%.
     """
     folder = wide[family]
     results = {}
-    for qtype in ("f32", "q8_0", "q4_k_m"):
+    for qtype in ("f32", "f16", "q8_0", "q4_k_m"):
         path = convert_checkpoint(folder, tmp_path / f"{qtype}.gguf", out_type=qtype)
         ids, results[qtype] = llama_logits(path)
     ref = reference(folder, ids, results["f32"].shape[1])
     rel = {q: float(np.sqrt(np.mean((results[q] - ref) ** 2)) / ref.std()) for q in results}
     assert np.abs(results["f32"] - ref).max() < 1e-3
+    assert rel["f16"] < 0.01, rel  # BF16 weights fit f16 exactly; llama.cpp rounds activations to f16
     assert rel["q8_0"] < 0.06, rel
     assert rel["q4_k_m"] < 0.45, rel
     assert rel["f32"] < rel["q8_0"] < rel["q4_k_m"], rel  # each step down in bits is visible
@@ -301,3 +304,16 @@ def test_rope_parameters_of_newer_configs_are_read(tmp_path: Path) -> None:
         b = gguf.GGUFReader(convert_checkpoint(new, tmp_path / f"{family}-nested.gguf"))
         rope = {k: a.fields[k].contents() for k in a.fields if ".rope." in k}
         assert rope and rope == {k: b.fields[k].contents() for k in b.fields if ".rope." in k}
+
+
+def test_bf16_to_f16_is_exact_for_every_bit_pattern() -> None:
+    """The converter's integer bf16 -> f16 path against widening to float32 and rounding, for all 65,536
+    bfloat16 values (zeros, subnormals, the edges of float16's range, infinities, NaN)."""
+    from trimix_cpp.convert.checkpoint import bf16_to_f16
+
+    bits = np.arange(65536, dtype=np.uint16)
+    with np.errstate(over="ignore"):
+        want = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+    got = bf16_to_f16(bits.copy())
+    same = (got.view(np.uint16) == want.view(np.uint16)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), np.flatnonzero(~same)[:10]

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import TrimixError
 
-__all__ = ["Checkpoint", "CheckpointError", "SourceTensor"]
+__all__ = ["Checkpoint", "CheckpointError", "SourceTensor", "bf16_to_f16"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,33 +65,47 @@ class SourceTensor:
         """Elements per row (the product of every dimension but the first)."""
         return math.prod(self.shape[1:]) if len(self.shape) > 1 else math.prod(self.shape)
 
-    def read_rows(self, handle: Any, start: int, stop: int, buf: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` as float32, shape ``(stop - start, row_elems)``.
-
-        ``handle`` is the open binary file of :attr:`path`. ``buf``, when given, is a scratch array
-        reused across calls for the raw bytes, so a conversion allocates little per slab; the result
-        may share it and is valid until the next call with the same ``buf``.
-        """
+    def read_raw(self, handle: Any, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as stored (float32, float16, or bfloat16 bit patterns as uint16),
+        shape ``(stop - start, row_elems)``. ``handle`` is the open binary file of :attr:`path`."""
         size = DTYPES[self.dtype][1]
         count = (stop - start) * self.row_elems
-        nbytes = count * size
-        raw = np.empty(nbytes, np.uint8) if buf is None or buf.nbytes < nbytes else buf[:nbytes]
+        raw = np.empty(count * size, np.uint8)
         handle.seek(self.offset + start * self.row_elems * size)
-        got = handle.readinto(memoryview(raw))
-        if got != nbytes:
+        if handle.readinto(memoryview(raw)) != raw.nbytes:
             raise CheckpointError(
                 f"{self.path} ended while reading tensor {self.name} (the file is truncated; download it again)"
             )
+        return raw.view(DTYPES[self.dtype][0]).reshape(stop - start, self.row_elems)
+
+    def read_rows(self, handle: Any, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as float32, shape ``(stop - start, row_elems)``."""
+        raw = self.read_raw(handle, start, stop)
         if self.dtype == "BF16":
             # bfloat16 is the top half of a float32: place each value in the high 16 bits of a zeroed word
-            wide = np.zeros(2 * count, np.uint16)
-            wide[1 if _LITTLE else 0 :: 2] = raw.view(np.uint16)
-            out = wide.view(np.float32)
-        elif self.dtype == "F16":
-            out = raw.view(np.float16).astype(np.float32)
-        else:
-            out = raw.view(np.float32)
-        return out.reshape(stop - start, self.row_elems)
+            wide = np.zeros(2 * raw.size, np.uint16)
+            wide[1 if _LITTLE else 0 :: 2] = raw.ravel()
+            return wide.view(np.float32).reshape(raw.shape)
+        return raw.astype(np.float32, copy=False)
+
+
+def bf16_to_f16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) to float16, exactly as widening to float32 and rounding would
+    give (checked over all 65,536 patterns), in a few integer passes instead of a float conversion.
+
+    Within float16's normal range the conversion only re-biases the exponent and shifts the 7 mantissa
+    bits into the 10 of float16; the rest (zeros, tiny values that become subnormal, values beyond
+    float16's range, NaN) is a small share of any weight matrix and goes through float32.
+    """
+    mag = bits & 0x7FFF
+    out = ((mag - 0x3800) << 3) | (bits & 0x8000)  # exponent 127 -> 15 bias; wraps outside the range fixed below
+    odd = (mag < 0x3880) | (mag > 0x477F)  # below 2**-14 or from 65,536 up (inf and NaN included)
+    if odd.any():
+        idx = np.flatnonzero(odd)
+        wide = bits.ravel()[idx].astype(np.uint32) << 16
+        with np.errstate(over="ignore"):  # beyond float16 becomes inf, which the caller reports
+            out.ravel()[idx] = wide.view(np.float32).astype(np.float16).view(np.uint16)
+    return out.view(np.float16)
 
 
 class Checkpoint:

@@ -32,7 +32,7 @@ from gguf.gguf_writer import WriterState
 
 from ..errors import TrimixError
 from .architectures import Family, TensorPlan, family_for
-from .checkpoint import Checkpoint, CheckpointError, SourceTensor
+from .checkpoint import Checkpoint, CheckpointError, SourceTensor, bf16_to_f16
 from .outfile import check_room, gib, partial_beside, publish
 from .qtypes import DIRECT_TYPES, FTYPES, T
 
@@ -312,6 +312,8 @@ def _convert_slab(
     if t.computed is not None:
         return np.ascontiguousarray(_encode(t.computed, t.qtype))
     assert src is not None
+    if src.dtype == "BF16" and t.qtype == T.F16 and not t.add_one:
+        return _bf16_slab_to_f16(t, src, handle, read_lock, r0, r1)
     with read_lock:  # one handle per shard, read in turn; the work after the read runs in parallel
         x = src.read_rows(handle, r0, r1)
     row_elems = src.row_elems
@@ -335,6 +337,29 @@ def _convert_slab(
             "or was saved mid-divergence: download it again or use another checkpoint"
         )
     return np.ascontiguousarray(data)
+
+
+def _bf16_slab_to_f16(
+    t: TensorPlan, src: SourceTensor, handle: Any, read_lock: threading.Lock, r0: int, r1: int
+) -> np.ndarray:
+    """The common case (a BF16 checkpoint to f16) on the stored bits, without a float32 copy."""
+    with read_lock:
+        bits = src.read_raw(handle, r0, r1)
+    if t.head_dim:
+        k = (r1 - r0) // t.head_dim
+        bits = bits.reshape(k, 2, t.head_dim // 2, -1).swapaxes(1, 2).reshape(r1 - r0, -1)
+    data = np.ascontiguousarray(bf16_to_f16(bits if len(t.shape) > 1 else bits.reshape(-1)))
+    if not math.isfinite(float(data.sum(dtype=np.float32))):  # float16 sums cannot overflow float32
+        stored = ((bits.astype(np.uint32) << 16).view(np.float32)).sum(dtype=np.float64)
+        if math.isfinite(float(stored)):
+            raise CheckpointError(
+                f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
+            )
+        raise CheckpointError(
+            f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
+            "or was saved mid-divergence: download it again or use another checkpoint"
+        )
+    return data
 
 
 def _encode(x: np.ndarray, qtype: T) -> np.ndarray:
