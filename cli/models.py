@@ -26,10 +26,15 @@ from trimix_cpp.profiles import (
     write_profile,
 )
 
+from . import convert as convert_cmd
 from .common import Verbose, err, errors
 from .options import TrimixGroup
 
-app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True, cls=TrimixGroup)
+app = typer.Typer(
+    help="List, check and add language profiles; convert and quantize models.", no_args_is_help=True, cls=TrimixGroup
+)
+app.command("convert")(convert_cmd.convert)
+app.command("quantize")(convert_cmd.quantize)
 out = Console()
 
 
