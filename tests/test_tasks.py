@@ -18,7 +18,6 @@ from trimix_cpp.evaluation.tasks import (
     TaskData,
     TaskError,
     check_limit,
-    language_name,
     load_belebele,
     load_jsonl,
     load_milic,
@@ -27,6 +26,7 @@ from trimix_cpp.evaluation.tasks import (
     load_task,
     milic_kind,
 )
+from trimix_cpp.evaluation.templates import language_name
 
 UG_TRAIN = [
     {"id": "t1", "ug": "سالام", "en": "Hello", "zh": "你好"},

@@ -39,7 +39,8 @@ from .runner import (
     parse_methods,
     score_task,
 )
-from .tasks import FittedItems, PromptSettings, TaskData, check_limit, load_spec, prompt_format
+from .tasks import FittedItems, PromptSettings, TaskData, check_limit, load_spec
+from .templates import prompt_format
 
 
 class Reporter(Protocol):

@@ -32,11 +32,9 @@ of a JSON list) and the field. A file that cannot be read at all raises :class:`
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
-import string
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,74 +43,9 @@ from typing import Any
 
 from ..errors import TrimixError
 from .metrics import METRICS, Kind, Metric
-
-LANGUAGE_NAMES: dict[str, str] = {
-    # MiLiC-Eval's codes, then ISO 639-3 codes as FLORES, Belebele and SIB-200 use them (``bod_Tibt``).
-    "bo": "Tibetan",
-    "ug": "Uyghur",
-    "kk": "Kazakh",
-    "mn": "Mongolian",
-    "en": "English",
-    "zh": "Chinese",
-    "bod": "Tibetan",
-    "uig": "Uyghur",
-    "kaz": "Kazakh",
-    "khk": "Mongolian",
-    "mvf": "Mongolian",
-    "eng": "English",
-    "zho": "Chinese",
-    "ben": "Bengali",
-    "tam": "Tamil",
-    "tel": "Telugu",
-    "ory": "Odia",
-    "ori": "Odia",
-}
-
-# Every prompt block, by template name. A block ends with its answer cue; the authors leave a space
-# after the cue of open generation ("English: ") and none after "Answer:", and an in-context
-# example is the block with its answer after the cue, separated from it by exactly one space.
-TEMPLATES: dict[str, str] = {
-    "translation": (
-        "Please translate the following {src_name} text into {tgt_name}.\n{src_name}: {source}\n{tgt_name}: "
-    ),
-    "title_generation": "Please write a title for the following article in {language}.\nArticle: {content}\nTitle: ",
-    "text_classification": (
-        "Please classify the following {language} text.\nText: {text}\nCandidate labels: {labels}\nAnswer:"
-    ),
-    "response_selection": (
-        "Please select an appropriate response for the following {language} dialogue.\n"
-        "Context:\n{context}\nOptions:\n{options}\nAnswer:"
-    ),
-    "reading_comprehension": (
-        "Please read the following {language} dialogue and answer the question.\n"
-        "Context:\n{context}\nQuestion: {question}\nOptions:\n{options}\nAnswer:"
-    ),
-    "math": (
-        "Please solve the following {language} math problem step by step.\nProblem: {question}\nStep-by-step solution: "
-    ),
-    "belebele": (
-        "Please read the following {language} passage and answer the question.\n"
-        "Passage: {passage}\nQuestion: {question}\nOptions:\n{options}\nAnswer:"
-    ),
-    "sib200": (
-        "Please classify the topic of the following {language} text.\nText: {text}\nCandidate labels: {labels}\nAnswer:"
-    ),
-    "plain": "{instruction}{input}",
-    "plain_choice": "{instruction}{input}\nOptions:\n{options}\nAnswer:",
-}
+from .templates import LETTERS, TEMPLATES, language_name, lettered
 
 MILIC_SPLITS = ("train_1", "train_2", "train_3", "dev", "test")
-LETTERS = string.ascii_uppercase
-
-# Bumped whenever prompts change in a way TEMPLATES does not show (how examples are picked, how
-# passages are cut, label order), so that a run folder is never resumed with other prompts.
-PROMPT_RULES = 2
-
-
-def prompt_format() -> str:
-    """The identity of the prompt format: the rules' version and a digest of every template."""
-    digest = hashlib.sha256(json.dumps(TEMPLATES, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return f"{PROMPT_RULES}:{digest}"
 
 
 class TaskError(TrimixError):
@@ -275,11 +208,6 @@ class PromptSettings:
         return self.count_tokens(prompt) if self.count_tokens is not None else len(prompt)
 
 
-def language_name(code: str) -> str:
-    """English name of a language code (``ug``, ``uig``, ``uig_Arab``); an unknown code is returned as is."""
-    return LANGUAGE_NAMES.get(code, LANGUAGE_NAMES.get(code.split("_")[0], code))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reading files: each reader yields (where, record) and reports lines it cannot parse.
 
@@ -427,10 +355,6 @@ def _clip(text: str, limit: int) -> str:
     return text[:cut]
 
 
-def _lettered(options: Sequence[str]) -> str:
-    return "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Parsing records into the pieces of a prompt block.
 
@@ -492,7 +416,7 @@ def _parse_dialogue_choice(r: Mapping[str, Any], c: _Context, with_question: boo
     if with_question:
         fields["question"] = _text(r, "question")
     options = _options(r)
-    fields["options"] = _lettered(options)
+    fields["options"] = lettered(options)
     answer = _letter(r, "answer", len(options))
     return _Parsed(_ident(r), fields, gold=answer, shown=answer, options=options)
 
@@ -529,7 +453,7 @@ def _parse_belebele(r: Mapping[str, Any], c: _Context) -> _Parsed:
     fields = {
         "passage": _text(r, "flores_passage"),
         "question": _text(r, "question"),
-        "options": _lettered(options),
+        "options": lettered(options),
     }
     if "link" in r and "question_number" in r:
         ident = f"{r['link']}#{r['question_number']}"
@@ -553,7 +477,7 @@ def _parse_plain(r: Mapping[str, Any], c: _Context) -> _Parsed:
         gold = _text(r, "gold")
         return _Parsed(ident, fields, gold=gold, shown=gold)
     options = _options(r)
-    fields["options"] = _lettered(options)
+    fields["options"] = lettered(options)
     gold = _text(r, "gold").strip()
     if gold not in LETTERS[: len(options)]:
         if gold not in options:
@@ -975,13 +899,10 @@ def load_task(fmt: str, *args: Any, **kwargs: Any) -> TaskData:
 
 
 __all__ = [
-    "LANGUAGE_NAMES",
     "LOADERS",
     "MILIC_SPLITS",
     "MILIC_TASKS",
-    "PROMPT_RULES",
     "SPEC_HELP",
-    "TEMPLATES",
     "Example",
     "FittedItems",
     "Item",
@@ -990,7 +911,6 @@ __all__ = [
     "TaskData",
     "TaskError",
     "check_limit",
-    "language_name",
     "load_belebele",
     "load_jsonl",
     "load_milic",
@@ -998,5 +918,4 @@ __all__ = [
     "load_spec",
     "load_task",
     "milic_kind",
-    "prompt_format",
 ]
