@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 
 from trimix_cpp.errors import TrimixError
+from trimix_cpp.evaluation.items import PromptSettings, RecordWarning, TaskData, TaskError, check_limit
 from trimix_cpp.evaluation.metrics import score_outputs
 from trimix_cpp.evaluation.tasks import (
-    PromptSettings,
-    RecordWarning,
-    TaskData,
-    TaskError,
-    check_limit,
     load_belebele,
     load_jsonl,
     load_milic,
