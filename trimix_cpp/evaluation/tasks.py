@@ -31,142 +31,81 @@ of a JSON list) and the field. A file that cannot be read at all raises :class:`
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .items import Example, Item, PromptSettings, RecordWarning, TaskData, TaskError
-from .metrics import METRICS, Kind, Metric
+from .metrics import METRICS, Metric
+from .records import (
+    BadRecord,
+    Context,
+    Parsed,
+    Reader,
+    TaskFormat,
+    parse_file,
+    read_json_list,
+    read_jsonl,
+    tsv_reader,
+    warning_at,
+)
 from .templates import LETTERS, TEMPLATES, language_name, lettered
 
 MILIC_SPLITS = ("train_1", "train_2", "train_3", "dev", "test")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading files: each reader yields (where, record) and reports lines it cannot parse.
-
-
-@dataclass(frozen=True)
-class _Where:
-    line: int | None = None
-    index: int | None = None
-
-
-_Reader = Callable[[Path, list[RecordWarning]], Iterator[tuple[_Where, Any]]]
-
-
-class _Bad(Exception):
-    """A record field is missing or malformed; caught per record and turned into a warning."""
-
-    def __init__(self, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _open_text(path: Path) -> str:
-    if not path.is_file():
-        raise TaskError(f"no task file {path}")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"cannot read task file {path} as UTF-8 text: {e}") from None
-
-
-def _read_json_list(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
-    text = _open_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TaskError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise TaskError(f"{path} holds a JSON {type(data).__name__}; a task file is a JSON list of records")
-    for i, record in enumerate(data):
-        yield _Where(index=i), record
-
-
-def _read_jsonl(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
-    # Split on newlines only: str.splitlines() would also split at U+2028 or U+0085, which JSON allows
-    # unescaped inside a string.
-    for n, line in enumerate(_open_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            warnings.append(RecordWarning(str(path), None, f"not valid JSON ({e.msg}, column {e.colno})", line=n))
-            continue
-        yield _Where(line=n), record
-
-
-def _tsv_reader(columns: Sequence[str]) -> _Reader:
-    def read(path: Path, warnings: list[RecordWarning]) -> Iterator[tuple[_Where, Any]]:
-        rows = csv.DictReader(io.StringIO(_open_text(path), newline=""), delimiter="\t")
-        missing = [c for c in columns if c not in (rows.fieldnames or ())]
-        if missing:
-            raise TaskError(f"{path}: the header has no column {', '.join(missing)} (expected {' '.join(columns)})")
-        for row in rows:
-            # line_num is the row's last physical line; the header is line 1.
-            yield _Where(line=rows.line_num), row
-
-    return read
-
-
-# ---------------------------------------------------------------------------------------------------
-# Field access: each helper returns a clean value or raises _Bad naming the field.
+# Field access: each helper returns a clean value or raises BadRecord naming the field.
 
 
 def _require(record: Mapping[str, Any], key: str) -> Any:
     if key not in record or record[key] is None:
-        raise _Bad(key, "missing")
+        raise BadRecord(key, "missing")
     return record[key]
 
 
 def _text(record: Mapping[str, Any], key: str) -> str:
     value = _require(record, key)
     if not isinstance(value, str):
-        raise _Bad(key, f"expected a string, got {type(value).__name__}")
+        raise BadRecord(key, f"expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise _Bad(key, "empty")
+        raise BadRecord(key, "empty")
     return value
 
 
 def _ident(record: Mapping[str, Any], key: str = "id") -> str:
     value = _require(record, key)
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _Bad(key, f"expected a string or an integer, got {type(value).__name__}")
+        raise BadRecord(key, f"expected a string or an integer, got {type(value).__name__}")
     if isinstance(value, str) and not value.strip():
-        raise _Bad(key, "empty")
+        raise BadRecord(key, "empty")
     return str(value)
 
 
 def _texts(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = _require(record, key)
     if not isinstance(value, list) or not value:
-        raise _Bad(key, f"expected a non-empty list of strings, got {type(value).__name__}")
+        raise BadRecord(key, f"expected a non-empty list of strings, got {type(value).__name__}")
     for i, v in enumerate(value):
         if not isinstance(v, str):
-            raise _Bad(key, f"element {i} is a {type(v).__name__}, not a string")
+            raise BadRecord(key, f"element {i} is a {type(v).__name__}, not a string")
     return tuple(value)
 
 
 def _options(record: Mapping[str, Any], key: str = "options") -> tuple[str, ...]:
     options = _texts(record, key)
     if len(options) > len(LETTERS):
-        raise _Bad(key, f"{len(options)} options; at most {len(LETTERS)} can be lettered")
+        raise BadRecord(key, f"{len(options)} options; at most {len(LETTERS)} can be lettered")
     return options
 
 
 def _letter(record: Mapping[str, Any], key: str, n_options: int) -> str:
     value = _text(record, key).strip()
     if value not in LETTERS[:n_options]:
-        raise _Bad(key, f"expected one of {', '.join(LETTERS[:n_options])}, got {value!r}")
+        raise BadRecord(key, f"expected one of {', '.join(LETTERS[:n_options])}, got {value!r}")
     return value
 
 
@@ -174,14 +113,14 @@ def _number(record: Mapping[str, Any], key: str) -> str:
     """A number as canonical text: ``18`` for 18 and 18.0, ``24.2`` for 24.2."""
     value = _require(record, key)
     if isinstance(value, bool):
-        raise _Bad(key, "expected a number, got bool")
+        raise BadRecord(key, "expected a number, got bool")
     if isinstance(value, str):
         try:
             value = float(value.replace(",", "").strip())
         except ValueError:
-            raise _Bad(key, f"expected a number, got {value!r}") from None
+            raise BadRecord(key, f"expected a number, got {value!r}") from None
     if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-        raise _Bad(key, f"expected a finite number, got {value!r}")
+        raise BadRecord(key, f"expected a finite number, got {value!r}")
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -199,41 +138,15 @@ def _clip(text: str, limit: int) -> str:
 # Parsing records into the pieces of a prompt block.
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    """A record reduced to what prompts need: template fields, gold, and the answer an example shows."""
-
-    id: str
-    fields: dict[str, str]
-    gold: str
-    shown: str
-    options: tuple[str, ...] | None = None
-    label: str | None = None
-    where: _Where = _Where()
-    cut: str | None = None  # the field that may be cut shorter to fit a prompt budget
-
-
-@dataclass(frozen=True)
-class _Context:
-    """What parsing needs beyond the record: the translation direction and the passage limit."""
-
-    source: str
-    target: str
-    max_passage_chars: int
-
-
-_Parser = Callable[[Mapping[str, Any], _Context], _Parsed]
-
-
-def _parse_translation(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_translation(r: Mapping[str, Any], c: Context) -> Parsed:
     target = _text(r, c.target)
-    return _Parsed(_ident(r), {"source": _text(r, c.source)}, gold=target, shown=target)
+    return Parsed(_ident(r), {"source": _text(r, c.source)}, gold=target, shown=target)
 
 
-def _parse_title(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_title(r: Mapping[str, Any], c: Context) -> Parsed:
     title = _text(r, "title")
     content = _clip(_text(r, "content"), c.max_passage_chars)
-    return _Parsed(_ident(r), {"content": content}, gold=title, shown=title, cut="content")
+    return Parsed(_ident(r), {"content": content}, gold=title, shown=title, cut="content")
 
 
 def _label_text(r: Mapping[str, Any]) -> str:
@@ -242,34 +155,34 @@ def _label_text(r: Mapping[str, Any]) -> str:
         return label.strip()
     if isinstance(label, dict) and isinstance(label.get("en"), str) and label["en"].strip():
         return label["en"].strip()
-    raise _Bad("label", 'expected {"en": "...", ...} or a string')
+    raise BadRecord("label", 'expected {"en": "...", ...} or a string')
 
 
-def _parse_classification(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_classification(r: Mapping[str, Any], c: Context) -> Parsed:
     label = _label_text(r)
     text = _clip(_text(r, "text"), c.max_passage_chars)
-    return _Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label, cut="text")
+    return Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
-def _parse_dialogue_choice(r: Mapping[str, Any], c: _Context, with_question: bool) -> _Parsed:
+def _parse_dialogue_choice(r: Mapping[str, Any], c: Context, with_question: bool) -> Parsed:
     fields = {"context": "\n".join(_texts(r, "context"))}
     if with_question:
         fields["question"] = _text(r, "question")
     options = _options(r)
     fields["options"] = lettered(options)
     answer = _letter(r, "answer", len(options))
-    return _Parsed(_ident(r), fields, gold=answer, shown=answer, options=options)
+    return Parsed(_ident(r), fields, gold=answer, shown=answer, options=options)
 
 
-def _parse_response(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_response(r: Mapping[str, Any], c: Context) -> Parsed:
     return _parse_dialogue_choice(r, c, with_question=False)
 
 
-def _parse_comprehension(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_comprehension(r: Mapping[str, Any], c: Context) -> Parsed:
     return _parse_dialogue_choice(r, c, with_question=True)
 
 
-def _parse_math(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_math(r: Mapping[str, Any], c: Context) -> Parsed:
     answer = _number(r, "answer")
     shown = f"The answer is {answer}."
     if r.get("cot") is not None:
@@ -278,18 +191,18 @@ def _parse_math(r: Mapping[str, Any], c: _Context) -> _Parsed:
         if isinstance(cot, dict):
             cot = cot.get("en")
         if not isinstance(cot, str) or not cot.strip():
-            raise _Bad("cot", 'expected a worked solution, a string or {"en": "...", ...}')
+            raise BadRecord("cot", 'expected a worked solution, a string or {"en": "...", ...}')
         shown = cot.strip()
-    return _Parsed(_ident(r), {"question": _text(r, "question")}, gold=answer, shown=shown)
+    return Parsed(_ident(r), {"question": _text(r, "question")}, gold=answer, shown=shown)
 
 
-def _parse_belebele(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_belebele(r: Mapping[str, Any], c: Context) -> Parsed:
     options = tuple(_text(r, f"mc_answer{i}") for i in range(1, 5))
     number = _require(r, "correct_answer_num")
     if isinstance(number, str) and number.strip().isdigit():
         number = int(number)
     if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 4:
-        raise _Bad("correct_answer_num", f"expected 1, 2, 3 or 4, got {number!r}")
+        raise BadRecord("correct_answer_num", f"expected 1, 2, 3 or 4, got {number!r}")
     fields = {
         "passage": _text(r, "flores_passage"),
         "question": _text(r, "question"),
@@ -299,97 +212,61 @@ def _parse_belebele(r: Mapping[str, Any], c: _Context) -> _Parsed:
         ident = f"{r['link']}#{r['question_number']}"
     else:
         ident = _ident(r) if "id" in r else ""
-    return _Parsed(ident, fields, gold=LETTERS[number - 1], shown=LETTERS[number - 1], options=options)
+    return Parsed(ident, fields, gold=LETTERS[number - 1], shown=LETTERS[number - 1], options=options)
 
 
-def _parse_sib(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_sib(r: Mapping[str, Any], c: Context) -> Parsed:
     if None in r:
-        raise _Bad(None, "more columns than the header")
+        raise BadRecord(None, "more columns than the header")
     label = _text(r, "category").strip()
     text = _clip(_text(r, "text"), c.max_passage_chars)
-    return _Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label, cut="text")
+    return Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
-def _parse_plain(r: Mapping[str, Any], c: _Context) -> _Parsed:
+def _parse_plain(r: Mapping[str, Any], c: Context) -> Parsed:
     fields = {"input": _text(r, "input")}
     ident = _ident(r) if "id" in r else ""
     if r.get("options") is None:
         gold = _text(r, "gold")
-        return _Parsed(ident, fields, gold=gold, shown=gold)
+        return Parsed(ident, fields, gold=gold, shown=gold)
     options = _options(r)
     fields["options"] = lettered(options)
     gold = _text(r, "gold").strip()
     if gold not in LETTERS[: len(options)]:
         if gold not in options:
-            raise _Bad("gold", f"neither a letter A-{LETTERS[len(options) - 1]} nor one of the options: {gold!r}")
+            raise BadRecord("gold", f"neither a letter A-{LETTERS[len(options) - 1]} nor one of the options: {gold!r}")
         gold = LETTERS[options.index(gold)]
-    return _Parsed(ident, fields, gold=gold, shown=gold, options=options)
+    return Parsed(ident, fields, gold=gold, shown=gold, options=options)
 
 
-@dataclass(frozen=True)
-class _Spec:
-    template: str
-    kind: Kind
-    metric: Metric
-    parse: _Parser
-    labelled: bool = False  # classification: candidate labels are collected and listed in the prompt
-
-
-MILIC_TASKS: dict[str, _Spec] = {
-    "translation": _Spec("translation", "generate", "chrf++", _parse_translation),
-    "title_generation": _Spec("title_generation", "generate", "rouge-l", _parse_title),
-    "text_classification": _Spec("text_classification", "generate", "accuracy", _parse_classification, labelled=True),
-    "response_selection": _Spec("response_selection", "choice", "accuracy", _parse_response),
-    "reading_comprehension": _Spec("reading_comprehension", "choice", "accuracy", _parse_comprehension),
-    "math": _Spec("math", "math", "accuracy", _parse_math),
+MILIC_TASKS: dict[str, TaskFormat] = {
+    "translation": TaskFormat("translation", "generate", "chrf++", _parse_translation),
+    "title_generation": TaskFormat("title_generation", "generate", "rouge-l", _parse_title),
+    "text_classification": TaskFormat(
+        "text_classification", "generate", "accuracy", _parse_classification, labelled=True
+    ),
+    "response_selection": TaskFormat("response_selection", "choice", "accuracy", _parse_response),
+    "reading_comprehension": TaskFormat("reading_comprehension", "choice", "accuracy", _parse_comprehension),
+    "math": TaskFormat("math", "math", "accuracy", _parse_math),
 }
-_BELEBELE = _Spec("belebele", "choice", "accuracy", _parse_belebele)
-_SIB200 = _Spec("sib200", "generate", "accuracy", _parse_sib, labelled=True)
-_PLAIN = _Spec("plain", "generate", "chrf++", _parse_plain)
-_PLAIN_CHOICE = _Spec("plain_choice", "choice", "accuracy", _parse_plain)
+_BELEBELE = TaskFormat("belebele", "choice", "accuracy", _parse_belebele)
+_SIB200 = TaskFormat("sib200", "generate", "accuracy", _parse_sib, labelled=True)
+_PLAIN = TaskFormat("plain", "generate", "chrf++", _parse_plain)
+_PLAIN_CHOICE = TaskFormat("plain_choice", "choice", "accuracy", _parse_plain)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Building prompts.
 
 
-def _warning(path: Path, where: _Where, field_name: str | None, message: str) -> RecordWarning:
-    return RecordWarning(str(path), field_name, message, line=where.line, index=where.index)
-
-
-def _parse_file(
-    path: Path, read: _Reader, parse: _Parser, context: _Context, warnings: list[RecordWarning]
-) -> list[_Parsed]:
-    """Every well-formed record of a file; each other one becomes a warning. Ids must be unique."""
-    parsed: list[_Parsed] = []
-    seen: set[str] = set()
-    for where, record in read(path, warnings):
-        if not isinstance(record, Mapping):
-            warnings.append(_warning(path, where, None, f"expected an object, got {type(record).__name__}"))
-            continue
-        try:
-            p = parse(record, context)
-        except _Bad as bad:
-            warnings.append(_warning(path, where, bad.field, bad.message))
-            continue
-        # A record without an id of its own is named after its place in the file.
-        ident = p.id or f"{path.stem}:{where.line if where.line is not None else where.index}"
-        if ident in seen:
-            warnings.append(_warning(path, where, "id", f"duplicate id {ident!r}; the record is skipped"))
-            continue
-        seen.add(ident)
-        parsed.append(replace(p, id=ident, where=where))
-    return parsed
-
-
-def _pick_examples(train: Sequence[_Parsed], k: int, labelled: bool) -> list[_Parsed]:
+def _pick_examples(train: Sequence[Parsed], k: int, labelled: bool) -> list[Parsed]:
     """The first ``k`` train records; for classification, one label after another so each is shown."""
     if not labelled:
         return list(train[:k])
-    by_label: dict[str | None, list[_Parsed]] = {}
+    by_label: dict[str | None, list[Parsed]] = {}
     for p in train:
         by_label.setdefault(p.label, []).append(p)
-    picked: list[_Parsed] = []
+    picked: list[Parsed] = []
     depth = 0
     while len(picked) < k and any(depth < len(group) for group in by_label.values()):
         picked.extend(group[depth] for group in by_label.values() if depth < len(group))
@@ -439,9 +316,9 @@ def _cut_to_fit(block_with: Callable[[int], str], length: int, settings: PromptS
 
 def _build(
     task: str,
-    spec: _Spec,
-    items: Sequence[_Parsed],
-    train: Sequence[_Parsed],
+    spec: TaskFormat,
+    items: Sequence[Parsed],
+    train: Sequence[Parsed],
     paths: tuple[Path, Path | None],
     common: Mapping[str, str],
     settings: PromptSettings,
@@ -484,7 +361,7 @@ def _build(
                 f"the prompt costs {over} with no examples, over the budget of {budget.max_prompt}; kept "
                 "(scored as no answer if it does not fit the context: raise --n-ctx)"
             )
-            reported = (_warning(path, p.where, None, message),)
+            reported = (warning_at(path, p.where, None, message),)
         options = labels if labels is not None else p.options
         shot_ids = tuple(e.id for e in examples[:n])
         return Item(p.id, prompt, p.gold, options, spec.kind, spec.metric, n, shot_ids, cut_to), reported
@@ -495,7 +372,7 @@ def _build(
         warnings.extend(reported)
         if labels is not None and p.gold not in labels:
             message = f"{p.gold!r} is not a candidate label (from {label_source}): the item cannot be answered"
-            warnings.append(_warning(path, p.where, "label", message))
+            warnings.append(warning_at(path, p.where, "label", message))
         built.append(item)
     cut = sorted(item.cut_to for item in built if item.cut_to is not None)
     if cut:
@@ -510,19 +387,19 @@ def _build(
 
 def _load(
     task: str,
-    spec: _Spec,
-    read: _Reader,
+    spec: TaskFormat,
+    read: Reader,
     paths: tuple[Path, Path | None],
-    context: _Context,
+    context: Context,
     common: Mapping[str, str],
     settings: PromptSettings,
 ) -> TaskData:
     path, train_path = paths
     warnings: list[RecordWarning] = []
-    train: list[_Parsed] = []
+    train: list[Parsed] = []
     if train_path is not None and (settings.shots > 0 or spec.labelled):
-        train = _parse_file(train_path, read, spec.parse, context, warnings)
-    items = _parse_file(path, read, spec.parse, context, warnings)
+        train = parse_file(train_path, read, spec.parse, context, warnings)
+    items = parse_file(path, read, spec.parse, context, warnings)
     return _build(task, spec, items, train, paths, common, settings, warnings)
 
 
@@ -582,10 +459,10 @@ def load_milic(
     target = target or ("en" if source == lang else lang)
     if source == target:
         raise TaskError(f"translation from {source!r} into itself; give two different languages (e.g. ug-en)")
-    context = _Context(source, target, settings.max_passage_chars)
+    context = Context(source, target, settings.max_passage_chars)
     common = {"language": language_name(lang), "src_name": language_name(source), "tgt_name": language_name(target)}
     name = f"{task}:{source}-{target}" if kind == "translation" else f"{task}:{lang}"
-    return _load(name, MILIC_TASKS[kind], _read_json_list, (path, train_path), context, common, settings)
+    return _load(name, MILIC_TASKS[kind], read_json_list, (path, train_path), context, common, settings)
 
 
 def load_belebele(
@@ -601,7 +478,7 @@ def load_belebele(
     same language held out of the evaluation), or there are none. ``language`` is a code
     (``bod_Tibt``, ``uig``) or an English name, used in the instruction line.
     """
-    return _load_file(f"belebele:{language}", _BELEBELE, _read_jsonl, path, train_path, language, settings)
+    return _load_file(f"belebele:{language}", _BELEBELE, read_jsonl, path, train_path, language, settings)
 
 
 def load_sib200(
@@ -612,21 +489,21 @@ def load_sib200(
     settings: PromptSettings | None = None,
 ) -> TaskData:
     """A SIB-200 TSV file as topic classification; the candidate topics come from ``train_path``."""
-    read = _tsv_reader(("index_id", "category", "text"))
+    read = tsv_reader(("index_id", "category", "text"))
     return _load_file(f"sib200:{language}", _SIB200, read, path, train_path, language, settings)
 
 
 def _load_file(
     task: str,
-    spec: _Spec,
-    read: _Reader,
+    spec: TaskFormat,
+    read: Reader,
     path: str | Path,
     train_path: str | Path | None,
     language: str,
     settings: PromptSettings | None,
 ) -> TaskData:
     settings = settings or PromptSettings()
-    context = _Context("", "", settings.max_passage_chars)
+    context = Context("", "", settings.max_passage_chars)
     paths = (Path(path), Path(train_path) if train_path is not None else None)
     return _load(task, spec, read, paths, context, {"language": language_name(language)}, settings)
 
@@ -651,23 +528,23 @@ def load_jsonl(
     if metric not in METRICS:
         raise TaskError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     paths = (Path(path), Path(train_path) if train_path is not None else None)
-    context = _Context("", "", settings.max_passage_chars)
+    context = Context("", "", settings.max_passage_chars)
     warnings: list[RecordWarning] = []
-    train: list[_Parsed] = []
+    train: list[Parsed] = []
     if paths[1] is not None and settings.shots > 0:
-        train = _parse_file(paths[1], _read_jsonl, _parse_plain, context, warnings)
-    items = _parse_file(paths[0], _read_jsonl, _parse_plain, context, warnings)
+        train = parse_file(paths[1], read_jsonl, _parse_plain, context, warnings)
+    items = parse_file(paths[0], read_jsonl, _parse_plain, context, warnings)
     choice = bool(items) and items[0].options is not None
     spec = _PLAIN_CHOICE if choice else replace(_PLAIN, metric=metric)
 
-    def same_kind(records: list[_Parsed], file: Path) -> list[_Parsed]:
+    def same_kind(records: list[Parsed], file: Path) -> list[Parsed]:
         kept = []
         for p in records:
             if (p.options is not None) == choice:
                 kept.append(p)
             else:
                 message = "this task is " + ("multiple choice" if choice else "generation") + "; the record is skipped"
-                warnings.append(_warning(file, p.where, "options", message))
+                warnings.append(warning_at(file, p.where, "options", message))
         return kept
 
     items = same_kind(items, paths[0])
