@@ -32,13 +32,14 @@ of a JSON list) and the field. A file that cannot be read at all raises :class:`
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .items import Example, Item, PromptSettings, RecordWarning, TaskData, TaskError
+from .fewshot import make_examples
+from .fitting import clip, fit_prompt
+from .items import Item, PromptSettings, RecordWarning, TaskData, TaskError
 from .metrics import METRICS, Metric
 from .records import (
     BadRecord,
@@ -124,16 +125,6 @@ def _number(record: Mapping[str, Any], key: str) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _clip(text: str, limit: int) -> str:
-    """The first ``limit`` characters, backing off so that no base letter loses its combining marks."""
-    if len(text) <= limit:
-        return text
-    cut = limit
-    while cut > 0 and unicodedata.category(text[cut])[0] == "M":
-        cut -= 1
-    return text[:cut]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Parsing records into the pieces of a prompt block.
 
@@ -145,7 +136,7 @@ def _parse_translation(r: Mapping[str, Any], c: Context) -> Parsed:
 
 def _parse_title(r: Mapping[str, Any], c: Context) -> Parsed:
     title = _text(r, "title")
-    content = _clip(_text(r, "content"), c.max_passage_chars)
+    content = clip(_text(r, "content"), c.max_passage_chars)
     return Parsed(_ident(r), {"content": content}, gold=title, shown=title, cut="content")
 
 
@@ -160,7 +151,7 @@ def _label_text(r: Mapping[str, Any]) -> str:
 
 def _parse_classification(r: Mapping[str, Any], c: Context) -> Parsed:
     label = _label_text(r)
-    text = _clip(_text(r, "text"), c.max_passage_chars)
+    text = clip(_text(r, "text"), c.max_passage_chars)
     return Parsed(_ident(r), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
@@ -219,7 +210,7 @@ def _parse_sib(r: Mapping[str, Any], c: Context) -> Parsed:
     if None in r:
         raise BadRecord(None, "more columns than the header")
     label = _text(r, "category").strip()
-    text = _clip(_text(r, "text"), c.max_passage_chars)
+    text = clip(_text(r, "text"), c.max_passage_chars)
     return Parsed(_ident(r, "index_id"), {"text": text}, gold=label, shown=label, label=label, cut="text")
 
 
@@ -259,61 +250,6 @@ _PLAIN_CHOICE = TaskFormat("plain_choice", "choice", "accuracy", _parse_plain)
 # Building prompts.
 
 
-def _pick_examples(train: Sequence[Parsed], k: int, labelled: bool) -> list[Parsed]:
-    """The first ``k`` train records; for classification, one label after another so each is shown."""
-    if not labelled:
-        return list(train[:k])
-    by_label: dict[str | None, list[Parsed]] = {}
-    for p in train:
-        by_label.setdefault(p.label, []).append(p)
-    picked: list[Parsed] = []
-    depth = 0
-    while len(picked) < k and any(depth < len(group) for group in by_label.values()):
-        picked.extend(group[depth] for group in by_label.values() if depth < len(group))
-        depth += 1
-    return picked[:k]
-
-
-def _solved(block: str, answer: str) -> str:
-    """An example: the block with its answer one space after the cue."""
-    return block + ("" if block.endswith(" ") else " ") + answer
-
-
-def _fit(examples: Sequence[Example], block: str, settings: PromptSettings) -> tuple[str, int, int | None]:
-    """The prompt with as many examples as the budget allows: (prompt, examples used, cost if over budget)."""
-    n = len(examples)
-    while True:
-        prompt = "".join(f"{e.text}\n\n" for e in examples[:n]) + block
-        if settings.max_prompt is None:
-            return prompt, n, None
-        cost = settings.cost(prompt)
-        if cost <= settings.max_prompt:
-            return prompt, n, None
-        if n == 0:
-            return prompt, 0, cost
-        n -= 1
-
-
-def _cut_to_fit(block_with: Callable[[int], str], length: int, settings: PromptSettings) -> tuple[str, int] | None:
-    """The block whose passage is cut to the most characters (fewer than ``length``) that fit the
-    budget on their own, and that number; None when even an empty passage does not fit.
-
-    ``block_with(n)`` renders the block with the passage's first ``n`` characters. Cost grows with
-    ``n``, so a binary search needs about log2(length) token counts.
-    """
-    assert settings.max_prompt is not None
-    if settings.cost(block_with(0)) > settings.max_prompt:
-        return None
-    lo, hi = 0, length - 1  # the block fits with lo characters; the answer is at most hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if settings.cost(block_with(mid)) <= settings.max_prompt:
-            lo = mid
-        else:
-            hi = mid - 1
-    return block_with(lo), lo
-
-
 def _build(
     task: str,
     spec: TaskFormat,
@@ -334,27 +270,12 @@ def _build(
         labels = tuple(sorted({p.label for p in (train or items) if p.label is not None}))
         fields["labels"] = ", ".join(labels)
     label_source = train_path if train else path
-
-    examples = tuple(
-        Example(p.id, _solved(template.format(**fields, **p.fields), p.shown))
-        for p in _pick_examples(train, settings.shots, spec.labelled)
-    )
+    examples = make_examples(template, fields, train, settings.shots, spec.labelled)
 
     def fit(i: int, budget: PromptSettings) -> tuple[Item, tuple[RecordWarning, ...]]:
-        """Item ``i`` with as many examples as ``budget`` allows, its passage cut when none is left
-        room, and the warning of an item that does not fit even so."""
+        """Item ``i`` fitted to ``budget``, and the warning of an item that does not fit even so."""
         p = items[i]
-        prompt, n, over = _fit(examples, template.format(**fields, **p.fields), budget)
-        cut_to = None
-        if over is not None and p.cut is not None:
-            passage = p.fields[p.cut]
-
-            def block_with(k: int) -> str:
-                return template.format(**fields, **{**p.fields, p.cut: _clip(passage, k)})
-
-            fitted = _cut_to_fit(block_with, len(passage), budget)
-            if fitted is not None:
-                (prompt, cut_to), over = fitted, None
+        prompt, n, cut_to, over = fit_prompt(examples, template, fields, p.fields, p.cut, budget)
         reported: tuple[RecordWarning, ...] = ()
         if over is not None:
             message = (
