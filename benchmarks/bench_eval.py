@@ -30,9 +30,10 @@ from pathlib import Path
 import trimix_cpp as tm
 from trimix_cpp import _llama
 from trimix_cpp.engine import SeqSpec
+from trimix_cpp.evaluation.items import PromptSettings
 from trimix_cpp.evaluation.run import batch_options
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS, GenerationSettings, Runner, Task, parse_methods
-from trimix_cpp.evaluation.tasks import PromptSettings, load_spec
+from trimix_cpp.evaluation.tasks import load_spec
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.selection import DEFAULT_GRID
 

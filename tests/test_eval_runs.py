@@ -18,9 +18,9 @@ from test_errors import trimix
 from test_eval import models, run_eval
 
 import trimix_cpp as tm
+from trimix_cpp.evaluation.items import Item
 from trimix_cpp.evaluation.rundir import LOCK, MANIFEST, PREDICTIONS, RunDir
 from trimix_cpp.evaluation.runner import GenerationSettings, Runner, SettingsError, Task
-from trimix_cpp.evaluation.tasks import Item
 
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]
 CLI = "trimix_cli.main" if importlib.util.find_spec("trimix_cli") else "cli.main"  # the module of `trimix`

@@ -11,22 +11,11 @@ from pathlib import Path
 import pytest
 
 from trimix_cpp.errors import TrimixError
+from trimix_cpp.evaluation.items import PromptSettings, RecordWarning, TaskData, TaskError, check_limit
 from trimix_cpp.evaluation.metrics import score_outputs
-from trimix_cpp.evaluation.tasks import (
-    PromptSettings,
-    RecordWarning,
-    TaskData,
-    TaskError,
-    check_limit,
-    language_name,
-    load_belebele,
-    load_jsonl,
-    load_milic,
-    load_sib200,
-    load_spec,
-    load_task,
-    milic_kind,
-)
+from trimix_cpp.evaluation.readers import load_belebele, load_jsonl, load_milic, load_sib200, milic_kind
+from trimix_cpp.evaluation.tasks import load_spec, load_task
+from trimix_cpp.evaluation.templates import language_name
 
 UG_TRAIN = [
     {"id": "t1", "ug": "سالام", "en": "Hello", "zh": "你好"},
@@ -510,7 +499,7 @@ def test_candidate_labels_are_sorted_and_the_same_in_every_process(tmp_path: Pat
     item = load_milic(tmp_path, "text_classification", "ug", settings=PromptSettings(shots=0)).items[0]
     assert item.options == tuple(sorted(labels))
     script = (
-        "import sys; from trimix_cpp.evaluation.tasks import *; "
+        "import sys; from trimix_cpp.evaluation.readers import load_milic; "
         "print(load_milic(sys.argv[1], 'text_classification', 'ug').items[0].prompt)"
     )
     prompts = set()

@@ -261,7 +261,7 @@ def _rouge_scorer(tokenizer: str) -> Any:
 
 
 class Scorable(Protocol):
-    """What :func:`score_outputs` needs of an item (``tasks.Item`` has it)."""
+    """What :func:`score_outputs` needs of an item (``items.Item`` has it)."""
 
     @property
     def kind(self) -> str: ...

@@ -25,6 +25,7 @@ from ..loading import LoadOptions
 from ..modelset import ModelSet
 from ..selection import parse_grid
 from ..speculative import MAX_DRAFT
+from .items import FittedItems, PromptSettings, TaskData, check_limit
 from .metrics import ROUGE_TOKENIZERS, check_metric_available, make_rouge_tokenizer
 from .results import Results, build_results
 from .rundir import RunDir, method_identity, model_identity, task_identity
@@ -39,7 +40,8 @@ from .runner import (
     parse_methods,
     score_task,
 )
-from .tasks import FittedItems, PromptSettings, TaskData, check_limit, load_spec, prompt_format
+from .tasks import load_spec
+from .templates import prompt_format
 
 
 class Reporter(Protocol):
