@@ -13,6 +13,7 @@ from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
+from trimix_cpp.lock import provenance, summarize
 from trimix_cpp.modelinfo import kv_cache_bytes
 from trimix_cpp.profiles import (
     Profile,
@@ -23,10 +24,12 @@ from trimix_cpp.profiles import (
     write_profile,
 )
 
+from . import pull as pull_cmds
 from .common import Verbose, err, errors
 
 app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True)
 out = Console()
+pull_cmds.register(app)  # pull, verify, bundle, install
 
 
 def _present(profile: Profile, role: str) -> bool:
@@ -43,13 +46,13 @@ def list_cmd(verbose: Verbose = False) -> None:
     with errors(verbose):
         profiles, problems = all_profiles()
         table = Table(title="trimix profiles (--lang CODE)", title_justify="left")
-        for col in ("lang", "name", "model files", "profile"):
+        for col in ("lang", "name", "model files", "installed", "profile"):
             table.add_column(col, overflow="fold")
         for p in profiles:
             files = " ".join(
                 ("[green]✓[/]" if _present(p, r) else "[red]✗[/]") + " " + r.replace("_", "-") for r in p.models
             )
-            table.add_row(p.lang, p.name, files, _short(p.path))
+            table.add_row(p.lang, p.name, files, summarize(provenance(p)), _short(p.path))
         out.print(table)
         for line in problems:
             err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)

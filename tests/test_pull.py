@@ -1,0 +1,412 @@
+"""``trimix models pull / verify / bundle / install`` end to end: the real ``huggingface_hub`` client
+against a Hub stand-in on 127.0.0.1 (tests/hubstandin.py) serving tiny GGUF files the tests write,
+the real CLI in subprocesses, and real llama.cpp generating from what was installed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from hubstandin import HubStandIn
+from tinygguf import write_tiny_llama
+
+ROLES = ("large_ins", "small_cpt", "small_base")
+SEEDS = {"large_ins": 1, "small_cpt": 2, "small_base": 3}
+GEN = ["--alpha", "0.3", "--beta", "0.6", "-n", "12", "--n-ctx", "128", "--json", "the cat"]
+
+
+def run(*args: str, env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trimix_cli.main", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The command failed with exactly one line on stderr: the error."""
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.decode().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr.decode()
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    d = tmp_path_factory.mktemp("published")
+    return {role: write_tiny_llama(d / f"{role}.gguf", seed=SEEDS[role]).read_bytes() for role in ROLES}
+
+
+@pytest.fixture
+def hub(ggufs: dict[str, bytes]):
+    """The stand-in, serving one GGUF repository per role and a private one."""
+    server = HubStandIn()
+    for role, data in ggufs.items():
+        server.add_repo(f"tiny/{role}-GGUF", {"README.md": b"# tiny\n", f"{role}-q8_0.gguf": data})
+    server.add_repo("tiny/private-GGUF", {"small_cpt-q8_0.gguf": ggufs["small_cpt"]}, token="hf_secret")
+    server.start()
+    yield server
+    server.stop()
+
+
+PROFILE = """[profile]
+lang = "tiny"
+name = "Tiny trio"
+n_ctx = 256
+
+[models]
+large_ins = "tiny-large-ins.gguf"
+small_cpt = "tiny-small-cpt.gguf"
+small_base = "tiny-small-base.gguf"
+"""
+
+
+def source_table(role: str, repo: str | None = None, revision: str = "main") -> str:
+    repo = repo or f"tiny/{role}-GGUF"
+    return f'\n[sources.{role}]\nrepo = "{repo}"\nrevision = "{revision}"\ngguf = "*-q8_0.gguf"\n'
+
+
+class Machine:
+    """One user's folders: profiles, config, data (models) and the Hub client's cache."""
+
+    def __init__(self, root: Path, hub: HubStandIn | None) -> None:
+        self.root = root
+        self.profiles = root / "profiles"
+        self.profiles.mkdir(parents=True, exist_ok=True)
+        self.models = root / "data" / "trimix" / "models"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRIMIX_", "XDG_"))}
+        self.env.update(
+            XDG_DATA_HOME=str(root / "data"),
+            XDG_CONFIG_HOME=str(root / "config"),
+            HF_HOME=str(root / "hf"),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            TRIMIX_PROFILES=str(self.profiles),
+            OMP_WAIT_POLICY="PASSIVE",
+            COLUMNS="300",
+        )
+        # nothing listens on port 9 (discard): a machine without a Hub
+        self.env["HF_ENDPOINT"] = hub.url if hub is not None else "http://127.0.0.1:9"
+
+    def write_profile(self, **overrides: str) -> Path:
+        text = PROFILE + "".join(overrides.get(r, source_table(r)) for r in ROLES)
+        path = self.profiles / "tiny.toml"
+        path.write_text(text)
+        return path
+
+    def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return run(*args, env={**self.env, **env})
+
+    def installed(self) -> list[str]:
+        """Everything in the models folder, hidden scratch folders included."""
+        if not self.models.exists():
+            return []
+        return sorted(str(p.relative_to(self.models)) for p in self.models.rglob("*"))
+
+
+@pytest.fixture
+def machine(tmp_path: Path, hub: HubStandIn) -> Machine:
+    return Machine(tmp_path / "online", hub)
+
+
+def tokens(machine: Machine, *args: str) -> list[int]:
+    r = machine("generate", *args, *GEN)
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)["token_ids"]
+
+
+def test_full_pull_then_generate_and_idempotent_offline(machine: Machine, hub: HubStandIn, ggufs, tmp_path: Path):
+    machine.write_profile()
+    r = machine("models", "pull", "--lang", "tiny")
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "installed" in err and "fusable" in err  # models check ran after installing
+    assert machine.installed() == [
+        "tiny-large-ins.gguf",
+        "tiny-small-base.gguf",
+        "tiny-small-cpt.gguf",
+        "tiny.lock.json",
+    ]
+    lock = json.loads((machine.models / "tiny.lock.json").read_text())
+    import hashlib
+
+    for role in ROLES:
+        entry = lock["roles"][role]
+        assert entry["repo"] == f"tiny/{role}-GGUF" and entry["revision"] == "main"
+        assert entry["commit"] == hub.repos[f"tiny/{role}-GGUF"].commit
+        assert entry["files"][0]["sha256"] == hashlib.sha256(ggufs[role]).hexdigest()
+        assert entry["files"][0]["size"] == len(ggufs[role])
+        assert entry["source_files"][0]["sha256"] == hashlib.sha256(ggufs[role]).hexdigest()
+        assert "trimix" in entry["versions"] and "llama-cpp-python" in entry["versions"]
+    # the installed files are the published ones: same tokens as the originals given by path
+    originals = tmp_path / "orig"
+    originals.mkdir()
+    paths = []
+    for role in ROLES:
+        (originals / f"{role}.gguf").write_bytes(ggufs[role])
+        paths += [f"--{role.replace('_', '-')}", str(originals / f"{role}.gguf")]
+    assert tokens(machine, "--lang", "tiny") == tokens(machine, *paths)
+    # again: nothing to do, no request to the Hub, also with HF_HUB_OFFLINE
+    before = len(hub.requests)
+    again = machine("models", "pull", "--lang", "tiny")
+    assert again.returncode == 0 and "nothing to do" in again.stderr.decode()
+    offline = machine("models", "pull", "--lang", "tiny", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0 and "nothing to do" in offline.stderr.decode(), offline.stderr.decode()
+    assert len(hub.requests) == before
+    listing = machine("models", "list")
+    row = next(ln for ln in listing.stdout.decode().splitlines() if "tiny" in ln)
+    assert "pulled, verified" in row
+
+
+def test_dry_run_fetches_nothing(machine: Machine, hub: HubStandIn, ggufs):
+    machine.write_profile()
+    r = machine("models", "pull", "--lang", "tiny", "--dry-run")
+    assert r.returncode == 0, r.stderr.decode()
+    out = r.stderr.decode()
+    assert "to fetch" in out and hub.repos["tiny/large_ins-GGUF"].commit[:12] in out and "free" in out
+    assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)
+    assert machine.installed() == []
+
+
+def test_dropped_connection_resumes_with_a_range_request(machine: Machine, hub: HubStandIn, ggufs):
+    machine.write_profile()
+    hub.faults.drop["small_cpt-q8_0.gguf"] = 1
+    r = machine("models", "pull", "--lang", "tiny", "--no-check")
+    assert r.returncode == 0, r.stderr.decode()
+    gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith("small_cpt-q8_0.gguf")]
+    assert gets[0] is None and gets[1] == f"bytes={len(ggufs['small_cpt']) // 2}-"
+    assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["small_cpt"]
+
+
+def test_interrupted_download_resumes_in_the_next_run(machine: Machine, hub: HubStandIn, ggufs):
+    machine.write_profile()
+    name = "small_base-q8_0.gguf"
+    hub.faults.drop[name] = 1
+    hub.faults.fail_after_drop.add(name)
+    r = machine("models", "pull", "--lang", "tiny", "--no-check")
+    assert "500" in one_error_line(r) and "tiny/small_base-GGUF" in one_error_line(r)
+    assert not any(p.endswith(".gguf") and "/" not in p for p in machine.installed())  # nothing installed
+    assert any(p.endswith(".part") for p in machine.installed())  # the half that arrived is kept
+    hub.faults.fail_after_drop.clear()
+    hub.requests.clear()
+    r = machine("models", "pull", "--lang", "tiny", "--no-check")
+    assert r.returncode == 0, r.stderr.decode()
+    gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith(name)]
+    assert gets == [f"bytes={len(ggufs['small_base']) // 2}-"]
+    assert (machine.models / "tiny-small-base.gguf").read_bytes() == ggufs["small_base"]
+    assert not (machine.models / ".pull").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "env", "expect"),
+    [
+        (source_table("small_cpt", "tiny/private-GGUF"), {}, "401"),
+        (source_table("small_cpt", "tiny/missing-GGUF"), {}, "404"),
+        (source_table("small_cpt", revision="v9.9"), {}, "no revision 'v9.9'"),
+    ],
+    ids=["401", "404", "bad-revision"],
+)
+def test_hub_errors_are_one_line_naming_the_repository(machine: Machine, override, env, expect):
+    machine.write_profile(small_cpt=override)
+    r = machine("models", "pull", "--lang", "tiny", **env)
+    line = one_error_line(r)
+    repo = override.split('repo = "')[1].split('"')[0]
+    assert expect in line and repo in line, line
+    assert machine.installed() == []
+
+
+def test_private_repository_with_hf_token(machine: Machine):
+    machine.write_profile(small_cpt=source_table("small_cpt", "tiny/private-GGUF"))
+    r = machine("models", "pull", "--lang", "tiny", "--no-check", HF_TOKEN="hf_secret")
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_content_not_matching_its_published_sha256_is_refused(machine: Machine, hub: HubStandIn):
+    machine.write_profile()
+    hub.faults.corrupt.add("small_cpt-q8_0.gguf")
+    r = machine("models", "pull", "--lang", "tiny")
+    line = one_error_line(r)
+    assert "does not match its published sha256" in line and "tiny/small_cpt-GGUF" in line
+    assert not any(p.endswith((".gguf", ".lock.json")) and "/" not in p for p in machine.installed())
+
+
+def test_offline_with_nothing_installed_is_a_clear_error(machine: Machine, hub: HubStandIn):
+    machine.write_profile()
+    r = machine("models", "pull", "--lang", "tiny", HF_HUB_OFFLINE="1")
+    line = one_error_line(r)
+    assert "HF_HUB_OFFLINE" in line and "tiny/" in line
+    assert hub.requests == [] and machine.installed() == []
+
+
+def test_verify_names_the_file_that_differs(machine: Machine):
+    machine.write_profile()
+    assert machine("models", "pull", "--lang", "tiny", "--no-check").returncode == 0
+    ok = machine("models", "verify", "--lang", "tiny")
+    assert ok.returncode == 0 and "all 3 files" in ok.stderr.decode()
+    target = machine.models / "tiny-small-base.gguf"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    listing = machine("models", "list").stdout.decode()
+    assert "small-base: pulled, changed" in listing.replace("\n", " ") or "changed" in listing
+    bad = machine("models", "verify", "--lang", "tiny")
+    line = one_error_line(bad)
+    assert "tiny-small-base.gguf differs from the lock" in line and "sha256" in line
+
+
+# Bundles ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundle(machine: Machine, tmp_path: Path) -> Path:
+    machine.write_profile()
+    assert machine("models", "pull", "--lang", "tiny", "--no-check").returncode == 0
+    out = tmp_path / "stick" / "tiny.trimix.tar"
+    r = machine("models", "bundle", "--lang", "tiny", "-o", str(out))
+    assert r.returncode == 0, r.stderr.decode()
+    return out
+
+
+@pytest.fixture
+def offline(tmp_path: Path) -> Machine:
+    """A machine that never had network: no Hub, HF_HUB_OFFLINE, no profile of its own."""
+    m = Machine(tmp_path / "offline", None)
+    m.env["HF_HUB_OFFLINE"] = "1"
+    return m
+
+
+def nothing_installed(m: Machine) -> None:
+    assert m.installed() == [], m.installed()
+    assert not (m.root / "config" / "trimix" / "profiles" / "tiny.toml").exists()
+
+
+def test_bundle_then_install_on_a_fresh_machine_gives_the_same_tokens(machine, bundle, offline):
+    r = offline("models", "install", str(bundle))
+    assert r.returncode == 0, r.stderr.decode()
+    assert sorted(offline.installed()) == [
+        "tiny-large-ins.gguf",
+        "tiny-small-base.gguf",
+        "tiny-small-cpt.gguf",
+        "tiny.lock.json",
+    ]
+    assert (offline.root / "config" / "trimix" / "profiles" / "tiny.toml").is_file()
+    assert tokens(offline, "--lang", "tiny") == tokens(machine, "--lang", "tiny")
+    assert offline("models", "verify", "--lang", "tiny").returncode == 0
+    row = next(ln for ln in offline("models", "list").stdout.decode().splitlines() if "tiny" in ln)
+    assert "bundle, verified" in row
+    again = offline("models", "install", str(bundle))  # same files again: kept, still fine
+    assert again.returncode == 0 and "already there" in again.stderr.decode()
+
+
+def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _write(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _extra(name: str, **kw) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    data = kw.pop("data", None)
+    for k, v in kw.items():
+        setattr(info, k, v)
+    if data is not None:
+        info.size = len(data)
+    return info, data
+
+
+def test_a_truncated_bundle_installs_nothing(bundle, offline, tmp_path):
+    data = bundle.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    line = one_error_line(offline("models", "install", str(cut)))
+    assert "truncated" in line
+    nothing_installed(offline)
+
+
+def test_one_changed_byte_in_a_gguf_installs_nothing(bundle, offline, tmp_path):
+    members = _members(bundle)
+    info, data = members[-1]
+    assert info.name.endswith(".gguf")
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0x01
+    members[-1] = (info, bytes(changed))
+    bad = _write(tmp_path / "flipped.tar", members)
+    line = one_error_line(offline("models", "install", str(bad)))
+    assert "does not match the sha256" in line and info.name in line
+    nothing_installed(offline)
+
+
+@pytest.mark.parametrize(
+    ("member", "expect"),
+    [
+        (lambda: _extra("../x", data=b"escape"), "outside the folder"),
+        (lambda: _extra("/tmp/x", data=b"absolute"), "absolute path"),
+        (lambda: _extra("models/link.gguf", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "is a link"),
+        (lambda: _extra("models/hard.gguf", type=tarfile.LNKTYPE, linkname="tiny.toml"), "is a link"),
+        (lambda: _extra("models/dev.gguf", type=tarfile.CHRTYPE, devmajor=1, devminor=3), "device"),
+        (lambda: _extra("models/extra.gguf", data=b"GGUF not named"), "not named by the bundle's lock"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "hardlink", "device", "unlisted"],
+)
+def test_bad_members_are_refused_and_nothing_installed(bundle, offline, tmp_path, member, expect):
+    members = _members(bundle)
+    members.insert(2, member())  # after the manifest and the profile, before the GGUF files
+    bad = _write(tmp_path / "bad.tar", members)
+    line = one_error_line(offline("models", "install", str(bad)))
+    assert expect in line, line
+    nothing_installed(offline)
+
+
+def test_a_lock_naming_a_path_is_refused(bundle, offline, tmp_path):
+    members = _members(bundle)
+    info, data = members[0]
+    manifest = json.loads(data)
+    manifest["lock"]["roles"]["small_cpt"]["files"][0]["name"] = "../../evil.gguf"
+    text = json.dumps(manifest).encode()
+    info.size = len(text)
+    members[0] = (info, text)
+    line = one_error_line(offline("models", "install", str(_write(tmp_path / "evil.tar", members))))
+    assert "bad file name" in line
+    nothing_installed(offline)
+
+
+def test_ctrl_c_during_install_leaves_nothing(bundle, offline, tmp_path):
+    """A real SIGINT while the install is copying: the bundle comes through a pipe that the test
+    feeds half-way, so the process is surely mid-copy when the signal arrives."""
+    fifo = tmp_path / "bundle.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimix_cli.main", "models", "install", str(fifo)],
+        env=offline.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    data = bundle.read_bytes()
+    with open(fifo, "wb") as w:
+        w.write(data[: len(data) // 2])
+        w.flush()
+        deadline = time.monotonic() + 60
+        while not any(p.startswith(".install-") and "/" in p for p in offline.installed()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted" in err.decode()
+    nothing_installed(offline)

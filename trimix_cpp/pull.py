@@ -1,0 +1,393 @@
+"""``trimix models pull``: a profile's models from the Hub into the models folder, with a lock file.
+
+For every role whose ``[sources.ROLE]`` table names a repository (see :mod:`trimix_cpp.sources`):
+
+1. plan (:func:`plan_pull`): a role whose installed files the lock already records for the same
+   source, and which still verify, is done and needs no network (also for a file another
+   language's lock in the same folder records, e.g. the 7B model every shipped profile shares);
+   for the others the revision is resolved to a commit, the files to fetch are chosen, and the
+   download, the conversion scratch and the result are sized so the disk is checked before
+   anything starts;
+2. fetch and build (:func:`run_pull`): downloads go to ``.pull/REPO@COMMIT/`` in the models folder
+   (resumed there after any interruption) and every file is checked against its published hash;
+   checkpoints are converted, then quantized, with :mod:`trimix_cpp.convert`;
+3. install: only when every role is built are the results renamed into place under the names the
+   profile resolves, and the lock ``LANG.lock.json`` is written beside them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from . import hub
+from .errors import TrimixError
+from .installer import commit_moves, remove_tree, sigint_held
+from .lock import FileRecord, Lock, RoleLock, now, quick_status, read_lock, sha256_file, verify_files, write_lock
+from .profiles import PACKAGE_PREFIX, Profile, install_dir
+from .sources import BITS_PER_WEIGHT, Source, part_name, split_parts
+
+Progress = Callable[[str, int, int], None]
+
+# What a checkpoint conversion reads: the config and tokenizer files and the safetensors weights
+# (never pickled PyTorch files, which can run code when loaded).
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer.model", "merges.txt", "vocab.txt", "*.tiktoken")
+STAGING = ".pull"
+
+
+@dataclass
+class RolePlan:
+    """What pulling one role takes."""
+
+    role: str
+    source: Source
+    targets: list[str]  # installed file names (the parts of a split file, in order)
+    status: str  # "installed", "reuse" (recorded by another lock here) or "fetch"
+    snapshot: hub.Snapshot | None = None
+    fetch: list[hub.RemoteFile] = field(default_factory=list)
+    download_bytes: int = 0  # still to download (finished and partial downloads subtracted)
+    scratch_bytes: int = 0  # the full-precision GGUF between conversion and quantization
+    result_bytes: int = 0
+    lock: RoleLock | None = None
+
+    @property
+    def commit(self) -> str | None:
+        return self.snapshot.commit if self.snapshot else (self.lock.commit if self.lock else None)
+
+
+@dataclass
+class PullPlan:
+    profile: Profile
+    models_dir: Path
+    roles: list[RolePlan]
+    skipped: dict[str, str]  # role -> why it is not pulled
+    free_bytes: int
+
+    @property
+    def to_fetch(self) -> list[RolePlan]:
+        return [r for r in self.roles if r.status == "fetch"]
+
+    @property
+    def needed_bytes(self) -> int:
+        """Disk the pull needs at its peak: every result, plus the largest role's download and scratch
+        (a role's downloaded checkpoint is deleted once it is converted)."""
+        fetch = self.to_fetch
+        if not fetch:
+            return 0
+        return sum(r.result_bytes for r in fetch) + max(r.download_bytes + r.scratch_bytes for r in fetch)
+
+
+def _target(profile: Profile, role: str) -> str:
+    ref = profile.models[role]
+    if ref.startswith(PACKAGE_PREFIX) or "/" in ref or "\\" in ref or ref in (".", ".."):
+        raise TrimixError(
+            f"profile {profile.lang}: [models] {role} = {ref!r} is not a plain file name; pull installs files "
+            "into the models folder under the name the profile gives, so name the file only"
+        )
+    return ref
+
+
+def _matches(r: RoleLock, src: Source, target: str) -> bool:
+    return (
+        r.kind == src.kind
+        and r.repo == src.repo
+        and r.revision == src.revision
+        and r.type == src.type
+        and r.gguf == src.gguf
+        and r.main_file == target
+    )
+
+
+def _verified(lock: Lock, role: str, models_dir: Path, progress: Progress | None) -> bool:
+    if quick_status(lock, models_dir, role) == "verified":
+        return True
+    return all(c.status == "ok" for c in verify_files(lock, models_dir, progress, roles=[role]))
+
+
+def _other_locks(models_dir: Path, lang: str) -> list[Lock]:
+    locks = []
+    for p in sorted(models_dir.glob("*.lock.json")) if models_dir.is_dir() else []:
+        other = p.name[: -len(".lock.json")]
+        if other == lang:
+            continue
+        try:
+            lk = read_lock(models_dir, other)
+        except TrimixError:
+            continue
+        if lk is not None:
+            locks.append(lk)
+    return locks
+
+
+def _select_gguf(snap: hub.Snapshot, src: Source, target: str) -> tuple[list[hub.RemoteFile], list[str]]:
+    """The file(s) the pattern names, and the names they are installed under: the profile's name
+    for one file; for a split file, the parts renamed after the profile's first-part name."""
+    chosen = sorted((f for f in snap.files if src.matches(f.name)), key=lambda f: f.name)
+    if not chosen:
+        ggufs = [f.name for f in snap.files if f.name.endswith(".gguf")]
+        raise TrimixError(
+            f"{src.repo}@{snap.commit[:12]}: no file matches {src.gguf!r} "
+            f"(its GGUF files: {', '.join(ggufs[:12]) or 'none'})"
+        )
+    if len(chosen) == 1:
+        return chosen, [target]
+    firsts = [split_parts(PurePosixPath(f.name).name) for f in chosen]
+    first = firsts[0]
+    if first is None or first[1] != len(chosen):
+        raise TrimixError(
+            f"{src.repo}: {src.gguf!r} matches {len(chosen)} files that are not the parts of one split GGUF file "
+            f"({', '.join(f.name for f in chosen[:6])}); make the pattern match one file"
+        )
+    want = split_parts(target)
+    if want is None or want[1] != len(chosen):
+        raise TrimixError(
+            f"{src.repo}: {src.gguf!r} is a GGUF file split in {len(chosen)} parts; llama.cpp finds the parts by "
+            f"name, so the profile must name the first one, e.g. "
+            f"{part_name(PurePosixPath(target).stem, 1, len(chosen))}"
+        )
+    return chosen, [part_name(want[0], i + 1, len(chosen)) for i in range(len(chosen))]
+
+
+def _select_checkpoint(snap: hub.Snapshot) -> list[hub.RemoteFile]:
+    chosen = [
+        f for f in snap.files if "/" not in f.name and any(fnmatch.fnmatchcase(f.name, p) for p in CHECKPOINT_FILES)
+    ]
+    if not any(f.name.endswith(".safetensors") for f in chosen):
+        raise TrimixError(
+            f"{snap.repo}@{snap.commit[:12]} has no .safetensors weights; the converter reads safetensors only "
+            "(or point [sources] at a repository that publishes GGUF files, with gguf = PATTERN)"
+        )
+    if not any(f.name == "config.json" for f in chosen):
+        raise TrimixError(f"{snap.repo}@{snap.commit[:12]} has no config.json, so it is not a checkpoint to convert")
+    return chosen
+
+
+def _key_dir(models_dir: Path, snap: hub.Snapshot) -> Path:
+    return models_dir / STAGING / f"{snap.repo.replace('/', '--')}@{snap.commit}"
+
+
+def _remaining(rf: hub.RemoteFile, folder: Path) -> int:
+    name = PurePosixPath(rf.name).name
+    if (folder / name).is_file():
+        return 0
+    part = folder / (name + ".part")
+    return max(0, (rf.size or 0) - (part.stat().st_size if part.is_file() else 0))
+
+
+def free_bytes(path: Path) -> int:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def plan_pull(
+    profile: Profile,
+    models_dir: Path | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> PullPlan:
+    """What the pull would do, resolving revisions on the Hub only for roles not already installed."""
+    models_dir = models_dir or install_dir()
+    roles_with_source = [r for r in profile.models if r in profile.origins]
+    skipped = {
+        r: (f"no [sources.{r}] table; place its file by hand") for r in profile.models if r not in profile.origins
+    }
+    if not roles_with_source:
+        raise TrimixError(
+            f"profile {profile.lang} ({profile.path}) says where none of its models come from: add "
+            "[sources.ROLE] tables with repo, revision and type (or gguf), see models/README.md"
+        )
+    own = read_lock(models_dir, profile.lang)
+    others = _other_locks(models_dir, profile.lang)
+    plans = []
+    for role in roles_with_source:
+        src = profile.origins[role]
+        target = _target(profile, role)
+        if own is not None and role in own.roles and _matches(own.roles[role], src, target):
+            if _verified(own, role, models_dir, progress):
+                plans.append(
+                    RolePlan(role, src, [f.name for f in own.roles[role].files], "installed", lock=own.roles[role])
+                )
+                continue
+        shared = next(
+            (lk for lk in others for r in lk.roles.values() if _matches(r, src, target)),
+            None,
+        )
+        if shared is not None:
+            shared_role = next(r for r in shared.roles if _matches(shared.roles[r], src, target))
+            if _verified(shared, shared_role, models_dir, progress):
+                rl = RoleLock(**{**shared.roles[shared_role].__dict__, "role": role})
+                plans.append(RolePlan(role, src, [f.name for f in rl.files], "reuse", lock=rl))
+                continue
+        recorded = {f.name for lk in [own, *others] if lk is not None for f in lk.files()}
+        if (models_dir / target).exists() and target not in recorded and not force:
+            raise TrimixError(
+                f"{models_dir / target} exists and no lock file records it (placed by hand?): move it away, or "
+                "pass --force to replace it with the pulled file"
+            )
+        snap = hub.resolve(src.repo, src.revision)
+        key = _key_dir(models_dir, snap)
+        if src.kind == "gguf":
+            fetch, targets = _select_gguf(snap, src, target)
+            download = sum(_remaining(f, key / "src") for f in fetch)
+            result = sum(f.size or 0 for f in fetch)
+            plans.append(RolePlan(role, src, targets, "fetch", snap, fetch, download, 0, 0))
+        else:
+            fetch = _select_checkpoint(snap)
+            weights = sum(f.size or 0 for f in fetch if f.name.endswith(".safetensors"))
+            # Checkpoints are published in 16-bit (the Qwen2.5 ones in bfloat16): a 16-bit GGUF is
+            # about the weights' size, and the result scales with the type's bits per weight.
+            result = int(weights * BITS_PER_WEIGHT[src.type or "F16"] / 16)
+            done = (key / "out" / target).is_file()
+            download = 0 if done else sum(_remaining(f, key / "src") for f in fetch)
+            scratch = 0 if done or _direct(src.type) else weights
+            plans.append(RolePlan(role, src, [target], "fetch", snap, fetch, download, scratch, result))
+    return PullPlan(profile, models_dir, plans, skipped, free_bytes(models_dir))
+
+
+def _direct(gguf_type: str | None) -> bool:
+    """Whether the converter writes this type itself (no full-precision file in between)."""
+    try:
+        from .convert import CONVERT_TYPES
+    except ImportError:
+        return False
+    return (gguf_type or "F16").lower() in {t.lower() for t in CONVERT_TYPES}
+
+
+def versions(converted: bool) -> dict[str, str]:
+    """The versions of what produced the files, for the lock: trimix (whose converter made a
+    converted file), llama.cpp's Python binding (its quantizer), the Hub client and gguf."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    out = {"trimix": __version__}
+    if converted:
+        out["converter"] = f"trimix_cpp.convert {__version__}"
+    for dist in ("llama-cpp-python", "huggingface_hub", "gguf"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _convert(src_dir: Path, out: Path, gguf_type: str, progress: Progress | None) -> None:
+    """Checkpoint -> GGUF of ``gguf_type``: directly when the converter writes that type, else
+    through a 16-bit file that llama.cpp's quantizer then reduces."""
+    try:
+        from . import convert as conv
+    except ImportError:
+        raise TrimixError(
+            "this trimix has no checkpoint converter (trimix_cpp.convert), so it can pull only repositories "
+            "that publish GGUF files ([sources] gguf = PATTERN)"
+        ) from None
+    if _direct(gguf_type):
+        conv.convert_checkpoint(src_dir, out, out_type=gguf_type.lower(), force=True, progress=progress)
+        return
+    full = out.with_name(out.name + ".f16.gguf")
+    try:
+        conv.convert_checkpoint(src_dir, full, out_type="f16", force=True, progress=progress)
+        conv.quantize_gguf(full, out, gguf_type, force=True, progress=progress)
+    finally:
+        full.unlink(missing_ok=True)
+
+
+def _build(plan: RolePlan, models_dir: Path, progress: Progress | None) -> tuple[RoleLock, list[tuple[Path, Path]]]:
+    """Download (resuming) and check a role's files, convert them if they are a checkpoint, and
+    leave the result(s) in the staging folder; returns the lock entry and the moves to install."""
+    snap = plan.snapshot
+    assert snap is not None
+    key = _key_dir(models_dir, snap)
+    src_dir, out_dir = key / "src", key / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = [
+        FileRecord(f.name, f.size or 0, f.sha256 or "") for f in plan.fetch if f.sha256 is not None
+    ]  # LFS files carry a sha256; small files were checked against their git blob id
+    src = plan.source
+    if src.kind == "gguf":
+        results = []
+        for rf, target in zip(plan.fetch, plan.targets):
+            staged = out_dir / target
+            if not staged.is_file():  # staged by an earlier run that stopped before installing
+                got = hub.download(snap, rf, src_dir / PurePosixPath(rf.name).name, progress)
+                got.replace(staged)
+            # the download matched the published sha256, which is therefore the result's
+            results.append(FileRecord(target, staged.stat().st_size, rf.sha256 or sha256_file(staged, progress)))
+    else:
+        staged = out_dir / plan.targets[0]
+        marker = staged.with_name(staged.name + ".json")
+        if not (staged.is_file() and marker.is_file()):
+            for rf in plan.fetch:
+                hub.download(snap, rf, src_dir / rf.name, progress)
+            _convert(src_dir, staged, src.type or "F16", progress)
+            digest = sha256_file(staged, progress, f"hashing {staged.name}")
+            marker.write_text(json.dumps({"sha256": digest, "size": staged.stat().st_size}))
+            remove_tree(src_dir)  # the checkpoint is converted: free its space for the next role
+        mark = json.loads(marker.read_text())
+        results = [FileRecord(staged.name, int(mark["size"]), str(mark["sha256"]))]
+    lock = RoleLock(
+        role=plan.role,
+        kind=src.kind,
+        files=results,
+        repo=src.repo,
+        revision=src.revision,
+        commit=snap.commit,
+        type=src.type,
+        gguf=src.gguf,
+        source_files=sources,
+        versions=versions(converted=src.kind == "checkpoint"),
+    )
+    moves = [(out_dir / f.name, models_dir / f.name) for f in results]
+    return lock, moves
+
+
+def run_pull(plan: PullPlan, progress: Progress | None = None) -> Lock:
+    """Carry out a plan: fetch and build every role, then install them all and write the lock."""
+    models_dir = plan.models_dir
+    if plan.to_fetch and plan.needed_bytes > plan.free_bytes:
+        raise TrimixError(
+            f"not enough disk in {models_dir}: the pull needs {plan.needed_bytes / 2**30:.1f} GiB "
+            f"(download + conversion scratch + result) and {plan.free_bytes / 2**30:.1f} GiB are free; "
+            "free some space or set $TRIMIX_MODELS to a larger disk"
+        )
+    lock = read_lock(models_dir, plan.profile.lang) or Lock(plan.profile.lang, "pull", {}, now())
+    built: list[tuple[RoleLock, list[tuple[Path, Path]]]] = [_build(r, models_dir, progress) for r in plan.to_fetch]
+    for r in plan.roles:
+        if r.status in ("installed", "reuse") and r.lock is not None:
+            lock.roles[r.role] = r.lock
+    if not built:
+        before = read_lock(models_dir, plan.profile.lang)
+        if before is None or before.to_json() != lock.to_json():
+            write_lock(models_dir, lock)  # another language's files recorded here, or fresh verify stamps
+        return lock
+    backup = models_dir / STAGING / "replaced"
+    with sigint_held():
+        commit_moves([m for _, moves in built for m in moves], backup)
+        for role_lock, _ in built:
+            for f in role_lock.files:
+                f.stat = _stat(models_dir / f.name)
+            lock.roles[role_lock.role] = role_lock
+        lock.origin, lock.created = "pull", now()
+        write_lock(models_dir, lock)
+    for r in plan.to_fetch:
+        assert r.snapshot is not None
+        remove_tree(_key_dir(models_dir, r.snapshot))
+    remove_tree(backup)
+    try:
+        (models_dir / STAGING).rmdir()
+    except OSError:
+        pass
+    return lock
+
+
+def _stat(path: Path) -> list[int]:
+    from .lock import stat_key
+
+    return stat_key(path)
