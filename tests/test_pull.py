@@ -45,7 +45,11 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def ggufs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     d = tmp_path_factory.mktemp("published")
-    return {role: write_tiny_llama(d / f"{role}.gguf", seed=SEEDS[role]).read_bytes() for role in ROLES}
+    out = {role: write_tiny_llama(d / f"{role}.gguf", seed=SEEDS[role]).read_bytes() for role in ROLES}
+    # over twice the client's 10 MiB read size, so a connection cut half-way has delivered whole
+    # chunks and the retry must ask for the rest with a Range request
+    out["big"] = write_tiny_llama(d / "big.gguf", seed=5, n_embd=256, n_ff=1024, n_layer=6).read_bytes()
+    return out
 
 
 @pytest.fixture
@@ -54,6 +58,7 @@ def hub(ggufs: dict[str, bytes]):
     server = HubStandIn()
     for role, data in ggufs.items():
         server.add_repo(f"tiny/{role}-GGUF", {"README.md": b"# tiny\n", f"{role}-q8_0.gguf": data})
+    assert len(ggufs["big"]) > 2 * 10 * 2**20
     server.add_repo("tiny/private-GGUF", {"small_cpt-q8_0.gguf": ggufs["small_cpt"]}, token="hf_secret")
     server.start()
     yield server
@@ -130,7 +135,7 @@ def test_full_pull_then_generate_and_idempotent_offline(machine: Machine, hub: H
     r = machine("models", "pull", "--lang", "tiny")
     assert r.returncode == 0, r.stderr.decode()
     err = r.stderr.decode()
-    assert "installed" in err and "fusable" in err  # models check ran after installing
+    assert "installed" in err and "fusable" in r.stdout.decode()  # models check ran after installing
     assert machine.installed() == [
         "tiny-large-ins.gguf",
         "tiny-small-base.gguf",
@@ -179,31 +184,36 @@ def test_dry_run_fetches_nothing(machine: Machine, hub: HubStandIn, ggufs):
 
 
 def test_dropped_connection_resumes_with_a_range_request(machine: Machine, hub: HubStandIn, ggufs):
-    machine.write_profile()
-    hub.faults.drop["small_cpt-q8_0.gguf"] = 1
+    machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
+    hub.faults.drop["big-q8_0.gguf"] = 1
     r = machine("models", "pull", "--lang", "tiny", "--no-check")
     assert r.returncode == 0, r.stderr.decode()
-    gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith("small_cpt-q8_0.gguf")]
-    assert gets[0] is None and gets[1] == f"bytes={len(ggufs['small_cpt']) // 2}-"
-    assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["small_cpt"]
+    gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith("big-q8_0.gguf")]
+    assert len(gets) == 2 and gets[0] is None
+    start = int(gets[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start < len(ggufs["big"])
+    assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["big"]
 
 
 def test_interrupted_download_resumes_in_the_next_run(machine: Machine, hub: HubStandIn, ggufs):
-    machine.write_profile()
-    name = "small_base-q8_0.gguf"
+    machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
+    name = "big-q8_0.gguf"
     hub.faults.drop[name] = 1
     hub.faults.fail_after_drop.add(name)
     r = machine("models", "pull", "--lang", "tiny", "--no-check")
-    assert "500" in one_error_line(r) and "tiny/small_base-GGUF" in one_error_line(r)
+    line = one_error_line(r)
+    assert "500" in line and "tiny/big-GGUF" in line
     assert not any(p.endswith(".gguf") and "/" not in p for p in machine.installed())  # nothing installed
-    assert any(p.endswith(".part") for p in machine.installed())  # the half that arrived is kept
+    parts = [machine.models / p for p in machine.installed() if p.endswith(".part")]
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(ggufs["big"])  # the half that arrived is kept
+    have = parts[0].stat().st_size
     hub.faults.fail_after_drop.clear()
     hub.requests.clear()
     r = machine("models", "pull", "--lang", "tiny", "--no-check")
     assert r.returncode == 0, r.stderr.decode()
     gets = [rng for m, p, rng in hub.requests if m == "GET" and p.endswith(name)]
-    assert gets == [f"bytes={len(ggufs['small_base']) // 2}-"]
-    assert (machine.models / "tiny-small-base.gguf").read_bytes() == ggufs["small_base"]
+    assert gets == [f"bytes={have}-"]
+    assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["big"]
     assert not (machine.models / ".pull").exists()
 
 

@@ -265,7 +265,7 @@ def install_bundle(
         prof_name = manifest["profile"]["name"]
         scratch = scratch_dir(models_dir, "install")
         seen: set[str] = set()
-        for m in tar:
+        while (m := tar.next()) is not None:  # one pass over the stream (iterating would start over)
             name = _check_member(m, where)
             if name in seen:
                 raise BundleError(f"{where}: member {name!r} appears twice; refusing the bundle")
@@ -281,6 +281,7 @@ def install_bundle(
             f = tar.extractfile(m)
             assert f is not None
             _copy_checked(f, dst, size, digest, name, progress)
+            tar.members.clear()  # a stream of many members: keep no list of them
         missing = sorted({*expected, prof_name} - seen)
         if missing:
             raise BundleError(f"{where} is truncated or incomplete: {', '.join(missing)} missing; nothing installed")

@@ -251,13 +251,13 @@ def plan_pull(
     return PullPlan(profile, models_dir, plans, skipped, free_bytes(models_dir))
 
 
+# Types the converter writes straight from the checkpoint; any other is written in 16 bits first and
+# then quantized by llama.cpp, which needs that file as scratch.
+DIRECT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+
+
 def _direct(gguf_type: str | None) -> bool:
-    """Whether the converter writes this type itself (no full-precision file in between)."""
-    try:
-        from .convert import CONVERT_TYPES
-    except ImportError:
-        return False
-    return (gguf_type or "F16").lower() in {t.lower() for t in CONVERT_TYPES}
+    return (gguf_type or "F16") in DIRECT_TYPES
 
 
 def versions(converted: bool) -> dict[str, str]:
@@ -278,25 +278,22 @@ def versions(converted: bool) -> dict[str, str]:
     return out
 
 
-def _convert(src_dir: Path, out: Path, gguf_type: str, progress: Progress | None) -> None:
-    """Checkpoint -> GGUF of ``gguf_type``: directly when the converter writes that type, else
-    through a 16-bit file that llama.cpp's quantizer then reduces."""
+def _convert(src_dir: Path, out: Path, gguf_type: str, role: str, progress: Progress | None) -> None:
+    """Checkpoint -> GGUF of ``gguf_type`` with trimix's converter (which quantizes through
+    llama.cpp when the type needs it)."""
     try:
-        from . import convert as conv
+        from .convert import convert_checkpoint
     except ImportError:
         raise TrimixError(
             "this trimix has no checkpoint converter (trimix_cpp.convert), so it can pull only repositories "
             "that publish GGUF files ([sources] gguf = PATTERN)"
         ) from None
-    if _direct(gguf_type):
-        conv.convert_checkpoint(src_dir, out, out_type=gguf_type.lower(), force=True, progress=progress)
-        return
-    full = out.with_name(out.name + ".f16.gguf")
-    try:
-        conv.convert_checkpoint(src_dir, full, out_type="f16", force=True, progress=progress)
-        conv.quantize_gguf(full, out, gguf_type, force=True, progress=progress)
-    finally:
-        full.unlink(missing_ok=True)
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"{role}: {stage}", done, total)
+
+    convert_checkpoint(src_dir, out, out_type=gguf_type.lower(), force=True, progress=report)
 
 
 def _build(plan: RolePlan, models_dir: Path, progress: Progress | None) -> tuple[RoleLock, list[tuple[Path, Path]]]:
@@ -326,7 +323,7 @@ def _build(plan: RolePlan, models_dir: Path, progress: Progress | None) -> tuple
         if not (staged.is_file() and marker.is_file()):
             for rf in plan.fetch:
                 hub.download(snap, rf, src_dir / rf.name, progress)
-            _convert(src_dir, staged, src.type or "F16", progress)
+            _convert(src_dir, staged, src.type or "F16", plan.role, progress)
             digest = sha256_file(staged, progress, f"hashing {staged.name}")
             marker.write_text(json.dumps({"sha256": digest, "size": staged.stat().st_size}))
             remove_tree(src_dir)  # the checkpoint is converted: free its space for the next role
