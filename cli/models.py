@@ -24,10 +24,13 @@ from trimix_cpp.profiles import (
     write_profile,
 )
 
+from . import convert as convert_cmd
 from . import pull as pull_cmds
 from .common import Verbose, err, errors
 
-app = typer.Typer(help="List, check and add language profiles.", no_args_is_help=True)
+app = typer.Typer(help="List, check and add language profiles; convert and quantize models.", no_args_is_help=True)
+app.command("convert")(convert_cmd.convert)
+app.command("quantize")(convert_cmd.quantize)
 out = Console()
 pull_cmds.register(app)  # pull, verify, bundle, install
 

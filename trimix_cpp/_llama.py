@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 
 from .errors import ContextOverflowError, ModelFileError, TrimixError
 
-__all__ = ["KVCacheFullError", "LlamaModel", "gpu_offload_supported", "set_verbose", "system_info"]
+__all__ = ["KVCacheFullError", "LlamaModel", "gpu_offload_supported", "quantize_model", "set_verbose", "system_info"]
 
 _GGUF_MAGIC = b"GGUF"
 # ggml's thread pool holds at most this many threads (GGML_MAX_N_THREADS); far more crashes it.
@@ -129,6 +130,61 @@ def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> No
         )
 
 
+# The quantizer's parameters this module sets; the struct must carry them in the loaded llama.cpp.
+_QUANTIZE_FIELDS = ("nthread", "ftype", "allow_requantize", "quantize_output_tensor")
+_LOG_ERROR = 3  # GGML_LOG_LEVEL_ERROR
+# llama.cpp logs "[  12/ 291] blk.0.attn_q.weight - ..." as it starts on each tensor
+_QUANT_LINE = re.compile(rb"^\[\s*(\d+)/\s*(\d+)\]")
+
+
+def quantize_model(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    *,
+    n_threads: int,
+    allow_requantize: bool = False,
+    on_tensor: Any = None,
+) -> None:
+    """llama.cpp's own quantizer on ``src``, writing ``dst`` as llama_ftype ``ftype``.
+
+    llama.cpp has no progress callback for quantization, but it logs a line as it starts each tensor;
+    ``on_tensor(started, total)`` is called from those lines, so progress counts real tensors. The
+    call blocks until llama.cpp is done and cannot be cancelled: callers that must stop it run it in
+    a process of its own. Failure raises :class:`TrimixError` with llama.cpp's own reason.
+    """
+    _ensure_backend()
+    have = {name for name, _ in _lc.llama_model_quantize_params._fields_}
+    if missing := [f for f in _QUANTIZE_FIELDS if f not in have]:
+        raise TrimixError(f"this llama-cpp-python lacks quantize parameters {missing}; upgrade llama-cpp-python")
+    params = _lc.llama_model_quantize_default_params()
+    params.nthread = n_threads
+    params.ftype = ftype
+    params.allow_requantize = allow_requantize
+    params.quantize_output_tensor = True
+    errors: list[str] = []
+
+    @_lc.llama_log_callback
+    def log(level: int, text: bytes, user_data: Any) -> None:  # pragma: no cover - C callback
+        if not text:
+            return
+        if _verbose:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+        if level == _LOG_ERROR:
+            errors.append(text.decode("utf-8", errors="replace").strip())
+        elif on_tensor is not None and (m := _QUANT_LINE.match(text)):
+            on_tensor(int(m.group(1)) - 1, int(m.group(2)))
+
+    _lc.llama_log_set(log, ctypes.c_void_p(0))
+    try:
+        rc = _lc.llama_model_quantize(str(src).encode("utf-8"), str(dst).encode("utf-8"), ctypes.byref(params))
+    finally:
+        set_verbose(_verbose)
+    if rc != 0:
+        reason = next((e for e in reversed(errors) if e), "no reason logged")
+        raise TrimixError(f"llama.cpp could not quantize {src}: {reason}")
+
+
 class KVCacheFullError(TrimixError):
     """llama.cpp found no free KV cell for a batch (``llama_decode`` returned 1)."""
 
@@ -154,6 +210,7 @@ class LlamaModel:
         n_threads: int | None = None,
         n_gpu_layers: int = -1,
         vocab_only: bool = False,
+        exact_attention: bool = False,
     ) -> None:
         _ensure_backend()
         self.path = Path(path)
@@ -208,6 +265,11 @@ class LlamaModel:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.no_perf = True
+        if exact_attention:
+            # float32 K/V cells and no flash attention (whose CPU kernel rounds to f16): attention in
+            # float32 throughout, for comparing logits with a reference computation
+            cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
+            cparams.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = _lc.llama_init_from_model(model, cparams)
         if not ctx:
             self.close()

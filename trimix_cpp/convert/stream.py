@@ -1,0 +1,251 @@
+"""A checkpoint streamed into a GGUF file, one slab of rows at a time.
+
+The order of work is what keeps this safe and small:
+
+1. Read and check everything that can be wrong without reading weights: config.json, every shard
+   header, every tensor's name and shape against the config, the tokenizer. Nothing is written yet.
+2. Plan the file: the metadata, then each tensor's name, shape and output type, so the exact size
+   of the file is known before its first byte; check the disk has room for it.
+3. Write the header, the metadata and the tensor table with ``gguf.GGUFWriter``, then the tensor
+   data straight to its file handle, slab by slab: a slab is a few MiB of rows, read into a reused
+   buffer, transformed (llama's Q/K permutation, Gemma's ``1 + w``), checked for NaN, encoded and
+   written. Peak memory is a few slabs, not a tensor and never the model.
+4. Check the file has exactly the planned size and rename it into place. Any failure or Ctrl-C on
+   the way removes the partial file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from ..errors import TrimixError
+from .architectures import Family, TensorPlan, family_for
+from .checkpoint import Checkpoint, CheckpointError, SourceTensor
+from .outfile import check_room, gib, partial_beside, publish
+from .qtypes import DIRECT_TYPES, FTYPES, T
+
+__all__ = ["Progress", "convert_direct", "plan_conversion"]
+
+Progress = Callable[[str, int, int], None]
+
+SLAB_BYTES = 16 * 2**20  # float32 bytes of rows handled at once; bounds the working memory
+_ITEM_BYTES = {T.F32: 4, T.F16: 2, T.BF16: 2}
+
+
+class ConversionPlan:
+    """Everything decided before writing: the writer with its metadata, and each tensor's plan."""
+
+    def __init__(self, ckpt: Checkpoint, fam: Family, writer: gguf.GGUFWriter, tensors: list[TensorPlan]) -> None:
+        self.ckpt = ckpt
+        self.family = fam
+        self.writer = writer
+        self.tensors = tensors
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(gguf.GGUFWriter.ggml_pad(t.nbytes, self.writer.data_alignment) for t in self.tensors)
+
+    def file_bytes(self) -> int:
+        """The exact size of the GGUF file this plan writes."""
+        w = self.writer
+        meta = 4 + 4 + 8 + 8 + sum(_kv_bytes(k, v) for k, v in w.kv_data[0].items())
+        meta += sum(8 + len(name.encode()) + 4 + 8 * len(ti.shape) + 4 + 8 for name, ti in w.tensors[0].items())
+        return gguf.GGUFWriter.ggml_pad(meta, w.data_alignment) + self.data_bytes
+
+    @property
+    def n_weights(self) -> int:
+        return sum(math.prod(t.shape) for t in self.tensors)
+
+
+def plan_conversion(checkpoint_dir: Path, out_type: str) -> ConversionPlan:
+    """Read and check the checkpoint and its tokenizer; plan every key and tensor of the output."""
+    ckpt = Checkpoint(checkpoint_dir)
+    fam = family_for(ckpt.config)
+    tensors = fam.plan_tensors(list(ckpt.tensors))
+    for plan in tensors:
+        if plan.source:
+            src = ckpt.tensors[plan.source]
+            if src.shape != plan.shape:
+                raise CheckpointError(
+                    f"tensor {plan.source} has shape {list(src.shape)} but config.json implies {list(plan.shape)} "
+                    "(the weights and config.json do not belong together)"
+                )
+
+    writer = gguf.GGUFWriter(None, fam.arch)
+    _write_general(writer, ckpt, fam, sum(math.prod(t.shape) for t in tensors))
+    writer.add_file_type(FTYPES[out_type])
+    if out_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    from .tokenizer import write_tokenizer  # the tokenizer's own module: byte-level BPE and SentencePiece
+
+    # Qwen and Llama pad the tokenizer with unused ids up to the embedding's rows; Gemma 3's embedding
+    # has rows beyond its tokenizer that llama.cpp's converters cut off, and so does this one.
+    write_tokenizer(writer, ckpt.dir, fam.arch, n_vocab=None if fam.gemma else fam.n_vocab)
+    tokens = writer.kv_data[0][gguf.Keys.Tokenizer.LIST].value
+    n_tokens = len(tokens)
+    if n_tokens > fam.n_vocab:
+        raise CheckpointError(
+            f"the tokenizer has {n_tokens} tokens but the embedding has {fam.n_vocab} rows "
+            "(the tokenizer files belong to another model)"
+        )
+    if n_tokens < fam.n_vocab:
+        for plan in tensors:
+            if plan.name in ("token_embd.weight", "output.weight"):
+                plan.shape = (n_tokens, *plan.shape[1:])
+        fam.n_vocab = n_tokens
+    fam.write_hparams(writer)
+
+    qtype = DIRECT_TYPES[out_type]
+    for plan in tensors:
+        plan.qtype = T.F32 if plan.keeps_f32 else qtype
+        row = plan.shape[-1]
+        if plan.qtype == T.Q8_0 and row % gguf.GGML_QUANT_SIZES[T.Q8_0][0]:
+            plan.qtype = T.F16  # rows that do not tile into q8_0 blocks, as llama.cpp's converter does
+        plan.nbytes = _encoded_bytes(plan.shape, plan.qtype)
+        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
+    return ConversionPlan(ckpt, fam, writer, tensors)
+
+
+def _encoded_bytes(shape: tuple[int, ...], qtype: T) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return math.prod(shape) // block * size
+
+
+def _write_general(writer: gguf.GGUFWriter, ckpt: Checkpoint, fam: Family, n_params: int) -> None:
+    """``general.*`` provenance: name, base model, license and the rest the model card declares."""
+    try:
+        meta = gguf.Metadata.load(None, ckpt.dir, None, n_params)
+    except Exception:  # a model card the heuristics cannot read is no reason to refuse the weights
+        meta = gguf.Metadata()
+    meta.name = meta.name or ckpt.dir.resolve().name
+    meta.set_gguf_meta_model(writer)
+    writer.add_string("general.source.hf_architecture", fam.hf_arch)
+
+
+def _kv_bytes(key: str, value: Any) -> int:
+    """Serialized size of one metadata pair, as GGUFWriter packs it."""
+    return 8 + len(key.encode()) + 4 + _value_bytes(value.value, value.type, value.sub_type)
+
+
+def _value_bytes(val: Any, vtype: gguf.GGUFValueType, sub_type: gguf.GGUFValueType | None) -> int:
+    V = gguf.GGUFValueType
+    if vtype == V.STRING:
+        return 8 + len(val.encode("utf-8") if isinstance(val, str) else bytes(val))
+    if vtype == V.ARRAY:
+        items = list(val)
+        if not items:
+            return 12
+        item_type = sub_type if sub_type is not None else V.get_type(items[0])
+        return 12 + sum(_value_bytes(v, item_type, None) for v in items)
+    return {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4}.get(
+        vtype, 8
+    )
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+def convert_direct(
+    plan: ConversionPlan, out_path: Path, *, progress: Progress | None = None, room_extra: int = 0
+) -> Path:
+    """Write ``plan`` to ``out_path`` (beside, then renamed); ``room_extra`` is further disk space a
+    following step will need in the same folder, checked now so that step cannot fail half-way."""
+    size = plan.file_bytes()
+    check_room(
+        out_path.parent, size + room_extra, f"the {gib(size)} GGUF" + (" and its quantized copy" if room_extra else "")
+    )
+    partial = partial_beside(out_path)
+    try:
+        _write(plan, partial, progress)
+        written = partial.stat().st_size
+        if written != size:
+            raise TrimixError(f"wrote {written:,} bytes to {partial} but planned {size:,} (report this)")
+        return publish(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write(plan: ConversionPlan, path: Path, progress: Progress | None) -> None:
+    w = plan.writer
+    total = sum(_source_bytes(t, plan.ckpt.tensors[t.source]) for t in plan.tensors if t.source)
+    done = 0
+    handles = plan.ckpt.open_files()
+    buf = np.empty(SLAB_BYTES, np.uint8)
+    try:
+        w.write_header_to_file(path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        assert w.fout is not None
+        fout = w.fout[0]
+        w.write_padding(fout, fout.tell())
+        if progress:
+            progress("convert", 0, total)
+        for t in plan.tensors:
+            start = fout.tell()
+            if t.computed is not None:
+                fout.write(_encode(t.computed, t.qtype).tobytes())
+            else:
+                src = plan.ckpt.tensors[t.source]
+                for n in _stream_tensor(t, src, handles[src.path], fout, buf):
+                    done += n
+                    if progress:
+                        progress("convert", done, total)
+            if fout.tell() - start != t.nbytes:
+                raise TrimixError(f"tensor {t.name} took {fout.tell() - start} bytes, planned {t.nbytes} (report this)")
+            w.write_padding(fout, t.nbytes)
+        fout.flush()
+    except OSError as e:
+        raise TrimixError(f"writing {path} failed: {e.strerror or e} (is the disk full?)") from None
+    finally:
+        w.close()
+        for h in handles.values():
+            h.close()
+
+
+def _source_bytes(t: TensorPlan, src: SourceTensor) -> int:
+    """Bytes of ``src`` the output reads (all of it, except rows cut off the embedding)."""
+    return math.prod(t.shape) * (src.nbytes // max(math.prod(src.shape), 1))
+
+
+def _stream_tensor(t: TensorPlan, src: SourceTensor, handle: Any, fout: Any, buf: np.ndarray):
+    """Write one tensor slab by slab; yield the source bytes each slab consumed."""
+    rows = t.shape[0] if len(t.shape) > 1 else 1
+    row_elems = src.row_elems
+    align = t.head_dim or 1  # a permuted tensor is cut at head boundaries
+    per = max(align, SLAB_BYTES // 4 // max(row_elems, 1) // align * align)
+    item = src.nbytes // max(math.prod(src.shape), 1)
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        x = src.read_rows(handle, r0, r1, buf)
+        if t.head_dim:
+            k = (r1 - r0) // t.head_dim
+            x = x.reshape(k, 2, t.head_dim // 2, row_elems).swapaxes(1, 2).reshape(r1 - r0, row_elems)
+        if t.add_one:
+            x = x + np.float32(1.0)
+        if not math.isfinite(float(x.sum(dtype=np.float64))):
+            raise CheckpointError(
+                f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
+                "or was saved mid-divergence: download it again or use another checkpoint"
+            )
+        data = _encode(x if len(t.shape) > 1 else x.reshape(-1), t.qtype)
+        if t.qtype == T.F16 and not math.isfinite(float(data.sum(dtype=np.float64))):
+            raise CheckpointError(
+                f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
+            )
+        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        yield (r1 - r0) * row_elems * item
+
+
+def _encode(x: np.ndarray, qtype: T) -> np.ndarray:
+    if qtype == T.F32:
+        return x.astype(np.float32, copy=False)
+    if qtype == T.F16:
+        return x.astype(np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
