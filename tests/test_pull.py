@@ -420,3 +420,49 @@ def test_ctrl_c_during_install_leaves_nothing(bundle, offline, tmp_path):
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode()
     nothing_installed(offline)
+
+
+# Checkpoints: converted on the way in ------------------------------------------------------------
+
+
+def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_path: Path):
+    """Three tiny Qwen2 checkpoints as the Hub serves them (safetensors in bfloat16, config and
+    tokenizer files): pull converts each to the profile's type; the installed files generate the
+    same tokens as the same checkpoints converted locally, and the lock records the converter."""
+    from tinyckpt import write_checkpoint
+
+    from trimix_cpp.convert import convert_checkpoint
+
+    types = {"large_ins": "Q4_K_M", "small_cpt": "Q8_0", "small_base": "F16"}  # quantized by llama.cpp, direct, direct
+    local = []
+    (tmp_path / "local").mkdir()
+    for role in ROLES:
+        folder = write_checkpoint(tmp_path / "ckpt" / role, "qwen2", seed=SEEDS[role])
+        hub.add_repo(f"tiny/{role}-ckpt", {p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+        out = convert_checkpoint(folder, tmp_path / "local" / f"{role}.gguf", out_type=types[role].lower())
+        local += [f"--{role.replace('_', '-')}", str(out)]
+    m = Machine(tmp_path / "online", hub)
+    text = PROFILE.replace("tiny-", "ckpt-") + "".join(
+        f'\n[sources.{role}]\nrepo = "tiny/{role}-ckpt"\nrevision = "main"\ntype = "{types[role]}"\n' for role in ROLES
+    )
+    (m.profiles / "tiny.toml").write_text(text)
+    dry = m("models", "pull", "--lang", "tiny", "--dry-run")
+    assert dry.returncode == 0 and "convert to Q8_0" in dry.stderr.decode(), dry.stderr.decode()
+    r = m("models", "pull", "--lang", "tiny")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "fusable" in r.stdout.decode()
+    lock = json.loads((m.models / "tiny.lock.json").read_text())
+    for role in ROLES:
+        entry = lock["roles"][role]
+        assert entry["kind"] == "checkpoint" and entry["type"] == types[role]
+        assert entry["commit"] == hub.repos[f"tiny/{role}-ckpt"].commit
+        assert [f["name"] for f in entry["source_files"]] == ["model.safetensors"]
+        assert "converter" in entry["versions"]
+    assert sorted(p for p in m.installed()) == [
+        "ckpt-large-ins.gguf",
+        "ckpt-small-base.gguf",
+        "ckpt-small-cpt.gguf",
+        "tiny.lock.json",
+    ]
+    assert tokens(m, "--lang", "tiny") == tokens(m, *local)
+    assert "nothing to do" in m("models", "pull", "--lang", "tiny", HF_HUB_OFFLINE="1").stderr.decode()
