@@ -17,7 +17,7 @@ import trimix_cpp as tm
 from trimix_cpp.bundle import install_bundle, make_bundle
 from trimix_cpp.lock import lock_path, read_lock, verify_files, write_lock
 from trimix_cpp.profiles import find_profile, model_dirs
-from trimix_cpp.pull import PullPlan, plan_pull, run_pull
+from trimix_cpp.pull import PullPlan, parse_type_overrides, plan_pull, run_pull, save_user_profile, with_types
 
 from .common import Verbose, err, errors
 
@@ -77,6 +77,15 @@ def _print_plan(plan: PullPlan) -> None:
 
 def pull(
     lang: Lang,
+    type_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--type",
+            help="Convert to this GGUF type instead of the profile's (TYPE for every converted role, or "
+            "ROLE=TYPE; repeatable). The files are named after the type and the profile is updated to name "
+            "them (a shipped profile is first copied to your config folder).",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and size everything, fetch nothing.")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace files in the models folder that no lock file records.")
@@ -91,7 +100,8 @@ def pull(
     HF_ENDPOINT and HF_HUB_OFFLINE. Files go to $TRIMIX_MODELS or ~/.local/share/trimix/models.
     """
     with errors(verbose):
-        profile = find_profile(lang)
+        original = find_profile(lang)
+        profile = with_types(original, parse_type_overrides(type_ or [], original))
         with progress_bars() as progress:
             plan = plan_pull(profile, force=force, progress=progress)
         _print_plan(plan)
@@ -108,6 +118,9 @@ def pull(
             return
         with progress_bars() as progress:
             run_pull(plan, progress)
+        saved = save_user_profile(original, profile)
+        if saved is not None:
+            err.print(f"saved the profile with the new types to {escape(str(saved))}", soft_wrap=True)
         err.print(
             f"[green]installed[/] --lang {lang} in {escape(str(plan.models_dir))}; lock: "
             f"{escape(str(lock_path(plan.models_dir, profile.lang)))}",

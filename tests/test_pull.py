@@ -466,3 +466,12 @@ def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_pat
     ]
     assert tokens(m, "--lang", "tiny") == tokens(m, *local)
     assert "nothing to do" in m("models", "pull", "--lang", "tiny", HF_HUB_OFFLINE="1").stderr.decode()
+    # another type for one role: converted again, named after the type, and the profile updated to name it
+    r = m("models", "pull", "--lang", "tiny", "--type", "small-base=Q8_0", "--no-check")
+    assert r.returncode == 0, r.stderr.decode()
+    assert (m.models / "ckpt-small-base-Q8_0.gguf").is_file()
+    assert 'small_base = "ckpt-small-base-Q8_0.gguf"' in (m.profiles / "tiny.toml").read_text()
+    assert json.loads((m.models / "tiny.lock.json").read_text())["roles"]["small_base"]["type"] == "Q8_0"
+    assert len(tokens(m, "--lang", "tiny")) == 12
+    wrong = m("models", "pull", "--lang", "tiny", "--type", "Q9_9")
+    assert "unknown GGUF type 'Q9_9'" in one_error_line(wrong)

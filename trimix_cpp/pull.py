@@ -388,3 +388,98 @@ def _stat(path: Path) -> list[int]:
     from .lock import stat_key
 
     return stat_key(path)
+
+
+# --type: another GGUF type than the profile's -------------------------------------------------------
+
+
+def parse_type_overrides(values: list[str], profile: Profile) -> dict[str, str]:
+    """``--type TYPE`` (every converted role) or ``--type ROLE=TYPE``, checked against the profile."""
+    from .sources import normalize_type
+
+    out: dict[str, str] = {}
+    converted = [r for r in profile.models if r in profile.origins and profile.origins[r].kind == "checkpoint"]
+    for v in values:
+        role, sep, t = v.rpartition("=")
+        roles = [role.replace("-", "_")] if sep else converted
+        for r in roles:
+            if r not in profile.models:
+                raise TrimixError(f"--type {v}: profile {profile.lang} has no role {role!r}")
+            if r not in profile.origins or profile.origins[r].kind != "checkpoint":
+                raise TrimixError(
+                    f"--type {v}: {r} is not converted from a checkpoint (it is a published GGUF file or has no "
+                    "[sources] table), so its type is the file's"
+                )
+            out[r] = normalize_type(t)
+    if values and not out:
+        raise TrimixError(f"--type: profile {profile.lang} converts no checkpoint, so there is no type to choose")
+    return out
+
+
+def _renamed(name: str, old: str | None, new: str) -> str:
+    """The profile's file name with its type replaced (``X-Q8_0.gguf`` -> ``X-Q4_K_M.gguf``), or the
+    type added before ``.gguf`` when the name does not carry the old one."""
+    import re
+
+    if old and re.search(re.escape(old), name, flags=re.IGNORECASE):
+        return re.sub(re.escape(old), new, name, count=1, flags=re.IGNORECASE)
+    stem = name[: -len(".gguf")] if name.endswith(".gguf") else name
+    return f"{stem}-{new}.gguf"
+
+
+def with_types(profile: Profile, types: dict[str, str]) -> Profile:
+    """The profile as it reads with other types: each such role's file renamed after its type."""
+    from dataclasses import replace
+
+    models, origins = dict(profile.models), dict(profile.origins)
+    for role, t in types.items():
+        old = origins[role]
+        if old.type == t:
+            continue
+        models[role] = _renamed(models[role], old.type, t)
+        origins[role] = replace(old, type=t)
+    return replace(profile, models=models, origins=origins)
+
+
+def save_user_profile(original: Profile, changed: Profile) -> Path | None:
+    """Save ``changed``: over the original when it is the user's own file, else (a shipped profile) as
+    the user's profile, which shadows it. Only the lines of the changed ``[models]`` names and
+    ``[sources.ROLE]`` types are rewritten in the original text, and the result is read back and
+    compared. None when nothing changed."""
+    import os
+    import re
+
+    from .profiles import SHIPPED_DIR, load_profile, toml_string, user_profiles_dir
+
+    if changed.models == original.models and changed.origins == original.origins:
+        return None
+    lines = original.path.read_text(encoding="utf-8").splitlines(keepends=True)
+    table, out = "", []
+    for line in lines:
+        head = re.fullmatch(r"\s*\[([^\[\]]+)\]\s*(#.*)?\n?", line)
+        if head:
+            table = head[1].strip()
+        key = re.match(r"\s*([A-Za-z_]+)\s*=", line)
+        if key and table == "models" and key[1] in changed.models and changed.models[key[1]] != original.models[key[1]]:
+            line = f"{key[1]} = {toml_string(changed.models[key[1]])}\n"
+        elif key and key[1] == "type" and table.startswith("sources."):
+            role = table.split(".", 1)[1]
+            if role in changed.origins and changed.origins[role] != original.origins.get(role):
+                line = f"type = {toml_string(changed.origins[role].type or '')}\n"
+        out.append(line)
+    shipped = original.path.resolve().parent == SHIPPED_DIR.resolve()
+    dest = user_profiles_dir() / f"{original.lang}.toml" if shipped else original.path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text("".join(out), encoding="utf-8")
+        back = load_profile(tmp)
+        if back.models != changed.models or back.origins != changed.origins:
+            raise TrimixError(
+                f"could not rewrite {original.path} for the new types (its layout is unusual); copy it to {dest} "
+                "and change the [models] names and [sources] types by hand"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
