@@ -475,3 +475,109 @@ def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_pat
     assert len(tokens(m, "--lang", "tiny")) == 12
     wrong = m("models", "pull", "--lang", "tiny", "--type", "Q9_9")
     assert "unknown GGUF type 'Q9_9'" in one_error_line(wrong)
+
+
+# Split GGUF files --------------------------------------------------------------------------------
+
+
+def test_a_split_gguf_is_pulled_bundled_and_installed_as_its_parts(hub: HubStandIn, ggufs, tmp_path: Path):
+    published = tmp_path / "published"
+    published.mkdir()
+    first = write_tiny_llama(published / "model-q8_0.gguf", seed=SEEDS["small_cpt"], split_max_tensors=8)
+    parts = sorted(published.glob("model-q8_0-*.gguf"))
+    assert first == parts[0] and len(parts) == 3
+    hub.add_repo("tiny/split-GGUF", {p.name: p.read_bytes() for p in parts} | {"model-f16.gguf": b"GGUF other"})
+    m = Machine(tmp_path / "online", hub)
+    split = '\n[sources.small_cpt]\nrepo = "tiny/split-GGUF"\nrevision = "main"\ngguf = "model-q8_0-*.gguf"\n'
+    m.write_profile(small_cpt=split)
+    # the profile must name the first part, or llama.cpp would not find the others
+    line = one_error_line(m("models", "pull", "--lang", "tiny"))
+    assert "split in 3 parts" in line and "tiny-small-cpt-00001-of-00003.gguf" in line
+    profile = m.profiles / "tiny.toml"
+    profile.write_text(profile.read_text().replace("tiny-small-cpt.gguf", "tiny-small-cpt-00001-of-00003.gguf"))
+    r = m("models", "pull", "--lang", "tiny")
+    assert r.returncode == 0, r.stderr.decode()
+    names = [f"tiny-small-cpt-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    assert all((m.models / n).read_bytes() == p.read_bytes() for n, p in zip(names, parts))
+    lock = json.loads((m.models / "tiny.lock.json").read_text())
+    assert [f["name"] for f in lock["roles"]["small_cpt"]["files"]] == names
+    expected = tokens(
+        m,
+        "--large-ins",
+        str(m.models / "tiny-large-ins.gguf"),
+        "--small-cpt",
+        str(first),
+        "--small-base",
+        str(m.models / "tiny-small-base.gguf"),
+    )
+    assert tokens(m, "--lang", "tiny") == expected
+    out = tmp_path / "split.trimix.tar"
+    assert m("models", "bundle", "--lang", "tiny", "-o", str(out)).returncode == 0
+    offline = Machine(tmp_path / "offline", None)
+    r = offline("models", "install", str(out), HF_HUB_OFFLINE="1")
+    assert r.returncode == 0, r.stderr.decode()
+    assert all((offline.models / n).is_file() for n in names)
+    assert tokens(offline, "--lang", "tiny") == expected
+
+
+# The profile's [sources] tables, and the disk check ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "expect"),
+    [
+        ('repo = "a/b"\ntype = "Q8_0"\ngguf = "*.gguf"', "either type"),
+        ('repo = "a/b"', "either type"),
+        ('repo = "../b"\ntype = "Q8_0"', "repo must be a Hub repository id"),
+        ('repo = "a/b/c"\ntype = "Q8_0"', "repo must be a Hub repository id"),
+        ('repo = "a/b"\ntype = "Q7_X"', "unknown GGUF type 'Q7_X'"),
+        ('repo = "a/b"\nrevision = "../main"\ntype = "Q8_0"', "revision must be"),
+        ('repo = "a/b"\ngguf = "model.bin"', "gguf must be a file pattern ending in .gguf"),
+        ('repo = "a/b"\ntype = "Q8_0"\nbranch = "x"', "unknown key 'branch'"),
+        ('repo = "a/b"\ntype = 8', "type must be a string"),
+    ],
+)
+def test_bad_source_tables_are_one_line_naming_file_and_role(tmp_path: Path, table: str, expect: str):
+    from trimix_cpp.errors import TrimixError
+    from trimix_cpp.profiles import load_profile
+
+    path = tmp_path / "x.toml"
+    path.write_text(PROFILE + f"\n[sources.small_cpt]\n{table}\n")
+    with pytest.raises(TrimixError, match=r"x.toml: \[sources.small_cpt\]") as e:
+        load_profile(path)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_profiles_say_where_every_model_comes_from():
+    from trimix_cpp.profiles import SHIPPED_DIR, load_profile
+
+    for lang, code in (("bod", "bo"), ("uig", "ug"), ("kaz", "kk"), ("mvf", "mn")):
+        p = load_profile(SHIPPED_DIR / f"{lang}.toml")
+        assert p.origins["small_cpt"].repo == f"pkupie/Qwen2.5-1.5B-{code}-cpt"
+        assert p.origins["large_ins"].repo == "Qwen/Qwen2.5-7B-Instruct"
+        assert p.origins["small_base"].repo == "Qwen/Qwen2.5-1.5B"
+        assert p.origins["large_base"].repo == "Qwen/Qwen2.5-7B"
+        for role, src in p.origins.items():
+            # the type each file name says is the type it is converted to
+            assert src.kind == "checkpoint" and p.models[role].endswith(f"-{src.type}.gguf")
+
+
+def test_a_short_disk_stops_the_pull_before_any_download(machine: Machine, hub: HubStandIn, monkeypatch):
+    from trimix_cpp.errors import TrimixError
+    from trimix_cpp.profiles import find_profile
+    from trimix_cpp.pull import plan_pull, run_pull
+
+    machine.write_profile()
+    for k, v in machine.env.items():
+        if k.startswith(("HF_", "TRIMIX_", "XDG_")):
+            monkeypatch.setenv(k, v)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+    plan = plan_pull(find_profile("tiny"))
+    assert plan.needed_bytes == sum(len(hub.repos[f"tiny/{r}-GGUF"].files[f"{r}-q8_0.gguf"]) for r in ROLES)
+    plan.free_bytes = plan.needed_bytes - 1  # the disk as it would be one byte short
+    with pytest.raises(TrimixError, match="not enough disk"):
+        run_pull(plan)
+    assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)
+    assert machine.installed() == []

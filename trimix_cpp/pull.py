@@ -73,12 +73,15 @@ class PullPlan:
 
     @property
     def needed_bytes(self) -> int:
-        """Disk the pull needs at its peak: every result, plus the largest role's download and scratch
-        (a role's downloaded checkpoint is deleted once it is converted)."""
+        """Disk the pull still needs at its peak: what stays (a GGUF download is the result; a converted
+        checkpoint's result), plus the largest role's checkpoint download and conversion scratch (a
+        downloaded checkpoint is deleted once it is converted)."""
         fetch = self.to_fetch
         if not fetch:
             return 0
-        return sum(r.result_bytes for r in fetch) + max(r.download_bytes + r.scratch_bytes for r in fetch)
+        stays = sum(r.download_bytes if r.source.kind == "gguf" else r.result_bytes for r in fetch)
+        passing = max(0 if r.source.kind == "gguf" else r.download_bytes + r.scratch_bytes for r in fetch)
+        return stays + passing
 
 
 def _target(profile: Profile, role: str) -> str:
@@ -237,7 +240,7 @@ def plan_pull(
             fetch, targets = _select_gguf(snap, src, target)
             download = sum(_remaining(f, key / "src") for f in fetch)
             result = sum(f.size or 0 for f in fetch)
-            plans.append(RolePlan(role, src, targets, "fetch", snap, fetch, download, 0, 0))
+            plans.append(RolePlan(role, src, targets, "fetch", snap, fetch, download, 0, result))
         else:
             fetch = _select_checkpoint(snap)
             weights = sum(f.size or 0 for f in fetch if f.name.endswith(".safetensors"))
