@@ -268,10 +268,27 @@ def test_verify_names_the_file_that_differs(machine: Machine):
     data[-1] ^= 1
     target.write_bytes(bytes(data))
     listing = machine("models", "list").stdout.decode()
-    assert "small-base: pulled, changed" in listing.replace("\n", " ") or "changed" in listing
+    assert "small-cpt: pulled, verified; small-base: pulled, changed" in listing
     bad = machine("models", "verify", "--lang", "tiny")
     line = one_error_line(bad)
     assert "tiny-small-base.gguf differs from the lock" in line and "sha256" in line
+    # a file that no longer matches its lock is not bundled either
+    out = machine.root / "tiny.trimix.tar"
+    line = one_error_line(machine("models", "bundle", "--lang", "tiny", "-o", str(out)))
+    assert "does not match the sha256 its lock records" in line and not out.exists()
+    assert not list(machine.root.glob(".tiny.trimix.tar*"))
+
+
+def test_files_placed_by_hand_are_listed_as_such(tmp_path: Path, ggufs):
+    m = Machine(tmp_path / "hand", None)
+    m.models.mkdir(parents=True)
+    for role in ROLES:
+        (m.models / f"tiny-{role.replace('_', '-')}.gguf").write_bytes(ggufs[role])
+    (m.profiles / "tiny.toml").write_text(PROFILE)
+    row = next(ln for ln in m("models", "list").stdout.decode().splitlines() if "tiny" in ln)
+    assert "by hand" in row
+    line = one_error_line(m("models", "verify", "--lang", "tiny"))
+    assert "no lock file for --lang tiny" in line
 
 
 # Bundles ------------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ Every failure is one :class:`~trimix_cpp.errors.TrimixError` line naming the rep
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from .errors import TrimixError
 
 Progress = Callable[[str, int, int], None]
 CHUNK = 1 << 20
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 class HubError(TrimixError):
@@ -113,7 +116,11 @@ def _catching(repo: str, revision: str | None, fn: Callable):
         return fn()
     except hf_errors.HfHubHTTPError as e:
         raise hub_error(e, repo, revision) from None
-    except (hf_errors.OfflineModeIsEnabled, OSError, ValueError) as e:
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise TrimixError(f"{repo}: cannot write the download ({e.strerror}: {e.filename or ''})") from None
+        raise hub_error(e, repo, revision) from None
+    except (hf_errors.OfflineModeIsEnabled, ValueError) as e:
         raise hub_error(e, repo, revision) from None
     except Exception as e:  # httpx2's transport errors (connection refused, reset, timeout)
         if type(e).__module__.split(".")[0].startswith("httpx"):
@@ -128,7 +135,8 @@ def resolve(repo: str, revision: str) -> Snapshot:
     from huggingface_hub import HfApi
 
     info = _catching(repo, revision, lambda: HfApi().model_info(repo, revision=revision, files_metadata=True))
-    if not info.sha or info.siblings is None:
+    if not isinstance(info.sha, str) or not COMMIT.fullmatch(info.sha) or info.siblings is None:
+        # the commit names a folder here, so it must be what the Hub sends: 40 hexadecimal digits
         raise HubError(f"{repo}: the Hub's answer has no commit or file list ({endpoint()} is not a Hub endpoint?)")
     files = tuple(
         RemoteFile(
