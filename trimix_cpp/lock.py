@@ -265,13 +265,18 @@ def profile_roles_in_lock(profile: Profile, lock: Lock) -> dict[str, bool]:
 
 def provenance(profile: Profile) -> dict[str, str]:
     """For each role whose file is present: ``pulled``/``bundle`` with ``verified`` or ``changed``
-    (the lock beside the file records it; see :func:`quick_status`), or ``by hand`` (no lock records
-    it). Cheap: no file is read."""
+    (the lock beside the file records it; see :func:`quick_status`), ``shipped`` (it comes with
+    trimix: the demo trio), or ``by hand`` (no lock records it). Cheap: no file is read."""
+    from .profiles import PACKAGE_PREFIX, SHIPPED_DIR
+
     out: dict[str, str] = {}
     for role in profile.models:
         try:
             path = profile.locate(role)
         except TrimixError:
+            continue
+        if profile.models[role].startswith(PACKAGE_PREFIX) or path.resolve().is_relative_to(SHIPPED_DIR.resolve()):
+            out[role] = "shipped with trimix"
             continue
         try:
             lock = read_lock(path.parent, profile.lang)
