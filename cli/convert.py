@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -34,7 +34,7 @@ Threads = Annotated[int, typer.Option("--threads", help="Threads for llama.cpp's
 
 
 @contextmanager
-def _bars() -> Iterator[object]:
+def _bars() -> Iterator[Callable[[str, int, int], None]]:
     """Rich bars on stderr, one per stage as it starts: bytes read while converting, tensors while quantizing."""
     stages: dict[str, TaskID] = {}
     bytes_bar = Progress(
@@ -111,16 +111,28 @@ def quantize(
     """Quantize a GGUF file with llama.cpp's own quantizer (q4_k_m, q5_k_m, q6_k, q8_0, ...)."""
     with errors(verbose):
         _llama.set_verbose(verbose)
-        if allow_requantize and source.is_file():
-            types = quantized_tensor_types(source)
-            if types:
-                err.print(
-                    f"[yellow]warning:[/] {source} is already quantized ({', '.join(types)}); quantizing it again "
-                    "adds a second rounding error on top of the first (the f16 GGUF gives a better result)",
-                    soft_wrap=True,
-                )
         t0 = time.perf_counter()
-        with _bars() as progress:
+        warned = not allow_requantize
+
+        def warn_once() -> None:
+            # said when llama.cpp starts, i.e. once every check has passed, so a refused run prints one line
+            nonlocal warned
+            if not warned:
+                warned = True
+                types = quantized_tensor_types(source)
+                if types:
+                    err.print(
+                        f"[yellow]warning:[/] {source} is already quantized ({', '.join(types)}); quantizing it "
+                        "again adds a second rounding error on top of the first (the f16 GGUF gives a better result)",
+                        soft_wrap=True,
+                    )
+
+        with _bars() as bars:
+
+            def progress(stage: str, done: int, total: int) -> None:
+                warn_once()
+                bars(stage, done, total)
+
             path = quantize_gguf(
                 source,
                 output,

@@ -210,11 +210,17 @@ print(before, after)
 """
 
 
+@pytest.fixture(scope="module")
+def big_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("big")
+    return tinyckpt.write_checkpoint(root / "big", "llama3", hidden=1024, layers=2, tied=False, extra_rows=46_000)
+
+
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
-def test_peak_memory_is_a_few_slabs_not_the_model(tmp_path: Path, out_type: str) -> None:
+def test_peak_memory_is_a_few_slabs_not_the_model(big_ckpt: Path, tmp_path: Path, out_type: str) -> None:
     """A checkpoint of 200 MB (a 96 MB embedding among its tensors) converts in a few tens of MB above
     the interpreter's own footprint: the converter streams, it never holds a tensor whole."""
-    folder = tinyckpt.write_checkpoint(tmp_path / "big", "llama3", hidden=1024, layers=2, tied=False, extra_rows=46_000)
+    folder = big_ckpt
     size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     assert size > 190e6
     res = subprocess.run(
@@ -244,3 +250,19 @@ def test_no_torch_or_transformers_at_run_time(converted: dict[str, tuple[Path, P
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metadata_is_packed_exactly_as_gguf_writer_packs_it(converted: dict[str, tuple[Path, Path]]) -> None:
+    """The converter serializes the metadata section whole (fast for a large vocabulary); it must be the
+    bytes the ``gguf`` package's own writer produces, key by key."""
+    from trimix_cpp.convert.stream import pack_kv, plan_conversion
+
+    for case in ("qwen2-tied", "llama2", "gemma3"):
+        folder, _ = converted[case]
+        w = plan_conversion(folder, "q8_0").writer
+        theirs = b"".join(
+            w._pack_val(k, gguf.GGUFValueType.STRING, add_vtype=False)
+            + w._pack_val(v.value, v.type, add_vtype=True, sub_type=v.sub_type)
+            for k, v in w.kv_data[0].items()
+        )
+        assert pack_kv(w.kv_data[0]) == theirs
