@@ -10,8 +10,9 @@ to resolve a revision and download files, so the real client runs end to end in 
   ``X-Error-Code: RepoNotFound``, ``RevisionNotFound`` or ``EntryNotFound``.
 
 Faults to order: ``drop`` (send half a file, then close the connection, for a number of requests),
-``fail_after_drop`` (after the drops, answer 500 so the client gives up with half a file), and
-``corrupt`` (serve other bytes than the published hash describes).
+``fail_after_drop`` (after the drops, answer 500 so the client gives up with half a file),
+``corrupt`` (serve other bytes than the published hash describes), and ``stall`` (send half a
+file, then wait until ``release`` is set).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Faults:
     drop: dict[str, int] = field(default_factory=dict)  # file name -> connections still to cut
     fail_after_drop: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
+    stall: set[str] = field(default_factory=set)  # send half, then wait until `release` is set
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 class HubStandIn:
@@ -186,6 +189,13 @@ class HubStandIn:
                 if self.command == "HEAD":
                     return
                 body = data[start:]
+                if name in hub.faults.stall and not hub.faults.release.is_set():
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    hub.faults.release.wait(120)
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 if self.command == "GET" and dropping:
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()

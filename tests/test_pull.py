@@ -217,6 +217,36 @@ def test_interrupted_download_resumes_in_the_next_run(machine: Machine, hub: Hub
     assert not (machine.models / ".pull").exists()
 
 
+def test_ctrl_c_during_a_download_installs_nothing_and_the_next_run_resumes(machine: Machine, hub, ggufs):
+    machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
+    hub.faults.stall.add("big-q8_0.gguf")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trimix_cli.main", "models", "pull", "--lang", "tiny", "--no-check"],
+        env=machine.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        part = None
+        while part is None or part.stat().st_size == 0:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+            part = next((machine.models / p for p in machine.installed() if p.endswith(".part")), None)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        hub.faults.release.set()
+    assert proc.returncode == 130 and "interrupted" in err.decode(), err.decode()
+    assert not any(p.endswith((".gguf", ".lock.json")) and "/" not in p for p in machine.installed())
+    have = part.stat().st_size
+    hub.requests.clear()
+    r = machine("models", "pull", "--lang", "tiny", "--no-check")
+    assert r.returncode == 0, r.stderr.decode()
+    assert [rng for m, p, rng in hub.requests if m == "GET" and p.endswith("big-q8_0.gguf")] == [f"bytes={have}-"]
+    assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["big"]
+
+
 @pytest.mark.parametrize(
     ("override", "env", "expect"),
     [
@@ -598,3 +628,20 @@ def test_a_short_disk_stops_the_pull_before_any_download(machine: Machine, hub: 
         run_pull(plan)
     assert not any(m == "GET" and "/resolve/" in p for m, p, _ in hub.requests)
     assert machine.installed() == []
+
+
+def test_a_small_file_not_matching_its_git_blob_id_is_refused(hub: HubStandIn, tmp_path: Path):
+    """config.json and the tokenizer files are not LFS files: the Hub publishes only their git blob
+    id, and that is checked too."""
+    from tinyckpt import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "ckpt", "qwen2", seed=1)
+    hub.add_repo("tiny/ckpt", {p.name: p.read_bytes() for p in sorted(folder.iterdir())})
+    hub.faults.corrupt.add("config.json")
+    m = Machine(tmp_path / "online", hub)
+    (m.profiles / "tiny.toml").write_text(
+        PROFILE + '\n[sources.small_cpt]\nrepo = "tiny/ckpt"\nrevision = "main"\ntype = "Q8_0"\n'
+    )
+    line = one_error_line(m("models", "pull", "--lang", "tiny"))
+    assert "tiny/ckpt: config.json does not match its published git blob id" in line
+    assert not any(p.endswith((".gguf", ".lock.json")) and "/" not in p for p in m.installed())
