@@ -86,6 +86,13 @@ def pull(
             "them (a shipped profile is first copied to your config folder).",
         ),
     ] = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            help="Pull only this role (repeatable), e.g. all but large-base, which only --method trimix4 uses.",
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and size everything, fetch nothing.")] = False,
     force: Annotated[
         bool, typer.Option("--force", help="Replace files in the models folder that no lock file records.")
@@ -103,7 +110,8 @@ def pull(
         original = find_profile(lang)
         profile = with_types(original, parse_type_overrides(type_ or [], original))
         with progress_bars() as progress:
-            plan = plan_pull(profile, force=force, progress=progress)
+            roles = [r.replace("-", "_") for r in role] if role else None
+            plan = plan_pull(profile, roles=roles, force=force, progress=progress)
         _print_plan(plan)
         if dry_run:
             return

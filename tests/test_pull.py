@@ -183,6 +183,15 @@ def test_dry_run_fetches_nothing(machine: Machine, hub: HubStandIn, ggufs):
     assert machine.installed() == []
 
 
+def test_role_limits_the_pull(machine: Machine, hub: HubStandIn):
+    machine.write_profile()
+    r = machine("models", "pull", "--lang", "tiny", "--role", "small-cpt")
+    assert r.returncode == 0, r.stderr.decode()
+    assert machine.installed() == ["tiny-small-cpt.gguf", "tiny.lock.json"]
+    assert "not asked for" in r.stderr.decode()
+    assert "no such role" in one_error_line(machine("models", "pull", "--lang", "tiny", "--role", "large-base"))
+
+
 def test_dropped_connection_resumes_with_a_range_request(machine: Machine, hub: HubStandIn, ggufs):
     machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
     hub.faults.drop["big-q8_0.gguf"] = 1

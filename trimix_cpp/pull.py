@@ -192,15 +192,22 @@ def plan_pull(
     profile: Profile,
     models_dir: Path | None = None,
     *,
+    roles: list[str] | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> PullPlan:
-    """What the pull would do, resolving revisions on the Hub only for roles not already installed."""
+    """What the pull would do, resolving revisions on the Hub only for roles not already installed.
+    ``roles`` limits it to those (e.g. without the large base model only ``trimix4`` uses)."""
     models_dir = models_dir or install_dir()
-    roles_with_source = [r for r in profile.models if r in profile.origins]
-    skipped = {
-        r: (f"no [sources.{r}] table; place its file by hand") for r in profile.models if r not in profile.origins
-    }
+    for r in roles or []:
+        if r not in profile.models:
+            raise TrimixError(
+                f"--role {r}: profile {profile.lang} has no such role (it has {', '.join(profile.models)})"
+            )
+    wanted = [r for r in profile.models if roles is None or r in roles]
+    roles_with_source = [r for r in wanted if r in profile.origins]
+    skipped = {r: "not asked for (--role)" for r in profile.models if r not in wanted}
+    skipped |= {r: f"no [sources.{r}] table; place its file by hand" for r in wanted if r not in profile.origins}
     if not roles_with_source:
         raise TrimixError(
             f"profile {profile.lang} ({profile.path}) says where none of its models come from: add "
