@@ -4,6 +4,7 @@ the real CLI in subprocesses, and real llama.cpp generating from what was instal
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -143,8 +144,6 @@ def test_full_pull_then_generate_and_idempotent_offline(machine: Machine, hub: H
         "tiny.lock.json",
     ]
     lock = json.loads((machine.models / "tiny.lock.json").read_text())
-    import hashlib
-
     for role in ROLES:
         entry = lock["roles"][role]
         assert entry["repo"] == f"tiny/{role}-GGUF" and entry["revision"] == "main"
@@ -512,7 +511,10 @@ def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_pat
         entry = lock["roles"][role]
         assert entry["kind"] == "checkpoint" and entry["type"] == types[role]
         assert entry["commit"] == hub.repos[f"tiny/{role}-ckpt"].commit
-        assert [f["name"] for f in entry["source_files"]] == ["model.safetensors"]
+        published = hub.repos[f"tiny/{role}-ckpt"].files
+        assert {f["name"]: f["sha256"] for f in entry["source_files"]} == {
+            name: hashlib.sha256(data).hexdigest() for name, data in published.items()
+        }
         assert "converter" in entry["versions"]
     assert sorted(p for p in m.installed()) == [
         "ckpt-large-ins.gguf",

@@ -21,7 +21,7 @@ import fnmatch
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import hub
@@ -314,9 +314,6 @@ def _build(plan: RolePlan, models_dir: Path, progress: Progress | None) -> tuple
     key = _key_dir(models_dir, snap)
     src_dir, out_dir = key / "src", key / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = [
-        FileRecord(f.name, f.size or 0, f.sha256 or "") for f in plan.fetch if f.sha256 is not None
-    ]  # LFS files carry a sha256; small files were checked against their git blob id
     src = plan.source
     if src.kind == "gguf":
         results = []
@@ -327,17 +324,25 @@ def _build(plan: RolePlan, models_dir: Path, progress: Progress | None) -> tuple
                 got.replace(staged)
             # the download matched the published sha256, which is therefore the result's
             results.append(FileRecord(target, staged.stat().st_size, rf.sha256 or sha256_file(staged, progress)))
+        sources = [FileRecord(rf.name, r.size, r.sha256) for rf, r in zip(plan.fetch, results)]
     else:
         staged = out_dir / plan.targets[0]
         marker = staged.with_name(staged.name + ".json")
-        if not (staged.is_file() and marker.is_file()):
-            for rf in plan.fetch:
-                hub.download(snap, rf, src_dir / rf.name, progress)
+        mark = json.loads(marker.read_text()) if marker.is_file() and staged.is_file() else {}
+        if mark.get("type") != src.type:  # not converted yet, or by an earlier run for another type
+            paths = [hub.download(snap, rf, src_dir / rf.name, progress) for rf in plan.fetch]
+            # every source file's sha256 for the lock: published for LFS files, computed for the small
+            # ones (which were checked against their git blob id)
+            sources = [
+                FileRecord(rf.name, p.stat().st_size, rf.sha256 or sha256_file(p)) for rf, p in zip(plan.fetch, paths)
+            ]
             _convert(src_dir, staged, src.type or "F16", plan.role, progress)
             digest = sha256_file(staged, progress, f"hashing {staged.name}")
-            marker.write_text(json.dumps({"sha256": digest, "size": staged.stat().st_size}))
+            mark = {"type": src.type, "sha256": digest, "size": staged.stat().st_size}
+            mark["sources"] = [asdict(f) for f in sources]
+            marker.write_text(json.dumps(mark))
             remove_tree(src_dir)  # the checkpoint is converted: free its space for the next role
-        mark = json.loads(marker.read_text())
+        sources = [FileRecord(**f) for f in mark["sources"]]
         results = [FileRecord(staged.name, int(mark["size"]), str(mark["sha256"]))]
     lock = RoleLock(
         role=plan.role,
