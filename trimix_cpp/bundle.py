@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from .errors import TrimixError
-from .installer import commit_moves, remove_tree, scratch_dir, sigint_held
+from .installer import commit_moves, free_bytes, remove_tree, scratch_dir, sigint_held
 from .lock import (
     CHUNK,
     FILE_NAME,
@@ -263,6 +263,12 @@ def install_bundle(
         manifest, lock = _read_manifest(tar, where)
         expected = {f"models/{f.name}": f for f in lock.files()}
         prof_name = manifest["profile"]["name"]
+        need, free = sum(f.size for f in lock.files()), free_bytes(models_dir)
+        if need > free:
+            raise BundleError(
+                f"not enough disk in {models_dir}: the bundle holds {need / 2**30:.2f} GiB and "
+                f"{free / 2**30:.2f} GiB are free; free some space or set $TRIMIX_MODELS to a larger disk"
+            )
         scratch = scratch_dir(models_dir, "install")
         seen: set[str] = set()
         while (m := tar.next()) is not None:  # one pass over the stream (iterating would start over)
@@ -288,6 +294,10 @@ def install_bundle(
         return _commit(lock, scratch, models_dir, prof_name, force)
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"{where} is truncated or damaged ({e}); nothing installed") from None
+    except OSError as e:
+        if e.errno is None or e.filename is None:
+            raise
+        raise BundleError(f"cannot install into {models_dir}: {e.strerror} ({e.filename}); nothing installed") from None
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()

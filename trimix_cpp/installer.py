@@ -71,5 +71,13 @@ def commit_moves(moves: list[tuple[Path, Path]], backup_dir: Path) -> None:
         ) from None
 
 
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds ``path`` (or would: the nearest folder that exists)."""
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

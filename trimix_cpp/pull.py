@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 from . import hub
 from .errors import TrimixError
-from .installer import commit_moves, remove_tree, sigint_held
+from .installer import commit_moves, free_bytes, remove_tree, sigint_held
 from .lock import FileRecord, Lock, RoleLock, now, quick_status, read_lock, sha256_file, verify_files, write_lock
 from .profiles import PACKAGE_PREFIX, Profile, install_dir
 from .sources import BITS_PER_WEIGHT, Source, part_name, split_parts
@@ -179,13 +178,6 @@ def _remaining(rf: hub.RemoteFile, folder: Path) -> int:
         return 0
     part = folder / (name + ".part")
     return max(0, (rf.size or 0) - (part.stat().st_size if part.is_file() else 0))
-
-
-def free_bytes(path: Path) -> int:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
 
 
 def plan_pull(
