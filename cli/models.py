@@ -14,6 +14,7 @@ from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
+from trimix_cpp.lock import provenance, summarize
 from trimix_cpp.modelinfo import kv_cache_bytes
 from trimix_cpp.profiles import (
     OPTIONAL_ROLES,
@@ -27,6 +28,7 @@ from trimix_cpp.profiles import (
 )
 
 from . import convert as convert_cmd
+from . import pull as pull_cmds
 from .common import Verbose, err, errors
 from .options import TrimixGroup
 
@@ -36,6 +38,7 @@ app = typer.Typer(
 app.command("convert")(convert_cmd.convert)
 app.command("quantize")(convert_cmd.quantize)
 out = Console()
+pull_cmds.register(app)  # pull, verify, bundle, install
 
 
 def _file_mark(profile: Profile, role: str) -> str:
@@ -55,11 +58,11 @@ def list_cmd(verbose: Verbose = False) -> None:
     with errors(verbose):
         profiles, problems = all_profiles()
         table = Table(title="trimix profiles (--lang CODE)", title_justify="left")
-        for col in ("lang", "name", "model files", "profile"):
+        for col in ("lang", "name", "model files", "installed", "profile"):
             table.add_column(col, overflow="fold")
         for p in profiles:
             files = " ".join(_file_mark(p, r) for r in p.models)
-            table.add_row(p.lang, p.name, files, _short(p.path))
+            table.add_row(p.lang, p.name, files, summarize(provenance(p)), _short(p.path))
         out.print(table)
         for line in problems:
             err.print(f"[yellow]warning:[/] {escape(line)}", soft_wrap=True)

@@ -29,9 +29,7 @@ def _python_prefix_ok(data: bytes) -> bool:
         return True
     if not _python_incremental_ok(data):
         return False
-    return any(
-        _decodes(data + bytes([first]) + b"\x80" * (k - 1)) for k in (1, 2, 3) for first in range(0x80, 0xC0)
-    )
+    return any(_decodes(data + bytes([first]) + b"\x80" * (k - 1)) for k in (1, 2, 3) for first in range(0x80, 0xC0))
 
 
 def _python_incremental_ok(data: bytes) -> bool:

@@ -58,12 +58,15 @@ def write_tiny_llama(
     n_pad: int = 0,
     swap: tuple[int, int] | None = None,
     logit_scale: float = 1.0,
+    split_max_tensors: int = 0,
 ) -> Path:
-    """Write a random llama model to ``path``; different seeds give different models."""
+    """Write a random llama model to ``path``; different seeds give different models. With
+    ``split_max_tensors`` the model is split in parts of that many tensors, named as llama.cpp's
+    split files are (``STEM-00001-of-0000N.gguf``, ...), and the first part's path is returned."""
     tokens, scores, types = vocabulary(n_pad, swap)
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name(f"tiny-llama-{seed}")
     w.add_context_length(n_ctx)
     w.add_embedding_length(n_embd)
@@ -105,6 +108,8 @@ def write_tiny_llama(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return path.with_name(f"{path.stem}-00001-of-{len(w.tensors):05d}.gguf")
     return path
 
 

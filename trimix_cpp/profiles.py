@@ -16,16 +16,21 @@ A profile is a small TOML file::
     small_cpt = "Qwen2.5-1.5B-bo-cpt-Q8_0.gguf"
     small_base = "Qwen2.5-1.5B-Q8_0.gguf"
 
-    [sources]                  # where each model comes from, for the message when a file is missing
-    small_cpt = "pkupie/Qwen2.5-1.5B-bo-cpt (convert as models/README.md explains)"
+    [sources.small_cpt]        # where each model comes from (trimix_cpp.sources; trimix models pull)
+    repo = "pkupie/Qwen2.5-1.5B-bo-cpt"
+    revision = "main"
+    type = "Q8_0"
 
 ``--lang CODE`` reads ``CODE.toml`` from the first of: ``$TRIMIX_PROFILES``, the user's config
 folder (``$XDG_CONFIG_HOME/trimix/profiles``, default ``~/.config/trimix/profiles``), and the
 profiles shipped with trimix (the repository's ``models/`` folder, installed as the ``trimix_models``
 package so that a wheel carries the profiles and the demo trio's two small GGUF files). A model file
-name resolves against ``$TRIMIX_MODELS``, then the profile's own folder; ``package:NAME/FILE`` names a
+name resolves against ``$TRIMIX_MODELS``, then the user's models folder (``$XDG_DATA_HOME/trimix/models``,
+default ``~/.local/share/trimix/models``, where ``trimix models pull`` and ``install`` put files),
+then the profile's own folder; ``package:NAME/FILE`` names a
 file inside one of the model packages trimix knows (:data:`trimix_cpp.packaged.MODEL_PACKAGES`), found
-through the package's installed file list without importing it. Nothing is ever downloaded.
+through the package's installed file list without importing it. Nothing is downloaded while a
+profile is read: only ``trimix models pull`` fetches.
 
 A profile is read from any folder in ``$TRIMIX_PROFILES``, so every field is checked before use: the
 language code is a plain word (it becomes a file name), the name has no control characters (it is
@@ -47,6 +52,7 @@ from pathlib import Path
 from .errors import ModelFileError, TrimixError
 from .fusion import LARGE_BASE, METHODS, ROLES
 from .packaged import check_package_ref, package_file
+from .sources import Source, read_sources
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,9 +100,22 @@ def search_dirs() -> list[Path]:
     return [*dirs, user_profiles_dir(), SHIPPED_DIR]
 
 
+def data_models_dir() -> Path:
+    """The user's models folder under the XDG data folder."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "trimix" / "models"
+
+
 def model_dirs() -> list[Path]:
+    """Folders a model file name is looked up in, before the profile's own folder."""
     env = os.environ.get("TRIMIX_MODELS")
-    return [Path(p) for p in env.split(os.pathsep) if p] if env else []
+    dirs = [Path(p) for p in env.split(os.pathsep) if p] if env else []
+    return [*dirs, data_models_dir()]
+
+
+def install_dir() -> Path:
+    """Where pulled and installed files go: the first ``$TRIMIX_MODELS`` folder, else the XDG one."""
+    return model_dirs()[0]
 
 
 @dataclass
@@ -113,6 +132,7 @@ class Profile:
     template: str = "{prompt}"
     stop: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
+    origins: dict[str, Source] = field(default_factory=dict)
 
     def format_prompt(self, text: str) -> str:
         return self.template.replace("{prompt}", text)
@@ -230,8 +250,8 @@ def load_profile(path: Path) -> Profile:
     stop = prof.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise TrimixError(f"{path}: stop must be a list of strings")
-    sources = data.get("sources", {})
     lang = check_lang(_field(prof, "lang", str, path, path.stem), f"{path}: lang")
+    origins, sources = read_sources(data.get("sources", {}), path, models, lang)
     return Profile(
         lang=lang,
         name=check_name(_field(prof, "name", str, path, lang), f"{path}: name"),
@@ -244,7 +264,8 @@ def load_profile(path: Path) -> Profile:
         n_ctx=n_ctx,
         template=template,
         stop=list(stop),
-        sources={k: str(v) for k, v in sources.items()} if isinstance(sources, dict) else {},
+        sources=sources,
+        origins=origins,
     )
 
 
