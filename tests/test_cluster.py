@@ -24,13 +24,14 @@ needs_data = pytest.mark.skipif(
     not (SHARED / "milic-eval").is_dir(), reason=f"no shared MiLiC-Eval files at {SHARED} (set TRIMIX_SHARED_DATA)"
 )
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]
+ITEMS = 4
 
 
 def eval_args(out: Path, limit: int) -> list[str]:
     """A small real run: the demo trio on MiLiC-Eval's Uyghur dialogue translation, read in place."""
     task = f"milic:{SHARED / 'milic-eval'}:translation_dialogue:ug"
-    methods = "large-ins,small-cpt,proxy,trimix-ppl,trimix-ppl-task"
-    common = ["--lang", "demo", "--shots", "2", "-n", "8", "--calibration-n", "3", "--threads", "1", *GRID]
+    methods = "large-ins,proxy,trimix-ppl-task"  # a per-task calibration too: a worker computes it
+    common = ["--lang", "demo", "--shots", "1", "-n", "6", "--calibration-n", "2", "--threads", "1", *GRID]
     return [task, "--out", str(out), "--limit", str(limit), "--methods", methods, *common]
 
 
@@ -125,7 +126,7 @@ def cluster():
 def local_run(tmp_path_factory):
     """The reference: the same evaluation without Ray."""
     out = tmp_path_factory.mktemp("local") / "run"
-    r = trimix("eval", *eval_args(out, 6))
+    r = trimix("eval", *eval_args(out, ITEMS))
     assert r.returncode == 0, r.stderr.decode()
     return out
 
@@ -149,13 +150,24 @@ def wait_for_lines(out: Path, n: int, proc: subprocess.Popen, timeout: float = 3
 
 
 @needs_ray
+def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_trio):
+    task = tmp_path / "t.jsonl"
+    task.write_text(json.dumps({"id": "1", "input": "the cat", "gold": "x"}) + "\n")
+    args = ["--large-ins", str(tiny_trio["large_ins"]), "--methods", "large-ins", "--out", str(tmp_path / "run")]
+    r = trimix("eval", str(task), *args, "--ray", "127.0.0.1:1", "--workers", "1")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "nothing answers at --ray 127.0.0.1:1" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@needs_ray
 @needs_data
 def test_two_workers_give_the_local_predictions_and_scores(cluster, local_run, tmp_path):
     out = tmp_path / "run"
-    r = trimix("eval", *eval_args(out, 6), "--ray", cluster, "--workers", "2")
+    r = trimix("eval", *eval_args(out, ITEMS), "--ray", cluster, "--workers", "2")
     assert r.returncode == 0, r.stderr.decode()
     local = by_key(records(local_run))
-    assert len(local) == 6 * 5
+    assert len(local) == ITEMS * 3
     assert by_key(records(out)) == local
     assert scores(out) == scores(local_run)
     # the per-task calibration was computed by a worker and written by the driver, as a local run writes it
@@ -170,7 +182,7 @@ def test_two_workers_give_the_local_predictions_and_scores(cluster, local_run, t
 @needs_data
 def test_a_worker_killed_in_the_middle_loses_and_duplicates_nothing(cluster, local_run, tmp_path):
     out = tmp_path / "run"
-    proc = start([*eval_args(out, 6), "--ray", cluster, "--workers", "2"])
+    proc = start([*eval_args(out, ITEMS), "--ray", cluster, "--workers", "2"])
     try:
         seen = wait_for_lines(out, 1, proc)
         actor = ray.get_actor(f"trimix-eval-{proc.pid}-0", namespace="trimix")
@@ -180,7 +192,8 @@ def test_a_worker_killed_in_the_middle_loses_and_duplicates_nothing(cluster, loc
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err.decode()
-    assert seen < 6 * 5, "the run had finished before the kill"
+    assert seen < ITEMS * 3, "the run had finished before the kill"
+    assert "worker 0 on " in err.decode() and "died holding" in err.decode(), err.decode()
     assert by_key(records(out)) == by_key(records(local_run))  # every item exactly once, the same answers
     assert scores(out) == scores(local_run)
 
@@ -189,7 +202,7 @@ def test_a_worker_killed_in_the_middle_loses_and_duplicates_nothing(cluster, loc
 @needs_data
 def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local_run, tmp_path):
     out = tmp_path / "run"
-    args = [*eval_args(out, 6), "--ray", cluster, "--workers", "2"]
+    args = [*eval_args(out, ITEMS), "--ray", cluster, "--workers", "2"]
     proc = start(args)
     try:
         wait_for_lines(out, 1, proc)
@@ -201,7 +214,7 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode()
     kept = by_key(records(out))
-    assert 0 < len(kept) < 6 * 5
+    assert 0 < len(kept) < ITEMS * 3
     reference = by_key(records(local_run))
     assert all(reference[k] == v for k, v in kept.items())
     for k in range(2):  # the workers are gone with the driver's Ctrl-C

@@ -43,7 +43,7 @@ from ..errors import TrimixError
 from ..fusion import ROLES
 from ..loading import LoadOptions
 from ..selection import Selector
-from .run import LocalBackend, OpenBackend, RunnerSettings
+from .run import LocalBackend, OpenBackend, Reporter, RunnerSettings
 from .rundir import file_sha256
 from .runner import MethodSpec, Runner, Task
 
@@ -231,8 +231,10 @@ class RayBackend:
         models: Mapping[str, dict],
         settings: RunnerSettings,
         cluster: ClusterOptions,
+        report: Reporter | None = None,
     ) -> None:
         self.cluster = cluster
+        self.report = report
         self.actors: list[Any] = []
         self.nodes: list[str] = []
         if cluster.address is None:
@@ -262,7 +264,7 @@ class RayBackend:
         ray, c = self._ray, self.cluster
         need = c.workers * c.threads
         if not ray.is_initialized():
-            quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "namespace": NAMESPACE}
+            quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "namespace": NAMESPACE}
             try:
                 if c.address is None:
                     ray.init(
@@ -272,6 +274,7 @@ class RayBackend:
                         **quiet,
                     )
                 else:
+                    _reachable(c.address)
                     ray.init(address=c.address, **quiet)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {c.address}" if c.address else "a local Ray instance"
@@ -408,6 +411,12 @@ class RayBackend:
                 )
         queue.extendleft(reversed(sorted(mine)))
         self._alive[k] = self._probe(k)
+        if self.report is not None:
+            then = "Ray restarted it" if self._alive[k] else "the run goes on without it"
+            self.report.warning(
+                f"worker {k} on {self.nodes[k]} died holding {len(mine)} item(s) of {task.name}: they run again "
+                f"({then})"
+            )
 
     def _probe(self, k: int, timeout: float = 120.0) -> bool:
         """Whether worker ``k`` answers again (Ray restarts a dead actor up to MAX_RESTARTS times)."""
@@ -443,6 +452,23 @@ class RayBackend:
             self._own_init = False
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A one-line error when nothing answers at ``HOST:PORT`` (Ray itself would wait on it for minutes)."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ClusterError(f"--ray {address}: give HOST:PORT of the cluster's head (or ray://HOST:PORT, auto, local)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(
+            f"nothing answers at --ray {address} ({e.strerror or e}): start the cluster with `ray start --head` on "
+            "that node, or check the address it printed"
+        ) from None
+
+
 def _todo(log: Any, task: Task, item: Any, methods: Sequence[MethodSpec]) -> list[MethodSpec]:
     return [m for m in methods if not log.done(task.name, item.id, m.name)]
 
@@ -456,9 +482,13 @@ def ray_backend(cluster: ClusterOptions):
     """The ``backend`` argument of :func:`~trimix_cpp.evaluation.run.run_evaluation` for a cluster run."""
 
     def open_backend(
-        paths: Mapping[str, Path], options: LoadOptions, models: Mapping[str, dict], settings: RunnerSettings
+        paths: Mapping[str, Path],
+        options: LoadOptions,
+        models: Mapping[str, dict],
+        settings: RunnerSettings,
+        report: Reporter,
     ) -> RayBackend:
-        return RayBackend(paths, options, models, settings, cluster)
+        return RayBackend(paths, options, models, settings, cluster, report)
 
     return open_backend
 

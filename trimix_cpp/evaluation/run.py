@@ -120,8 +120,9 @@ class Backend(Protocol):
 
 
 # How a backend is opened: (model paths by role, load options, the manifest's model entries,
-# the runner's settings) -> an open backend. ``LocalBackend`` is the default.
-OpenBackend = Callable[[Mapping[str, Path], LoadOptions, Mapping[str, dict], "RunnerSettings"], Backend]
+# the runner's settings, the reporter for what a person should know) -> an open backend.
+# ``LocalBackend`` is the default.
+OpenBackend = Callable[[Mapping[str, Path], LoadOptions, Mapping[str, dict], "RunnerSettings", "Reporter"], Backend]
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,12 @@ class LocalBackend:
     calibrator = None
 
     def __init__(
-        self, paths: Mapping[str, Path], options: LoadOptions, models: Mapping[str, dict], settings: RunnerSettings
+        self,
+        paths: Mapping[str, Path],
+        options: LoadOptions,
+        models: Mapping[str, dict],
+        settings: RunnerSettings,
+        report: Reporter,
     ) -> None:
         self.engine: Engine | None = Engine(paths, options)
         self.n_ctx = self.engine.n_ctx
@@ -255,7 +261,7 @@ def run_evaluation(
         )
         run.save()
         rs = RunnerSettings(settings, tuple(ga), tuple(gb), cfg.calibration_n, cfg.calibration_seed, cfg.draft)
-        where = backend(paths, options, models, rs)
+        where = backend(paths, options, models, rs, report)
         try:
             room = where.n_ctx - settings.max_tokens - 8
             if room < 16:
