@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from test_errors import trimix
 
+from trimix_cpp.evaluation.cluster import worker_name
 from trimix_cpp.evaluation.rundir import MANIFEST, PREDICTIONS, RunDir, file_sha256, model_identity
 
 SHARED = Path(os.environ.get("TRIMIX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -180,20 +181,27 @@ def test_two_workers_give_the_local_predictions_and_scores(cluster, local_run, t
 
 @needs_ray
 @needs_data
-def test_a_worker_killed_in_the_middle_loses_and_duplicates_nothing(cluster, local_run, tmp_path):
+@pytest.mark.parametrize("how", ["node lost", "process killed"])
+def test_a_worker_killed_in_the_middle_loses_and_duplicates_nothing(cluster, local_run, tmp_path, how):
     out = tmp_path / "run"
     proc = start([*eval_args(out, ITEMS), "--ray", cluster, "--workers", "2"])
     try:
         seen = wait_for_lines(out, 1, proc)
-        actor = ray.get_actor(f"trimix-eval-{proc.pid}-0", namespace="trimix")
-        ray.kill(actor, no_restart=True)  # the process ends at once, as on a lost node
+        actor = ray.get_actor(worker_name(0, proc.pid), namespace="trimix")
+        if how == "node lost":
+            ray.kill(actor, no_restart=True)  # gone for good: the other worker takes its items
+        else:
+            pid = ray.get(actor.pid.options(concurrency_group="probe").remote(), timeout=60)
+            os.kill(pid, signal.SIGKILL)  # a crash: Ray restarts the worker, which checks and loads again
         _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err.decode()
+    err = err.decode()
+    assert proc.returncode == 0, err
     assert seen < ITEMS * 3, "the run had finished before the kill"
-    assert "worker 0 on " in err.decode() and "died holding" in err.decode(), err.decode()
+    assert "worker 0 on " in err and "died holding" in err, err
+    assert ("the run goes on without it" if how == "node lost" else "Ray restarted it") in err, err
     assert by_key(records(out)) == by_key(records(local_run))  # every item exactly once, the same answers
     assert scores(out) == scores(local_run)
 
@@ -219,7 +227,7 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
     assert all(reference[k] == v for k, v in kept.items())
     for k in range(2):  # the workers are gone with the driver's Ctrl-C
         with pytest.raises(ValueError):
-            ray.get_actor(f"trimix-eval-{proc.pid}-{k}", namespace="trimix")
+            ray.get_actor(worker_name(k, proc.pid), namespace="trimix")
     r = trimix("eval", *args)
     assert r.returncode == 0, r.stderr.decode()
     assert by_key(records(out)) == reference

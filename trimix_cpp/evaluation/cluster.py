@@ -47,8 +47,9 @@ from .run import LocalBackend, OpenBackend, Reporter, RunnerSettings
 from .rundir import file_sha256
 from .runner import MethodSpec, Runner, Task
 
-NAMESPACE = "trimix"  # the Ray namespace of the workers (named trimix-eval-<driver pid>-<k>)
+NAMESPACE = "trimix"  # the Ray namespace of the workers (see worker_name)
 IN_FLIGHT = 2  # items a worker holds at once
+PROBE = "probe"  # a worker's concurrency group for pid(), apart from its items
 MAX_RESTARTS = 2  # Ray restarts a dead worker this many times before the run does without it
 MAX_ATTEMPTS = 3  # workers an item may take down before the run stops on it
 LOCAL_OBJECT_STORE = 100 << 20  # a local instance's object store: records are small
@@ -206,7 +207,14 @@ class Worker:
             return "error", str(e)
 
     def pid(self) -> int:
+        """This worker's process id; call it in the ``probe`` concurrency group to get an answer while
+        an item runs (the driver uses it to learn whether Ray restarted a dead worker)."""
         return os.getpid()
+
+
+def worker_name(k: int, pid: int | None = None) -> str:
+    """The Ray name of a driver's worker ``k`` (in namespace ``trimix``), to find it with ``ray.get_actor``."""
+    return f"trimix-eval-{socket.gethostname()}-{os.getpid() if pid is None else pid}-{k}"
 
 
 def _reference(paths: Mapping[str, Path]) -> Path:
@@ -299,11 +307,12 @@ class RayBackend:
         for k in range(c.workers):
             self.actors.append(
                 actor.options(
-                    name=f"trimix-eval-{os.getpid()}-{k}",
+                    name=worker_name(k),
                     namespace=NAMESPACE,
                     num_cpus=c.threads,
                     max_restarts=MAX_RESTARTS,
                     max_task_retries=0,  # the driver reschedules lost items itself (and drops duplicates)
+                    concurrency_groups={PROBE: 1},  # pid() answers while an item runs
                 ).remote(strpaths, options, dict(models), settings)
             )
         answers = self._wait_all([a.start.remote() for a in self.actors])
@@ -421,7 +430,7 @@ class RayBackend:
     def _probe(self, k: int, timeout: float = 120.0) -> bool:
         """Whether worker ``k`` answers again (Ray restarts a dead actor up to MAX_RESTARTS times)."""
         ray = self._ray
-        ref = self.actors[k].pid.remote()
+        ref = self.actors[k].pid.options(concurrency_group=PROBE).remote()
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             ready, _ = ray.wait([ref], timeout=1.0)
@@ -502,4 +511,5 @@ __all__ = [
     "check_model_files",
     "cluster_options",
     "ray_backend",
+    "worker_name",
 ]
