@@ -302,7 +302,7 @@ class RayBackend:
         self, paths: Mapping[str, Path], options: LoadOptions, models: Mapping[str, dict], settings: RunnerSettings
     ) -> None:
         ray, c = self._ray, self.cluster
-        actor = ray.remote(Worker)
+        actor = ray.remote(concurrency_groups={PROBE: 1})(Worker)  # pid() answers while an item runs
         strpaths = {r: str(Path(p).resolve()) for r, p in paths.items()}
         for k in range(c.workers):
             self.actors.append(
@@ -312,7 +312,6 @@ class RayBackend:
                     num_cpus=c.threads,
                     max_restarts=MAX_RESTARTS,
                     max_task_retries=0,  # the driver reschedules lost items itself (and drops duplicates)
-                    concurrency_groups={PROBE: 1},  # pid() answers while an item runs
                 ).remote(strpaths, options, dict(models), settings)
             )
         answers = self._wait_all([a.start.remote() for a in self.actors])
@@ -427,19 +426,35 @@ class RayBackend:
                 f"({then})"
             )
 
-    def _probe(self, k: int, timeout: float = 120.0) -> bool:
-        """Whether worker ``k`` answers again (Ray restarts a dead actor up to MAX_RESTARTS times)."""
+    def _probe(self, k: int, restart_s: float = 120.0, dead_s: float = 15.0) -> bool:
+        """Whether worker ``k`` answers again (Ray restarts a dead actor up to MAX_RESTARTS times).
+
+        A call made before Ray has seen the death fails like one to an actor gone for good, so the
+        question is asked again: the worker counts as gone after ``dead_s`` of such answers, or when
+        it has not answered within ``restart_s`` (a restart that never finishes).
+        """
         ray = self._ray
-        ref = self.actors[k].pid.options(concurrency_group=PROBE).remote()
-        end = time.monotonic() + timeout
+        end = time.monotonic() + restart_s
+        dead_since: float | None = None
         while time.monotonic() < end:
-            ready, _ = ray.wait([ref], timeout=1.0)
-            if ready:
-                try:
-                    ray.get(ref)
-                    return True
-                except ray.exceptions.RayError:
+            ref = self.actors[k].pid.options(concurrency_group=PROBE).remote()
+            while True:
+                ready, _ = ray.wait([ref], timeout=1.0)
+                if ready or time.monotonic() >= end:
+                    break
+            if not ready:
+                return False
+            try:
+                ray.get(ref)
+                return True
+            except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                dead_since = None
+            except ray.exceptions.RayActorError:
+                now = time.monotonic()
+                dead_since = now if dead_since is None else dead_since
+                if now - dead_since >= dead_s:
                     return False
+            time.sleep(0.5)
         return False
 
     # -- closing ------------------------------------------------------------------------------------
