@@ -263,7 +263,7 @@ class RayBackend:
             raise
         self._alive = [True] * len(self.actors)
         self.calibrator = self._calibrate
-        self.lost = 0  # items requeued after their worker died (for the benchmark and the tests)
+        self.lost = 0  # items requeued after their worker died
         self.duplicates = 0  # records dropped because the folder already had them
 
     # -- opening ------------------------------------------------------------------------------------
@@ -314,7 +314,10 @@ class RayBackend:
                     max_task_retries=0,  # the driver reschedules lost items itself (and drops duplicates)
                 ).remote(strpaths, options, dict(models), settings)
             )
-        answers = self._wait_all([a.start.remote() for a in self.actors])
+        try:
+            answers = self._wait_all([a.start.remote() for a in self.actors])
+        except ray.exceptions.RayActorError as e:
+            raise ClusterError(f"a Ray worker died while loading the models: {_first_line(e)}") from None
         contexts = set()
         for status, value in answers:
             if status != "ok":
@@ -329,10 +332,7 @@ class RayBackend:
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            raise ClusterError(f"a Ray worker died while loading the models: {_first_line(e)}") from None
+        return ray.get(refs)
 
     def count_tokens(self, text: str) -> int:
         assert self._tokenizer is not None
@@ -341,19 +341,22 @@ class RayBackend:
     # -- calibration --------------------------------------------------------------------------------
 
     def _calibrate(self, prompts: Sequence[str], selectors: Sequence[Selector]) -> dict[str, Calibration]:
-        """A task's calibration, computed by the first worker that stays alive through it."""
-        for k, actor in enumerate(self.actors):
-            if not self._alive[k]:
-                continue
+        """A task's calibration, computed by a worker that stays alive through it (a worker that dies
+        is replaced by the next live one, or by itself once Ray has restarted it)."""
+        ray = self._ray
+        for _ in range(MAX_ATTEMPTS):
+            k = next((k for k, alive in enumerate(self._alive) if alive), None)
+            if k is None:
+                break
             try:
-                status, value = self._wait_all([actor.calibrate.remote(list(prompts), list(selectors))])[0]
-            except ClusterError:
+                status, value = self._wait_all([self.actors[k].calibrate.remote(list(prompts), list(selectors))])[0]
+            except ray.exceptions.RayActorError:
                 self._alive[k] = self._probe(k)
                 continue
             if status != "ok":
                 raise ClusterError(value) if status == "refused" else TrimixError(value)
             return value
-        raise ClusterError("every Ray worker died before the task's calibration finished (rerun to resume)")
+        raise ClusterError("the Ray workers kept dying during the task's calibration (rerun to resume)")
 
     # -- items --------------------------------------------------------------------------------------
 
