@@ -20,7 +20,7 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp.calibrate import check_output_path
 from trimix_cpp.evaluation.results import Results
-from trimix_cpp.evaluation.run import EvalConfig, run_evaluation
+from trimix_cpp.evaluation.run import EvalConfig, LocalBackend, OpenBackend, run_evaluation
 from trimix_cpp.evaluation.runner import calibration_path
 
 from .common import err
@@ -138,9 +138,16 @@ class RichReporter:
             self._bar = None
 
 
-def run_eval(tasks: list[str], setup, options: tm.LoadOptions, cfg: EvalConfig, plot_file: Path | None) -> Results:
+def run_eval(
+    tasks: list[str],
+    setup,
+    options: tm.LoadOptions,
+    cfg: EvalConfig,
+    plot_file: Path | None,
+    backend: OpenBackend = LocalBackend,
+) -> Results:
     """Run the evaluation with progress on stderr, then show the table (and draw the plot)."""
-    results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)))
+    results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)), backend)
     show(results, Console())
     for task, t in cfg.timings.items():
         if t.get("calibration_s"):

@@ -22,6 +22,7 @@ import trimix_cpp as tm
 from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
+from trimix_cpp.evaluation.cluster import backend_for
 from trimix_cpp.evaluation.run import EvalConfig
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
@@ -224,9 +225,7 @@ def generate(
     refused.
     """
     with errors(verbose):
-        setup = _model_set(
-            lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base
-        )
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base)
         if batch is not None and (prompt is not None or file is not None):
             raise tm.TrimixError("--batch reads the prompts from its file: drop the prompt argument and --file")
         if batch is None and parallel is not None:
@@ -552,6 +551,23 @@ def eval_cmd(
     n_ctx: NCtx = None,
     threads: Threads = 0,
     n_gpu_layers: NGpu = -1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Predict items on Ray workers: local (a Ray instance on this machine, for this run), HOST:PORT of "
+            "a cluster's head, or auto (the cluster this node joined). Every node needs the same model files; "
+            "--threads is per worker (default 1).",
+            rich_help_panel="Cluster (Ray)",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="Ray workers, each loading the models once (default 2).", rich_help_panel="Cluster (Ray)"
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Compare single models, Proxy Tuning, Contrastive Decoding and TriMix on tasks; resumable.
@@ -560,6 +576,7 @@ def eval_cmd(
     generate together as one batch.
     """
     with errors(verbose):
+        backend = backend_for(ray_address, workers, threads)
         if plot_file is not None:
             check_plot(plot_file)
         setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
@@ -578,7 +595,7 @@ def eval_cmd(
             rouge_tokenizer=rouge_tokenizer,
             draft=draft,
         )
-        run_eval(tasks, setup, options, cfg, plot_file)
+        run_eval(tasks, setup, options, cfg, plot_file, backend)
         err.print(
             f"[dim]predictions: {out / 'predictions.jsonl'}; results: {out / 'results.json'}, {out / 'results.md'}[/]",
             soft_wrap=True,

@@ -8,12 +8,17 @@ cache that holds one prompt plus every method's answer.
 
 What a person sees (warnings, progress) goes through a :class:`Reporter`, so the command line
 decides how to show it and the library decides what happens.
+
+Where items are predicted is a :class:`Backend`: the models loaded in this process
+(:class:`LocalBackend`), or workers on a cluster (:mod:`.cluster`). Everything else (checks, the
+run folder, prompt fitting, the calibration sample, writing, scoring) is this module's, whichever
+backend predicts.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +35,7 @@ from .metrics import ROUGE_TOKENIZERS, check_metric_available, make_rouge_tokeni
 from .results import Results, build_results
 from .rundir import RunDir, method_identity, model_identity, task_identity
 from .runner import (
+    Calibrator,
     GenerationSettings,
     MethodSpec,
     Runner,
@@ -95,6 +101,85 @@ class EvalConfig:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+class Backend(Protocol):
+    """Where a run's items are predicted, opened once the run folder is locked and its manifest saved.
+
+    ``n_ctx`` is the loaded context (the prompt budget follows from it), ``count_tokens`` the
+    tokenizer's count used to fit prompts; ``engine`` (models in this process) or ``calibrator``
+    (elsewhere) computes per-task calibrations; ``run`` predicts a task's pending items and appends
+    each new record to ``runner.log``, yielding it.
+    """
+
+    n_ctx: int
+    engine: Engine | None
+    calibrator: Calibrator | None
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def run(self, runner: Runner, task: Task, methods: Sequence[MethodSpec]) -> Iterator[dict]: ...
+
+    def close(self) -> None: ...
+
+
+# How a backend is opened: (model paths by role, load options, the manifest's model entries,
+# the runner's settings, the reporter for what a person should know) -> an open backend.
+# ``LocalBackend`` is the default.
+OpenBackend = Callable[[Mapping[str, Path], LoadOptions, Mapping[str, dict], "RunnerSettings", "Reporter"], Backend]
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What a runner predicts with besides its models: a cluster worker builds its own runner from it."""
+
+    generation: GenerationSettings
+    grid_alpha: tuple[float, ...]
+    grid_beta: tuple[float, ...]
+    calibration_n: int
+    calibration_seed: int
+    draft: int
+
+    def runner(self, engine: Engine | None, out: Path | None, calibrator: Calibrator | None = None) -> Runner:
+        return Runner(
+            engine,
+            out,
+            self.generation,
+            self.grid_alpha,
+            self.grid_beta,
+            self.calibration_n,
+            self.calibration_seed,
+            self.draft,
+            calibrator=calibrator,
+        )
+
+
+class LocalBackend:
+    """The models loaded in this process: items are predicted one after another, here."""
+
+    calibrator = None
+
+    def __init__(
+        self,
+        paths: Mapping[str, Path],
+        options: LoadOptions,
+        models: Mapping[str, dict],
+        settings: RunnerSettings,
+        report: Reporter,
+    ) -> None:
+        self.engine: Engine | None = Engine(paths, options)
+        self.n_ctx = self.engine.n_ctx
+
+    def count_tokens(self, text: str) -> int:
+        assert self.engine is not None
+        return len(self.engine.tokenize(text))
+
+    def run(self, runner: Runner, task: Task, methods: Sequence[MethodSpec]) -> Iterator[dict]:
+        return runner.run(task, methods)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
 def load_task_spec(spec: str, train: Path | None, settings: PromptSettings) -> TaskData:
     """``FILE.jsonl``, ``milic:ROOT:TASK:LANG[:SRC-TGT]``, ``belebele:FILE:LANG`` or ``sib200:FILE:LANG``
     (see :data:`trimix_cpp.evaluation.tasks.SPEC_HELP`)."""
@@ -111,9 +196,17 @@ def batch_options(options: LoadOptions, specs: Sequence[MethodSpec], n_grid: int
     return replace(options, n_seq=n_seq, kv_cells=cells, isolated=False)
 
 
-def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, cfg: EvalConfig, report: Reporter):
+def run_evaluation(
+    tasks: Sequence[str],
+    setup: ModelSet,
+    options: LoadOptions,
+    cfg: EvalConfig,
+    report: Reporter,
+    backend: OpenBackend = LocalBackend,
+):
     """Load the models once, run every method over every task (skipping what the run folder has),
-    score, and write the results; returns them."""
+    score, and write the results; returns them. ``backend`` says where items are predicted (here by
+    default; see :mod:`.cluster` for workers on a Ray cluster)."""
     check_limit(cfg.limit)
     check_count("--shots", cfg.shots, minimum=0)
     check_count("--calibration-n", cfg.calibration_n)
@@ -150,6 +243,7 @@ def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, 
     task_scores: dict[str, dict[str, float]] = {}
     metrics: dict[str, str] = {}
     notes: dict[str, list[str]] = {}
+    models = {role: model_identity(p) for role, p in paths.items()}
     with RunDir(cfg.out) as run:
         run.check(
             settings={
@@ -161,7 +255,7 @@ def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, 
                 "n_ctx": options.n_ctx,
                 "prompt_format": prompt_format(),
             },
-            models={role: model_identity(p) for role, p in paths.items()},
+            models=models,
             methods={
                 m.name: method_identity(
                     m.fusion,
@@ -176,31 +270,35 @@ def run_evaluation(tasks: Sequence[str], setup: ModelSet, options: LoadOptions, 
             tasks={d.task: task_identity(d.files) for d in loaded},
         )
         run.save()
-        with Engine(paths, options) as engine:
-            room = engine.n_ctx - settings.max_tokens - 8
+        rs = RunnerSettings(settings, tuple(ga), tuple(gb), cfg.calibration_n, cfg.calibration_seed, cfg.draft)
+        where = backend(paths, options, models, rs, report)
+        try:
+            room = where.n_ctx - settings.max_tokens - 8
             if room < 16:
                 raise TrimixError(
-                    f"a context of {engine.n_ctx} tokens leaves no room for prompts after -n {settings.max_tokens}"
+                    f"a context of {where.n_ctx} tokens leaves no room for prompts after -n {settings.max_tokens}"
                 )
-            budget = PromptSettings(
-                shots=cfg.shots, max_prompt=room, count_tokens=lambda text: len(engine.tokenize(text))
-            )
-            runner = Runner(engine, cfg.out, settings, ga, gb, cfg.calibration_n, cfg.calibration_seed, cfg.draft)
+            budget = PromptSettings(shots=cfg.shots, max_prompt=room, count_tokens=where.count_tokens)
+            runner = rs.runner(where.engine, cfg.out, where.calibrator)
             try:
                 for data in loaded:
                     t0 = time.perf_counter()
-                    _run_task(runner, data, data.fitted(budget), cfg, specs, report, task_scores, metrics, notes)
+                    fitted = data.fitted(budget)
+                    _run_task(where, runner, data, fitted, cfg, specs, report, task_scores, metrics, notes)
                     total = time.perf_counter() - t0
                     cal = runner.calibration_seconds.get(data.task, 0.0)
                     cfg.timings[data.task] = {"calibration_s": cal, "items_s": total - cal}
             finally:
                 runner.close()
+        finally:
+            where.close()
         results = build_results([m.name for m in specs], task_scores, metrics, notes)
         results.write(cfg.out)
     return results
 
 
 def _run_task(
+    where: Backend,
     runner: Runner,
     data: TaskData,
     fitted: FittedItems,
@@ -231,7 +329,7 @@ def _run_task(
         task_notes.append(message)
         report.warning(f"{task.name}: {message}")
     report.start(task.name, runner.pending(task, concrete))
-    for _ in runner.run(task, concrete):
+    for _ in where.run(runner, task, concrete):
         report.advance(task.name)
     report.finish(task.name)
     names = [m.name for m in concrete]
@@ -252,4 +350,15 @@ def _run_task(
     metrics[task.name] = f"{metric} ({cfg.rouge_tokenizer})" if metric == "rouge-l" else metric
 
 
-__all__ = ["EvalConfig", "QuietReporter", "Reporter", "Results", "batch_options", "load_task_spec", "run_evaluation"]
+__all__ = [
+    "Backend",
+    "EvalConfig",
+    "LocalBackend",
+    "QuietReporter",
+    "Reporter",
+    "Results",
+    "RunnerSettings",
+    "batch_options",
+    "load_task_spec",
+    "run_evaluation",
+]

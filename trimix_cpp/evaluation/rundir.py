@@ -8,7 +8,10 @@ manifest, ``run.json``, holds:
 * ``settings``, compared in full: shots, max tokens (and the multiple-choice answer length), the
   multiple-choice mode, the stop strings, the context length (the prompt budget follows from it) and
   the prompt format's version;
-* ``models``: each role's file name, size and a content digest;
+* ``models``: each role's file name, size, a quick digest (head and tail) and the SHA-256 of the whole
+  file (what a cluster worker checks its own copy against, and what ``sha256sum`` prints); the full
+  hash is computed once per file and remembered by path, size and modification time, so a resume does
+  not read gigabytes again;
 * ``methods``: each method with the settings its predictions depend on (fixed weights; the grid of a
   per-prompt selection; the grid, sample size and seed of a per-task calibration);
 * ``tasks``: each task's files, with their sizes and SHA-256 digests.
@@ -32,12 +35,14 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrimixError
 from ..fusion import FusionPlan
+from ..packaged import cache_dir
 from ..selection import Selector
 
 # The version of what a run folder holds (this manifest, the predictions, the calibration files).
@@ -53,6 +58,9 @@ SECTIONS = ("models", "methods", "tasks")  # sections whose entries may be added
 # re-quantisation or a fine-tune of the same architecture without reading gigabytes.
 _HEAD_BYTES = 8 << 20
 _TAIL_BYTES = 1 << 20
+_HASH_CHUNK = 4 << 20
+_HASH_CACHE = "sha256.json"
+_hash_lock = threading.Lock()
 
 
 class RunDirError(TrimixError):
@@ -64,8 +72,60 @@ class RunDirError(TrimixError):
 # Identities.
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a whole file (64 hex digits), read once per file version.
+
+    Hashing a 7B model reads gigabytes (seconds to a minute), so the digest is remembered in
+    ``sha256.json`` of trimix's cache folder (``$TRIMIX_CACHE``) by resolved path, size and
+    modification time (ns): a file rewritten in place changes its mtime and is read again. A cache
+    that cannot be read or written only costs the re-read.
+    """
+    path = Path(path)
+    try:
+        real = path.resolve()
+        st = real.stat()
+    except OSError as e:
+        raise RunDirError(f"cannot read model file {path}: {e.strerror or e}") from None
+    key, stamp = str(real), [st.st_size, st.st_mtime_ns]
+    cache = cache_dir() / _HASH_CACHE
+    with _hash_lock:
+        known = _read_hash_cache(cache)
+        entry = known.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+    digest = hashlib.sha256()
+    try:
+        with real.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise RunDirError(f"cannot read model file {path}: {e.strerror or e}") from None
+    value = digest.hexdigest()
+    with _hash_lock:
+        known = _read_hash_cache(cache)  # another process may have added entries meanwhile
+        known[key] = {"stamp": stamp, "sha256": value}
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".sha256.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(known, out)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # no cache: the next run hashes again, nothing else changes
+    return value
+
+
+def _read_hash_cache(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def model_identity(path: str | Path) -> dict[str, Any]:
-    """A model file's name, size in bytes and a digest of its size, head and tail (see above)."""
+    """A model file's name, size in bytes, a digest of its size, head and tail (see above), and the
+    SHA-256 of the whole file (:func:`file_sha256`)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -77,7 +137,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
                 digest.update(handle.read(_TAIL_BYTES))
     except OSError as e:
         raise RunDirError(f"cannot read model file {path}: {e.strerror or e}") from None
-    return {"file": path.name, "bytes": size, "sha256": digest.hexdigest()[:16]}
+    return {"file": path.name, "bytes": size, "sha256": digest.hexdigest()[:16], "file_sha256": file_sha256(path)}
 
 
 def file_identity(path: str | Path) -> dict[str, Any]:
@@ -219,6 +279,11 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         for name, after in new.get(section, {}).items():
             if name not in before or before[name] == after:
                 continue
+            if section == "models" and isinstance(before[name], dict) and isinstance(after, dict):
+                # A folder made before a model field existed (the whole-file SHA-256) recorded less:
+                # what both record must agree, and the new field joins on save.
+                if all(before[name][k] == after[k] for k in before[name].keys() & after.keys()):
+                    continue
             if section == "methods" and isinstance(before[name], dict) and isinstance(after, dict):
                 a, b = before[name], after
                 keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -23,13 +23,13 @@ import os
 import random
 import string
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ..calibrate import Calibration, read_calibration
 from ..calibrate import calibrate as calibrate_prompts
-from ..calibrate import read_calibration
 from ..engine import Engine, SeqSpec
 from ..errors import ContextOverflowError, TrimixError
 from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
@@ -181,6 +181,11 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+# Computes per-task calibrations somewhere else than this process's engine (a cluster worker):
+# (prompts, selectors) -> the calibration per strategy, as :func:`trimix_cpp.calibrate.calibrate` returns.
+Calibrator = Callable[[Sequence[str], Sequence[Selector]], dict[str, Calibration]]
+
+
 @dataclass
 class Runner:
     """Runs methods over tasks with one loaded :class:`Engine` (models load once per run).
@@ -190,10 +195,15 @@ class Runner:
     one sequence per method, and all methods generate together as one batch (methods that land on
     the same weights, such as ``trimix-ppl`` and the grid pair it picks, share one sequence).
     Likelihood-scored multiple choice scores every option under every method from that one pass.
+
+    Two other shapes serve a cluster run (:mod:`.cluster`), so that it runs this same code: a
+    worker's runner has an engine and no ``out_dir`` (it only predicts items: :meth:`item_records`;
+    the driver writes), and the driver's runner has an ``out_dir`` and no engine, with a
+    ``calibrator`` that asks a worker for per-task calibrations.
     """
 
-    engine: Engine
-    out_dir: Path
+    engine: Engine | None
+    out_dir: Path | None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     grid_alpha: tuple[float, ...] = DEFAULT_GRID
     grid_beta: tuple[float, ...] = DEFAULT_GRID
@@ -201,14 +211,22 @@ class Runner:
     calibration_seed: int = 0
     draft: int = 0
     calibration_seconds: dict[str, float] = field(default_factory=dict)
+    calibrator: Calibrator | None = None
 
     def __post_init__(self) -> None:
         check_count("--calibration-n", self.calibration_n)
         check_count("the calibration seed", self.calibration_seed, minimum=0)
-        self.log = PredictionLog(self.out_dir / "predictions.jsonl")
+        self._log = PredictionLog(self.out_dir / "predictions.jsonl") if self.out_dir is not None else None
+
+    @property
+    def log(self) -> PredictionLog:
+        if self._log is None:
+            raise TrimixError("this runner only predicts items (it has no run folder)")
+        return self._log
 
     def close(self) -> None:
-        self.log.close()
+        if self._log is not None:
+            self._log.close()
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -236,6 +254,8 @@ class Runner:
         entropy (``ent``) over a seeded sample of its prompts (no labels), every strategy from the same
         one evaluation per prompt, remembered in the run folder (as weights files ``trimix generate
         --weights-from`` reads) so a resumed run uses the same pairs."""
+        if self.out_dir is None:
+            raise TrimixError("per-task calibration needs a run folder")
         out: dict[str, tuple[float, float]] = {}
         missing = []
         for strategy in dict.fromkeys(strategies):
@@ -252,9 +272,8 @@ class Runner:
         picked = random.Random(self.calibration_seed).sample(range(len(pool)), min(self.calibration_n, len(pool)))
         selectors = [Selector(s, self.grid_alpha, self.grid_beta) for s in missing]
         t0 = time.perf_counter()
-        paths = {r: m.path for r, m in self.engine.models.items()}
         try:
-            found = calibrate_prompts(self.engine, [pool[i].prompt for i in picked], selectors, paths)
+            found = self.calibrate_prompts([pool[i].prompt for i in picked], selectors)
         except TrimixError as e:
             raise TrimixError(f"{task.name}: {e}") from None
         self.calibration_seconds[task.name] = self.calibration_seconds.get(task.name, 0.0) + time.perf_counter() - t0
@@ -262,6 +281,18 @@ class Runner:
             cal.save(calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}"))
             out[strategy] = cal.chosen
         return out
+
+    def calibrate_prompts(self, prompts: Sequence[str], selectors: Sequence[Selector]) -> dict[str, Calibration]:
+        """Each selector's calibration over ``prompts``: with this runner's engine, or its calibrator."""
+        if self.calibrator is not None:
+            return self.calibrator(prompts, selectors)
+        engine = self._engine()
+        return calibrate_prompts(engine, prompts, selectors, {r: m.path for r, m in engine.models.items()})
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise TrimixError("this runner has no models loaded (its items are predicted elsewhere)")
+        return self.engine
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -274,22 +305,27 @@ class Runner:
             todo = [m for m in methods if not self.log.done(task.name, it.id, m.name)]
             if not todo:
                 continue
-            try:
-                records = self.predict_item(task, it, todo)
-            except ContextOverflowError as e:
-                # one item too long for the context: no answer for it, and the run goes on
-                records = [
-                    {"task": task.name, "id": it.id, "method": m.name, "output": "", "error": str(e)} for m in todo
-                ]
-            for rec in records:
+            for rec in self.item_records(task, it, todo):
                 self.log.append(rec)
                 yield rec
+
+    def item_records(self, task: Task, item: EvalItem, methods: Sequence[MethodSpec]) -> list[dict]:
+        """The records of one item under ``methods``, as the run folder keeps them: what a local run
+        and a cluster worker both compute for an item (so their predictions agree by construction)."""
+        try:
+            return self.predict_item(task, item, methods)
+        except ContextOverflowError as e:
+            # one item too long for the context: no answer for it, and the run goes on
+            return [
+                {"task": task.name, "id": item.id, "method": m.name, "output": "", "error": str(e)} for m in methods
+            ]
 
     def predict_item(self, task: Task, item: EvalItem, methods: Sequence[MethodSpec]) -> list[dict]:
         """Every method's prediction for one item, from one evaluation of its prompt."""
         s = self.settings
+        engine = self._engine()
         t0 = time.perf_counter()
-        prompt = self.engine.tokenize(item.prompt)
+        prompt = engine.tokenize(item.prompt)
         if item.kind == "choice" and s.mc_mode == "score":
             outputs = self._score_options(prompt, item, methods)
         else:
@@ -303,8 +339,8 @@ class Runner:
                 )
                 for m in methods
             ]
-            gens = self.engine.generate_many(prompt, specs)
-            self.engine.run(gens)
+            gens = engine.generate_many(prompt, specs)
+            engine.run(gens)
             outputs = []
             for g in gens:
                 sel = g.selection
@@ -336,7 +372,7 @@ class Runner:
         """Multiple choice by likelihood: the option whose text the fused model finds most likely
         after the prompt (mean NLL per token), answered as its letter; every method from one pass."""
         plans = {m.name: m.fusion for m in methods}
-        nlls, selections = self.engine.option_nlls(prompt, [" " + o for o in item.options or []], plans)
+        nlls, selections = self._engine().option_nlls(prompt, [" " + o for o in item.options or []], plans)
         out = []
         for m in methods:
             scores = nlls[m.name]
