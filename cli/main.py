@@ -31,6 +31,7 @@ from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
 from . import render
+from .chat import chat as chat_cmd
 from .common import Verbose, err, errors
 from .evaluate import run_eval
 from .serve import SERVE_HELP
@@ -48,6 +49,7 @@ app = typer.Typer(
 
 app.add_typer(models_cmd.app, name="models")
 app.command("serve", help=SERVE_HELP)(serve_cmd)
+app.command("chat")(chat_cmd)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 
