@@ -173,12 +173,18 @@ class Lines:
 
 
 class _Interrupts:
-    """While a reply streams: the first Ctrl-C stops it, a second one leaves."""
+    """While a message is handled and its reply streams: the first Ctrl-C stops the reply (also one
+    pressed before the reply began), a second one leaves."""
 
     def __init__(self) -> None:
         self.turn: Turn | None = None
         self.stopped = False
         self._old: Any = None
+
+    def watch(self, turn: Turn) -> None:
+        self.turn = turn
+        if self.stopped:
+            turn.generation.cancel()
 
     def __enter__(self) -> _Interrupts:
         self._old = signal.signal(signal.SIGINT, self._handle)
@@ -188,10 +194,11 @@ class _Interrupts:
         signal.signal(signal.SIGINT, self._old)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.stopped or self.turn is None:
+        if self.stopped:
             raise KeyboardInterrupt
         self.stopped = True
-        self.turn.generation.cancel()  # the scheduler stops it at its next step
+        if self.turn is not None:
+            self.turn.generation.cancel()  # the scheduler stops it at its next step
 
 
 def _summary(turn: Turn) -> str:
@@ -222,20 +229,20 @@ def chat_loop(conv: Conversation, lines: Lines) -> None:
         if not text.strip():
             continue
         try:
-            if text.lstrip().startswith("/"):
-                turn = run_command(conv, text, note)
-            else:
-                turn = conv.ask(text)
-            if turn is None:
-                continue
-            if turn.dropped:
-                note(
-                    f"note: the {turn.dropped} oldest turn{'s' if turn.dropped > 1 else ''} left the conversation "
-                    f"to fit the context of {conv.engine.n_ctx} tokens"
-                )
-            shown = []
             with _Interrupts() as interrupts:
-                interrupts.turn = turn
+                if text.lstrip().startswith("/"):
+                    turn = run_command(conv, text, note)
+                else:
+                    turn = conv.ask(text)
+                if turn is None:
+                    continue
+                interrupts.watch(turn)
+                if turn.dropped:
+                    note(
+                        f"note: the {turn.dropped} oldest turn{'s' if turn.dropped > 1 else ''} left the conversation "
+                        f"to fit the context of {conv.engine.n_ctx} tokens"
+                    )
+                shown = []
                 try:
                     for piece in turn.generation:
                         sys.stdout.write(piece)

@@ -214,9 +214,7 @@ def generate(
     refused.
     """
     with errors(verbose):
-        setup = _model_set(
-            lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base
-        )
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base)
         if batch is not None and (prompt is not None or file is not None):
             raise tm.TrimixError("--batch reads the prompts from its file: drop the prompt argument and --file")
         if batch is None and parallel is not None:
@@ -401,9 +399,7 @@ def calibrate(
         cal.save(output)
         a, b = cal.chosen
         skipped = f" ({cal.n_skipped} too long for the context)" if cal.n_skipped else ""
-        err.print(
-            f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
-        )
+        err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True)
 
 
 def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:
