@@ -9,6 +9,9 @@ The loop reads like the algorithm, for every active sequence at once:
 3. for every sequence, fuse its rows of logits, mask what would break UTF-8, pick a token, turn its
    bytes into whole characters, check stop strings, and queue the text for whoever reads it.
 
+A :class:`Session` keeps a conversation's tokens in the cache between requests: the next prompt
+reuses their longest common prefix and evaluates only the rest (see :meth:`Scheduler.submit`).
+
 Logits are read where llama.cpp left them (zero-copy views) and consumed within the step that made
 them, so nothing vocabulary-sized is copied or allocated per step: the fused rows of the batch live
 in one preallocated buffer. Each sequence owns its sampler (seeded), its UTF-8 guard state, its
@@ -668,7 +671,7 @@ class Scheduler:
         room = eng.n_ctx - len(req.prompt)
         root = _Branch(ids[0], len(req.prompt), roles, req)
         req.spare = ids[1:]
-        held, rows = self._reuse(session, req.prompt, selectors) if session is not None else (None, None)
+        held, rows = self._reuse(session, req.prompt, roles, selectors) if session is not None else (None, None)
         try:
             ev = evaluate_prompt(
                 eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors, held=held, rows=rows
@@ -728,13 +731,18 @@ class Scheduler:
         self._advance_all(seqs)
 
     def _reuse(
-        self, session: Session, prompt: np.ndarray, selectors: Sequence[Selector]
+        self, session: Session, prompt: np.ndarray, roles: Sequence[str], selectors: Sequence[Selector]
     ) -> tuple[dict[str, int], GridRows | None]:
         """What of a session's cache a new prompt can reuse: the tokens each model holds up to the
-        common prefix (the cells after it are dropped), and the grid rows whose tokens are in it."""
+        common prefix (the cells after it are dropped), and the grid rows whose tokens are in it.
+        Models this request does not use give their cells up, so the cells the scheduler counts
+        for the session while it runs are the request's own."""
         common = _common_prefix(session.tokens, prompt)
         for r, n in list(session.held.items()):
-            if n > common:
+            if r not in roles:
+                self.engine.models[r].seq_rm(session.id)
+                del session.held[r]
+            elif n > common:
                 self.engine.models[r].seq_rm(session.id, common, -1)
                 session.held[r] = common
         if session.grid is not None:
