@@ -124,3 +124,25 @@ def test_draft_refuses_penalties_and_logprobs(trio_engine):
         eng.generate(PROMPT, fusion, sampling=sampling_params(repeat_penalty=1.2), draft=2)
     with pytest.raises(tm.TrimixError, match="logprobs"):
         eng.generate_many(PROMPT, [tm.SeqSpec(fusion, draft=2, logprobs=0)])
+
+
+def test_batch_lines_take_penalties_and_logprobs(trio_engine, tmp_path):
+    from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
+    from trimix_cpp.methods import MethodChoice
+
+    eng, _ = trio_engine
+    f = tmp_path / "b.jsonl"
+    f.write_text(
+        '{"prompt": "the cat", "max_tokens": 4, "logprobs": 2, "repeat_penalty": 1.4, "repeat_last_n": 8}\n'
+        '{"prompt": "the cat", "max_tokens": 4, "frequency_penalty": "x"}\n'
+        '{"prompt": "the cat", "max_tokens": 4, "repeat_last_n": 8}\n',
+        encoding="utf-8",
+    )
+    defaults = BatchDefaults(MethodChoice(method="trimix", alpha=0.5, beta=0.5))
+    results = list(run_batch(eng, read_batch(f), lambda s: line_spec(defaults, s), lambda p: p, f.name))
+    first = results[0].as_dict()
+    assert len(first["logprobs"]) == len(first["token_ids"]) and len(first["logprobs"][0]["top_logprobs"]) == 2
+    assert "frequency_penalty has the wrong type" in results[1].error
+    assert "--repeat-last-n sets the window" in results[2].error
+    spec = line_spec(defaults, {"repeat_penalty": 1.4, "repeat_last_n": 8})
+    assert spec.sampling.repeat_penalty == 1.4 and spec.sampling.repeat_last_n == 8
