@@ -290,4 +290,5 @@ def outcome(gen: Generation) -> Outcome:
         weights=dict(fusion.weights) if isinstance(fusion, FusionPlan) else {},
         selection=gen.selection.as_dict() if gen.selection is not None else None,
         timings=gen.timings.as_dict(),
+        logprobs=gen.as_dict().get("logprobs") if gen.logprobs is not None else None,  # type: ignore[arg-type]
     )
