@@ -8,7 +8,6 @@ non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +24,7 @@ from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
 from trimix_cpp.evaluation.run import EvalConfig
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
+from trimix_cpp.finite import json_safe, perplexity
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
@@ -472,7 +472,7 @@ def ppl(
                 {
                     "method": f"trimix-ppl@{a:g}:{b:g}",
                     "nll": nll,
-                    "ppl": math.exp(nll),
+                    "ppl": perplexity(nll),
                     "tokens": grid_scores.n_rows,
                     "masked": 0,
                     "alpha": a,
@@ -480,7 +480,8 @@ def ppl(
                 }
             )
         if as_json:
-            sys.stdout.write(json.dumps({"file": str(text_file), "methods": rows}, ensure_ascii=False) + "\n")
+            report = json_safe({"file": str(text_file), "methods": rows})  # JSON has no inf: null
+            sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
         else:
             table = Table(title=f"perplexity of {text_file.name}", title_justify="left")
             for col in ("method", "perplexity", "NLL/token", "tokens"):
