@@ -211,4 +211,6 @@ def serve(
         sock.close()
     if worker.load_error is not None:
         raise worker.load_error
+    if worker.failure is not None:  # the server stopped because the engine did: not a clean exit
+        raise TrimixError(f"the server stopped: its engine failed ({type(worker.failure).__name__}: {worker.failure})")
     log.info("stopped; models freed")

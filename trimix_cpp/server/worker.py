@@ -103,6 +103,7 @@ class EngineWorker:
         self.ready = threading.Event()  # set once loading has finished, well or not
         self.loaded = False
         self.load_error: BaseException | None = None
+        self.failure: BaseException | None = None  # what ended the engine's loop after loading, if anything did
         self.info: EngineInfo | None = None
         self.stats: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="trimix-engine", daemon=True)
@@ -161,6 +162,8 @@ class EngineWorker:
             if not self.ready.is_set():
                 self.load_error = e
                 self.ready.set()
+            else:
+                self.failure = e
             if self._on_failure is not None:
                 self._on_failure(e)
         finally:
