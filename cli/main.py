@@ -18,13 +18,13 @@ from rich.markup import escape
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp import finite
 from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
 from trimix_cpp.evaluation.run import EvalConfig
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
-from trimix_cpp.finite import json_safe, perplexity
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
@@ -472,7 +472,7 @@ def ppl(
                 {
                     "method": f"trimix-ppl@{a:g}:{b:g}",
                     "nll": nll,
-                    "ppl": perplexity(nll),
+                    "ppl": finite.perplexity(nll),
                     "tokens": grid_scores.n_rows,
                     "masked": 0,
                     "alpha": a,
@@ -480,7 +480,7 @@ def ppl(
                 }
             )
         if as_json:
-            report = json_safe({"file": str(text_file), "methods": rows})  # JSON has no inf: null
+            report = finite.json_safe({"file": str(text_file), "methods": rows})  # JSON has no inf: null
             sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
         else:
             table = Table(title=f"perplexity of {text_file.name}", title_justify="left")

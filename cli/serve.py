@@ -172,14 +172,7 @@ def serve(
         for p in paths.values():
             _llama.check_gguf_file(Path(p))
         label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
-        config = ServerConfig(
-            model_name=label,
-            api_key=key,
-            queue=queue,
-            max_tokens=max_tokens,
-            max_body=max_body,
-            allowed_hosts=hosts,
-        )
+        config = ServerConfig(model_name=label, api_key=key, queue=queue, max_tokens=max_tokens, max_body=max_body)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
         setup_logging(verbose)
-        run_server(setup, paths, options, config, Listen(host, port))
+        run_server(setup, paths, options, config, Listen(host, port, hosts))

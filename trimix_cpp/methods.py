@@ -159,8 +159,7 @@ def sampling_params(
     seed: int | None = None,
 ) -> SamplingParams:
     """Sampling settings from optional flags; the filters and the seed need a temperature > 0,
-    since greedy decoding would ignore them, except a filter at the value that keeps every token
-    (``top_k=0``, ``top_p=1``, ``min_p=0``: what OpenAI clients often send by default)."""
+    since greedy decoding would ignore them."""
     t = 0.0 if temperature is None else temperature
     params = SamplingParams(
         temperature=t,
@@ -171,10 +170,10 @@ def sampling_params(
     )
     params.validate()
     if params.greedy:
-        # a filter at the value that keeps every token (top_k 0, top_p 1, min_p 0) asks for nothing
-        for name, value, neutral in (("top_k", top_k, 0), ("top_p", top_p, 1.0), ("min_p", min_p, 0.0)):
+        # a filter at the value that keeps every token (top_k 0, top_p 1, min_p 0: what OpenAI clients
+        # often send by default) asks for nothing, so greedy decoding takes it; any seed asks for sampling
+        unset = ((top_k, 0), (top_p, 1.0), (min_p, 0.0), (seed, None))
+        for name, (value, neutral) in zip(("top_k", "top_p", "min_p", "seed"), unset):
             if value is not None and value != neutral:
                 raise TrimixError(f"{_flag(name)} applies to sampling, but decoding is greedy: set --temperature > 0")
-        if seed is not None:
-            raise TrimixError("--seed applies to sampling, but decoding is greedy: set --temperature > 0")
     return params

@@ -63,11 +63,11 @@ class ServerConfig:
 
     model_name: str = "trimix"
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the loopback ones (see guard.py)
+    body_timeout: float = 60.0  # seconds a client may take to send its whole request body
     queue: int = 16
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20  # bytes of a request body
-    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the loopback ones (see guard.py)
-    body_timeout: float = 60.0  # seconds a client may take to send its whole request body
 
 
 class TrimixServer:

@@ -42,6 +42,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+    allowed_hosts: tuple[str, ...] = ()  # more names clients may put in Host (--allowed-host; see guard.py)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -158,6 +159,8 @@ def serve(
 ) -> None:
     """Serve until stopped. Raises the load error if the models cannot be loaded."""
     sock = bind(listen)
+    # the Host names answered: the loopback ones (guard.py), the one listened on, and the user's
+    config = dataclasses.replace(config, allowed_hosts=(*config.allowed_hosts, listen.host, *listen.allowed_hosts))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
@@ -182,8 +185,6 @@ def serve(
             server.should_exit = True
 
     worker = EngineWorker(lambda: Engine(paths, options), loaded, failed)
-    # the name the server listens on is one clients use in Host
-    config = dataclasses.replace(config, allowed_hosts=(*config.allowed_hosts, listen.host))
     app = TrimixServer(setup, worker, config)
     ucfg = uvicorn.Config(
         app.app,

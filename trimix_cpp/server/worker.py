@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import TrimixError
-from ..finite import json_safe
 from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
 from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
@@ -306,6 +305,6 @@ def outcome(gen: Generation) -> Outcome:
         finish_reason=str(gen.finish_reason),
         method=fusion.method if isinstance(fusion, FusionPlan) else "trimix",
         weights=dict(fusion.weights) if isinstance(fusion, FusionPlan) else {},
-        selection=json_safe(gen.selection.as_dict()) if gen.selection is not None else None,
-        timings=json_safe(gen.timings.as_dict()),
+        selection=gen.selection.as_dict() if gen.selection is not None else None,
+        timings=gen.timings.as_dict(),
     )
