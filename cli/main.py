@@ -8,7 +8,6 @@ non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import trimix_cpp as tm
+from trimix_cpp import finite
 from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
@@ -547,7 +547,7 @@ def ppl(
                 {
                     "method": f"trimix-ppl@{a:g}:{b:g}",
                     "nll": nll,
-                    "ppl": math.exp(nll),
+                    "ppl": finite.perplexity(nll),
                     "tokens": grid_scores.n_rows,
                     "masked": 0,
                     "alpha": a,
@@ -555,7 +555,8 @@ def ppl(
                 }
             )
         if as_json:
-            sys.stdout.write(json.dumps({"file": str(text_file), "methods": rows}, ensure_ascii=False) + "\n")
+            report = finite.json_safe({"file": str(text_file), "methods": rows})  # JSON has no inf: null
+            sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
         else:
             table = Table(title=f"perplexity of {text_file.name}", title_justify="left")
             for col in ("method", "perplexity", "NLL/token", "tokens"):

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from trimix_cpp.finite import perplexity
 from trimix_cpp.selection import Selection
 
 _ROLE_NAMES = {"large_ins": "large-ins", "small_cpt": "small-cpt", "small_base": "small-base"}
@@ -27,7 +28,7 @@ def _heat(value: float, lo: float, hi: float) -> str:
 def landscape(console: Console, sel: Selection) -> None:
     """Rows alpha, columns beta, cells perplexity (or entropy); the chosen cell is marked."""
     is_ppl = sel.strategy == "ppl"
-    values = [[math.exp(v) if is_ppl else v for v in row] for row in sel.scores.tolist()]
+    values = [[perplexity(v) if is_ppl else v for v in row] for row in sel.scores.tolist()]
     flat = [v for row in values for v in row if math.isfinite(v)]
     lo, hi = (min(flat), max(flat)) if flat else (0.0, 0.0)
     what = "perplexity of the prompt" if is_ppl else "entropy of the first generated token (nats)"
@@ -49,7 +50,7 @@ def landscape(console: Console, sel: Selection) -> None:
     a, b = sel.chosen
     console.print(f"chosen: alpha={a:g} beta={b:g} (third weight {1 - a - b:g}), marked *", soft_wrap=True)
     if sel.single_nll:
-        singles = ", ".join(f"{_ROLE_NAMES.get(r, r)} {math.exp(v):.3f}" for r, v in sel.single_nll.items())
+        singles = ", ".join(f"{_ROLE_NAMES.get(r, r)} {perplexity(v):.3f}" for r, v in sel.single_nll.items())
         console.print(f"single models' perplexity: {singles}", soft_wrap=True)
 
 

@@ -6,6 +6,7 @@ Parsing and printing only; the server is :mod:`trimix_cpp.server`.
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -40,9 +41,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+KEY_ENV = "TRIMIX_API_KEY"
+
+
 def _read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The key from --api-key, --api-key-file or $TRIMIX_API_KEY (the options win over the variable)."""
     if api_key is not None and api_key_file is not None:
         raise tm.TrimixError("give --api-key or --api-key-file, not both")
+    if api_key is not None:
+        err.print(
+            "[yellow]warning:[/] --api-key is visible to every user of this machine (ps shows the command line): "
+            f"prefer --api-key-file or the {KEY_ENV} environment variable",
+            soft_wrap=True,
+        )
+    elif api_key_file is None and KEY_ENV in os.environ:
+        api_key = os.environ[KEY_ENV]
+        if not api_key.strip():
+            raise tm.TrimixError(f"{KEY_ENV} is set but empty (unset it to serve without an API key)")
     if api_key_file is not None:
         if not api_key_file.is_file():
             raise tm.TrimixError(f"API key file not found: {api_key_file}")
@@ -57,6 +72,17 @@ def _read_key(api_key: str | None, api_key_file: Path | None) -> str | None:
         if not api_key or any(c.isspace() for c in api_key) or not api_key.isprintable():
             raise tm.TrimixError("the API key must be printable text without spaces (clients send it in a header)")
     return api_key
+
+
+def _allowed_hosts(names: list[str]) -> tuple[str, ...]:
+    """--allowed-host values: host names (a port, if given, is ignored), checked to be names."""
+    out = []
+    for name in names:
+        n = name.strip()
+        if not n or any(c.isspace() or c in "/@?#" for c in n) or not n.isprintable():
+            raise tm.TrimixError(f"--allowed-host {name!r} is not a host name (give a name such as mybox.lan)")
+        out.append(n)
+    return tuple(out)
 
 
 def serve(
@@ -77,10 +103,23 @@ def serve(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8080,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/ routes.")
+        str | None,
+        typer.Option(
+            "--api-key",
+            help="Require 'Authorization: Bearer KEY' on /v1/ routes (visible in ps: prefer --api-key-file or "
+            "$TRIMIX_API_KEY).",
+        ),
     ] = None,
     api_key_file: Annotated[
         Path | None, typer.Option("--api-key-file", help="Read the API key from this file (first line).")
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Another name clients may reach this server by (the Host header), besides localhost, "
+            "IP addresses and --host; repeatable.",
+        ),
     ] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-np", help="Requests decoded together.")] = 4,
     queue: Annotated[int, typer.Option(help="Requests that may wait for a free sequence; beyond: 503.")] = 16,
@@ -108,6 +147,7 @@ def serve(
                 f"trimix serve needs the server extra ({e.name} is missing): pip install 'trimix[serve]'"
             ) from None
         key = _read_key(api_key, api_key_file)
+        hosts = _allowed_hosts(allowed_host or [])
         if not _is_loopback(host) and key is None:
             err.print(
                 f"[yellow]warning:[/] listening on {escape(host)} without an API key: anyone who can reach this "
@@ -135,4 +175,4 @@ def serve(
         config = ServerConfig(model_name=label, api_key=key, queue=queue, max_tokens=max_tokens, max_body=max_body)
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
         setup_logging(verbose)
-        run_server(setup, paths, options, config, Listen(host, port))
+        run_server(setup, paths, options, config, Listen(host, port, hosts))

@@ -508,7 +508,7 @@ def test_health_is_503_until_the_models_are_loaded(tiny_trio):
     server = TrimixServer(ModelSet(None, {}), worker, ServerConfig())
     worker.start()
     try:
-        with TestClient(server.app) as http:
+        with TestClient(server.app, base_url="http://localhost") as http:
             assert http.get("/health").status_code == 503 and http.get("/health").json()["status"] == "loading"
             early = http.post(C, json={"prompt": "the cat", "max_tokens": 2})
             assert early.status_code == 503 and early.json()["error"]["code"] == "loading"

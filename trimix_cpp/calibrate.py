@@ -21,6 +21,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import ContextOverflowError, TrimixError
+from .finite import json_number, json_safe, perplexity
 from .selection import SELECTION_ROLES, Selector, choose
 
 FORMAT = "trimix-weights/1"
@@ -108,14 +109,15 @@ class Calibration:
         for i, a in enumerate(self.alphas):
             for j, b in enumerate(self.betas):
                 v = float(self.scores[i, j])
-                grid.append({"alpha": a, "beta": b, key: v} | ({"ppl": math.exp(v)} if key == "nll" else {}))
+                cell = {"alpha": a, "beta": b, key: json_number(v)}
+                grid.append(cell | ({"ppl": json_number(perplexity(v))} if key == "nll" else {}))
         return {
             "format": FORMAT,
             "strategy": self.strategy,
             "chosen": {"alpha": self.chosen[0], "beta": self.chosen[1]},
             "grid_alpha": list(self.alphas),
             "grid_beta": list(self.betas),
-            "scores": self.scores.tolist(),
+            "scores": json_safe(self.scores.tolist()),
             "grid": grid,
             "n_prompts": self.n_prompts,
             "n_skipped": self.n_skipped,

@@ -117,10 +117,18 @@ def resolve_fusion(
         raise WeightError("--max-logits-mib bounds perplexity selection's memory; --select ent does not use it")
     return Selector(
         select,
-        parse_grid(c.grid_alpha),
-        parse_grid(c.grid_beta),
+        _grid(c.grid_alpha, "grid_alpha"),
+        _grid(c.grid_beta, "grid_beta"),
         512.0 if c.max_logits_mib is None else c.max_logits_mib,
     )
+
+
+def _grid(values: Sequence[float] | str | None, name: str) -> tuple[float, ...]:
+    """A grid, with its errors naming the flag (or, on the server, the request field) it came from."""
+    try:
+        return parse_grid(values)
+    except WeightError as e:
+        raise WeightError(f"{_flag(name)}: {e}") from None
 
 
 def _refuse_grid(c: MethodChoice, why: str) -> None:
@@ -171,8 +179,11 @@ def sampling_params(
     )
     params.validate()
     if params.greedy:
-        for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed)):
-            if value is not None:
+        # a filter at the value that keeps every token (top_k 0, top_p 1, min_p 0: what OpenAI clients
+        # often send by default) asks for nothing, so greedy decoding takes it; any seed asks for sampling
+        unset = ((top_k, 0), (top_p, 1.0), (min_p, 0.0), (seed, None))
+        for name, (value, neutral) in zip(("top_k", "top_p", "min_p", "seed"), unset):
+            if value is not None and value != neutral:
                 raise TrimixError(f"{_flag(name)} applies to sampling, but decoding is greedy: set --temperature > 0")
     if repeat_last_n is not None and all(v is None for v in (repeat_penalty, frequency_penalty, presence_penalty)):
         raise TrimixError(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .finite import perplexity
 from .fusion import Fuser, FusionPlan
 
 
@@ -33,7 +34,7 @@ class MethodScore:
     @property
     def ppl(self) -> float:
         nll = self.nll
-        return math.exp(nll) if math.isfinite(nll) else math.inf
+        return perplexity(nll) if math.isfinite(nll) else math.inf
 
 
 @dataclass

@@ -48,6 +48,7 @@ from types import ModuleType
 import numpy as np
 
 from .errors import TrimixError, WeightError
+from .finite import json_number, perplexity
 from .fusion import LARGE_INS, MAX_WEIGHT, SMALL_BASE, SMALL_CPT
 
 DEFAULT_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -640,16 +641,17 @@ class Selection:
     requested: str = ""  # the strategy asked for; differs from ``strategy`` when it could not apply
     note: str | None = None  # why, in one line
 
-    def grid(self) -> list[dict[str, float]]:
+    def grid(self) -> list[dict[str, float | None]]:
+        """Every pair's score; a perplexity past the largest float (or any non-finite value) is None."""
         out = []
         for i, a in enumerate(self.alphas):
             for j, b in enumerate(self.betas):
                 v = float(self.scores[i, j])
                 cell = {"alpha": a, "beta": b}
                 if self.strategy == "ppl":
-                    cell |= {"nll": v, "ppl": math.exp(v)}
+                    cell |= {"nll": json_number(v), "ppl": json_number(perplexity(v))}
                 else:
-                    cell |= {"entropy": v}
+                    cell |= {"entropy": json_number(v)}
                 out.append(cell)
         return out
 
@@ -658,7 +660,7 @@ class Selection:
             "strategy": self.strategy,
             "chosen": {"alpha": self.chosen[0], "beta": self.chosen[1]},
             "grid": self.grid(),
-            "single_ppl": {r: math.exp(v) for r, v in self.single_nll.items()},
+            "single_ppl": {r: json_number(perplexity(v)) for r, v in self.single_nll.items()},
             "prompt_tokens": self.n_tokens,
         }
         if self.note:

@@ -2,8 +2,9 @@
 
 One thread owns the engine (:mod:`.worker`); the ASGI app (:mod:`.app`) validates requests
 (:mod:`.schema`), formats chats through a sandboxed template (:mod:`.chat`), streams the engine's
-text as OpenAI chunks (:mod:`.responses`) and serves the page in ``static/``; :mod:`.run` binds,
-loads and stops. Needs the ``[serve]`` extra (starlette, uvicorn, pydantic, jinja2).
+text as OpenAI chunks (:mod:`.responses`) and serves the page in ``static/``; :mod:`.guard` keeps
+other web sites out (Host allow-list, JSON-only bodies); :mod:`.run` binds, loads and stops.
+Needs the ``[serve]`` extra (starlette, uvicorn, pydantic, jinja2).
 """
 
 from .app import ServerConfig, TrimixServer

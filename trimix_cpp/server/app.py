@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -41,6 +41,7 @@ from ..generation import SeqSpec
 from ..modelset import ModelSet
 from .chat import ChatFormat, ChatTemplateError, NoChat, chat_format, messages_from_request, prompt_tokens
 from .errors import APIError, from_trimix, server_error, still_loading
+from .guard import HostGuard, refuse_surrogates, require_json
 from .responses import Outcome, Reply
 from .schema import ChatRequest, CompletionRequest, Limits, StreamOptions, completion_prompt, parse, seq_spec
 from .worker import EngineWorker, Job, PromptMaker
@@ -62,6 +63,8 @@ class ServerConfig:
 
     model_name: str = "trimix"
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides the loopback ones (see guard.py)
+    body_timeout: float = 60.0  # seconds a client may take to send its whole request body
     queue: int = 16
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20  # bytes of a request body
@@ -87,7 +90,7 @@ class TrimixServer:
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-        self.app: ASGIApp = RequestLog(app)
+        self.app: ASGIApp = RequestLog(HostGuard(app, config.allowed_hosts, _LOG_KEY))
 
     def on_loaded(self, engine: Any) -> None:
         """Runs on the engine's thread once the models are loaded: read the chat template."""
@@ -131,7 +134,7 @@ class TrimixServer:
 
     async def _completions(self, request: Request) -> Response:
         self._auth(request)
-        body = await read_json(request, self.config.max_body)
+        body = await read_json(request, self.config.max_body, self.config.body_timeout)
         req = parse(CompletionRequest, body)
         assert isinstance(req, CompletionRequest)
         spec = seq_spec(req, self._limits())
@@ -157,7 +160,7 @@ class TrimixServer:
 
     async def _chat_completions(self, request: Request) -> Response:
         self._auth(request)
-        body = await read_json(request, self.config.max_body)
+        body = await read_json(request, self.config.max_body, self.config.body_timeout)
         req = parse(ChatRequest, body)
         assert isinstance(req, ChatRequest)
         spec = seq_spec(req, self._limits())
@@ -335,8 +338,11 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, refusing bodies over ``limit`` bytes before reading them."""
+async def read_json(request: Request, limit: int, timeout: float = 60.0) -> dict[str, Any]:
+    """The body as a JSON object: declared as JSON (415 otherwise, see guard.py), refusing bodies
+    over ``limit`` bytes before reading them, and a client that takes over ``timeout`` seconds to
+    send it (408); no string in it may hold a lone surrogate."""
+    require_json(request.headers.get("content-type"))
     length = request.headers.get("content-length")
     too_big = APIError(413, f"the request body is over the server's limit of {limit} bytes", code="request_too_large")
     if length is not None:
@@ -345,10 +351,22 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         if int(length) > limit:
             raise too_big
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise too_big
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            buf.extend(chunk)
+            if len(buf) > limit:
+                raise too_big
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
     if not buf:
         raise APIError(400, "the request body is empty (send a JSON object)", code="invalid_json")
     try:
@@ -360,6 +378,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         raise APIError(400, f"the request body is not valid JSON{where}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    refuse_surrogates(body)
     return body
 
 
@@ -375,6 +394,9 @@ async def _guard(request: Request, handler: Callable[[Request], Awaitable[Respon
         err = from_trimix(e)
         _note_error(note, err)
         return error_response(err)
+    except ClientDisconnect:  # the client left while sending its body: nobody will read an answer
+        note["disconnected"] = True
+        return Response(status_code=499)
     except Exception as e:
         log.error(
             "%s %s failed: %s: %s\n%s",

@@ -10,7 +10,9 @@ the engine's thread frees the models, and :func:`serve` returns.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -23,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..engine import Engine, LoadOptions
 from ..errors import TrimixError
@@ -39,6 +42,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+    allowed_hosts: tuple[str, ...] = ()  # more names clients may put in Host (--allowed-host; see guard.py)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -69,6 +73,55 @@ def bind(listen: Listen) -> socket.socket:
             f"cannot listen on {listen.host}:{listen.port}: {e.strerror} (another server there? choose another --port)"
         ) from None
     return sock
+
+
+# Seconds a connection may take to send a whole request head (request line and headers), from when it
+# opens or its previous response ends; uvicorn itself only times out connections idle after a response.
+HEADER_TIMEOUT_S = 10.0
+# Seconds a connection may stay idle after a response before it is closed (uvicorn's keep-alive).
+KEEP_ALIVE_S = 5
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for each request head: a client that opens a
+    connection and sends nothing, or drips its headers a byte at a time, is cut off after
+    :data:`HEADER_TIMEOUT_S` instead of holding a socket for ever."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.debug("closing a connection that sent no complete request head in %g s", HEADER_TIMEOUT_S)
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a whole request head arrived
+            self._disarm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -106,6 +159,8 @@ def serve(
 ) -> None:
     """Serve until stopped. Raises the load error if the models cannot be loaded."""
     sock = bind(listen)
+    # the Host names answered: the loopback ones (guard.py), the one listened on, and the user's
+    config = dataclasses.replace(config, allowed_hosts=(*config.allowed_hosts, listen.host, *listen.allowed_hosts))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}"
@@ -133,13 +188,15 @@ def serve(
     app = TrimixServer(setup, worker, config)
     ucfg = uvicorn.Config(
         app.app,
-        http="h11",
+        http=_H11WithHeaderTimeout,
         ws="none",
         lifespan="off",
         log_config=None,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        h11_max_incomplete_event_size=64 * 1024,  # the largest request head (h11's default is 16 KiB)
     )
     server = _Uvicorn(ucfg, worker)
     holder["server"] = server
@@ -155,4 +212,6 @@ def serve(
         sock.close()
     if worker.load_error is not None:
         raise worker.load_error
+    if worker.failure is not None:  # the server stopped because the engine did: not a clean exit
+        raise TrimixError(f"the server stopped: its engine failed ({type(worker.failure).__name__}: {worker.failure})")
     log.info("stopped; models freed")

@@ -102,6 +102,7 @@ class EngineWorker:
         self.ready = threading.Event()  # set once loading has finished, well or not
         self.loaded = False
         self.load_error: BaseException | None = None
+        self.failure: BaseException | None = None  # what ended the engine's loop after loading, if anything did
         self.info: EngineInfo | None = None
         self.stats: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="trimix-engine", daemon=True)
@@ -160,6 +161,8 @@ class EngineWorker:
             if not self.ready.is_set():
                 self.load_error = e
                 self.ready.set()
+            else:
+                self.failure = e
             if self._on_failure is not None:
                 self._on_failure(e)
         finally:
@@ -244,28 +247,42 @@ class EngineWorker:
             job.send("accepted", len(tokens))
 
     def _deliver(self, live: list[Job]) -> None:
-        """Hand each job the text its generation produced in this step, and the outcome when done."""
+        """Hand each job the text its generation produced in this step, and the outcome when done.
+
+        A failure while building one job's reply (a bug, or a value that cannot be reported) ends
+        that job alone with a 500: the thread, and every other request, go on."""
         for job in list(live):
-            gen = job.gen
-            assert gen is not None
-            pieces = gen.take()
-            if pieces and job.stream:
-                job.send("pieces", pieces)
-            if gen.finish_reason is None:
-                continue
-            live.remove(job)
-            if job.cancelled or gen.finish_reason == "cancelled":
-                continue
-            if gen.error is not None:
-                err = gen.error
-                if isinstance(err, NonFiniteLogitsError):
-                    job.send("error", from_trimix(err))
-                else:
-                    log.error("generation failed: %s: %s", type(err).__name__, err)
-                    message = f"generation failed: {err}" if isinstance(err, TrimixError) else None
-                    job.send("error", server_error(message) if message else server_error())
-                continue
-            job.send("done", outcome(gen))
+            try:
+                self._deliver_one(job, live)
+            except Exception as e:
+                log.error("building a reply failed: %s: %s", type(e).__name__, e)
+                log.debug("%s", traceback.format_exc())
+                if job in live:
+                    live.remove(job)
+                job.cancel()
+                job.send("error", server_error())
+
+    def _deliver_one(self, job: Job, live: list[Job]) -> None:
+        gen = job.gen
+        assert gen is not None
+        pieces = gen.take()
+        if pieces and job.stream:
+            job.send("pieces", pieces)
+        if gen.finish_reason is None:
+            return
+        live.remove(job)
+        if job.cancelled or gen.finish_reason == "cancelled":
+            return
+        if gen.error is not None:
+            err = gen.error
+            if isinstance(err, NonFiniteLogitsError):
+                job.send("error", from_trimix(err))
+            else:
+                log.error("generation failed: %s: %s", type(err).__name__, err)
+                message = f"generation failed: {err}" if isinstance(err, TrimixError) else None
+                job.send("error", server_error(message) if message else server_error())
+            return
+        job.send("done", outcome(gen))
 
     def _publish(self, engine: Engine) -> None:
         s = engine.scheduler
