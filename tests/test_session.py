@@ -119,7 +119,11 @@ def test_a_chat_on_the_demo_trio_selects_as_a_full_evaluation():
     """Real quantized models through the chat template. llama.cpp computes the logits of a decode of
     64 tokens or more with other kernels than a smaller one (SmolLM2 Q4_1: up to 0.74 apart for the
     same tokens), so both sides here keep every decode under 64 tokens (a small --max-logits-mib),
-    as any two evaluations must to be comparable."""
+    as any two evaluations must to be comparable. Below that, the attention of a cache per sequence
+    (no flash attention, see _llama.LlamaModel) still rounds a one-token decode differently from a
+    decode of several tokens: the reply's cells, decoded one at a time in the session, differ from the
+    same tokens evaluated together, which moves the grid's mean NLL by up to about 1.3e-3 (measured;
+    0.03 % of it). The scores are compared within 5e-3, and the choice where its margin is wider."""
     from trimix_cpp.chat_template import chat_format
     from trimix_cpp.conversation import ChatSettings, Conversation
     from trimix_cpp.methods import MethodChoice
@@ -140,7 +144,9 @@ def test_a_chat_on_the_demo_trio_selects_as_a_full_evaluation():
                 if i:
                     assert gen.timings.cached_tokens > len(gen.prompt_tokens) // 2
                 full = eng.select(gen.prompt_tokens, sel)
-                np.testing.assert_allclose(gen.selection.scores, full.scores, rtol=0, atol=1e-6)
-                assert gen.selection.chosen == full.chosen
+                np.testing.assert_allclose(gen.selection.scores, full.scores, rtol=0, atol=5e-3)
+                ranked = np.sort(np.asarray(full.scores).ravel())
+                if ranked[1] - ranked[0] > 1e-2:
+                    assert gen.selection.chosen == full.chosen
         finally:
             conv.close()
