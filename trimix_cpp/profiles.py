@@ -10,6 +10,8 @@ A profile is a small TOML file::
     n_ctx = 4096
     template = "{prompt}"      # how the user's text becomes the prompt
     stop = ["\\n"]
+    page = "chat"              # trimix serve's page starts in chat or text continuation ("complete")
+    temperature = 0.0          # trimix serve's default temperature (0: greedy)
 
     [models]                   # GGUF file of each role
     large_ins = "Qwen2.5-7B-Instruct-Q4_K_M.gguf"
@@ -60,6 +62,8 @@ MAX_N_CTX = 2**24
 # A language code becomes a file name (CODE.toml): letters, digits, "-" and "_", starting with a
 # letter or digit, so it can never name another folder or a hidden file.
 LANG_CODE = re.compile(r"[^\W_][\w-]{0,63}")
+# How trimix serve's chat page starts: a conversation through the chat template, or text continued as is.
+PAGE_MODES = ("chat", "complete")
 
 
 def _shipped_dir() -> Path:
@@ -108,6 +112,8 @@ class Profile:
     template: str = "{prompt}"
     stop: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
+    page: str | None = None  # the chat page's starting mode: "chat" or "complete" (None: chat when possible)
+    temperature: float | None = None  # trimix serve's default temperature (None: greedy)
 
     def format_prompt(self, text: str) -> str:
         return self.template.replace("{prompt}", text)
@@ -208,6 +214,12 @@ def load_profile(path: Path) -> Profile:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise TrimixError(f"{path}: stop must be a list of strings")
     sources = data.get("sources", {})
+    page = _field(prof, "page", str, path)
+    if page is not None and page not in PAGE_MODES:
+        raise TrimixError(f"{path}: page must be {' or '.join(PAGE_MODES)}, got {page!r}")
+    temperature = _field(prof, "temperature", (int, float), path)
+    if temperature is not None and not (math.isfinite(float(temperature)) and temperature >= 0):
+        raise TrimixError(f"{path}: temperature must be a finite number >= 0 (0 is greedy)")
     lang = check_lang(_field(prof, "lang", str, path, path.stem), f"{path}: lang")
     return Profile(
         lang=lang,
@@ -222,6 +234,8 @@ def load_profile(path: Path) -> Profile:
         template=template,
         stop=list(stop),
         sources={k: str(v) for k, v in sources.items()} if isinstance(sources, dict) else {},
+        page=page,
+        temperature=None if temperature is None else float(temperature),
     )
 
 

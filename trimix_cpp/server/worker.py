@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import TrimixError
 from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
+from ..sampling import SamplingParams
 from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
 from .responses import Outcome
 
@@ -290,4 +291,12 @@ def outcome(gen: Generation) -> Outcome:
         weights=dict(fusion.weights) if isinstance(fusion, FusionPlan) else {},
         selection=gen.selection.as_dict() if gen.selection is not None else None,
         timings=gen.timings.as_dict(),
+        sampling=sampling_dict(gen.spec.sampling),
     )
+
+
+def sampling_dict(p: SamplingParams) -> dict[str, float | int]:
+    """The sampling settings a reply was generated with; greedy decoding has no seed to report."""
+    if p.greedy:
+        return {"temperature": 0.0}
+    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "seed": p.seed}
