@@ -102,14 +102,14 @@ def serve(
     beta: Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")] = None,
     gamma: Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")] = None,
     select: Annotated[
-        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: the profile's).")
+        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
     ] = None,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: the profile's, or 0).")
+        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
     ] = None,
     page: Annotated[
         str | None,
-        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: the profile's."),
+        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
     ] = None,
     threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
     n_gpu_layers: Annotated[

@@ -24,7 +24,6 @@ import pytest
 for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
-import httpx  # noqa: E402
 from test_errors import trimix  # noqa: E402
 from test_serve import UG, start_server  # noqa: E402
 
@@ -195,9 +194,9 @@ class Page:
         self.page.on("pageerror", lambda e: self.problems.append(str(e)))
         self.page.on(
             "console",
-            lambda m: self.problems.append(m.text)
-            if m.type == "error" and "Failed to load resource" not in m.text
-            else None,
+            lambda m: (
+                self.problems.append(m.text) if m.type == "error" and "Failed to load resource" not in m.text else None
+            ),
         )
         self.url = url
         self.page.goto(url + "/")

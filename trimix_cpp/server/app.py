@@ -23,7 +23,7 @@ import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class ServerConfig:
     queue: int = 16
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20  # bytes of a request body
-    defaults: ServeDefaults = ServeDefaults()  # method, weights, temperature, the page's mode
+    defaults: ServeDefaults = field(default_factory=ServeDefaults)  # method, weights, temperature, the page's mode
 
 
 class TrimixServer:

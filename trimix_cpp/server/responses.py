@@ -2,8 +2,9 @@
 
 Every response carries ``usage`` (token counts) and ``trimix``: the method and weights that ran, the
 selection that chose them (strategy, chosen pair, the grid's perplexities) when one did, the sampling
-settings (with the seed, so a sampled reply can be reproduced), why the engine stopped, and timings. A stream ends with a chunk holding the finish reason and ``trimix``,
-then, when ``stream_options.include_usage`` asks for it, a chunk with ``usage`` and no choices, then
+settings (with the seed, so a sampled reply can be reproduced), why the engine stopped, and timings.
+A stream ends with a chunk holding the finish reason and ``trimix``, then, when
+``stream_options.include_usage`` asks for it, a chunk with ``usage`` and no choices, then
 ``data: [DONE]``.
 """
 
