@@ -8,7 +8,7 @@ with tm.Engine({"large_ins": "L.gguf", "small_cpt": "C.gguf", "small_base": "B.g
         print(piece, end="", flush=True)
 """
 
-from .engine import Engine, Generation, LoadOptions, SeqSpec, Timings
+from .engine import Engine, Generation, LoadOptions, SeqSpec, Session, Timings
 from .errors import (
     ContextOverflowError,
     ModelFileError,
@@ -44,6 +44,7 @@ __all__ = [
     "Selection",
     "Selector",
     "SeqSpec",
+    "Session",
     "Timings",
     "TrimixError",
     "VocabularyMismatchError",

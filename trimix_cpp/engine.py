@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, FusionPlan
-from .generation import Generation, Scheduler, SeqSpec, Timings, check_max_tokens
+from .generation import Generation, Scheduler, SeqSpec, Session, Timings, check_max_tokens
 from .loading import LoadOptions, build_shared_vocab, load_models
 from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perplexity
 from .sampling import SamplingParams
@@ -30,7 +30,16 @@ from .scoring import MethodScore
 from .selection import SELECTION_ROLES, GridScores, Selection, Selector
 from .utf8 import Utf8Guard
 
-__all__ = ["Engine", "Generation", "LoadOptions", "SeqSpec", "Timings", "build_shared_vocab", "check_max_tokens"]
+__all__ = [
+    "Engine",
+    "Generation",
+    "LoadOptions",
+    "SeqSpec",
+    "Session",
+    "Timings",
+    "build_shared_vocab",
+    "check_max_tokens",
+]
 
 
 def _flag(role: str) -> str:
@@ -242,6 +251,7 @@ class Engine:
         stop: Sequence[str] = (),
         utf8_guard: bool = True,
         draft: int = 0,
+        session: Session | None = None,
     ) -> Generation:
         """Fused generation as an iterator of text pieces (see :class:`Generation`).
 
@@ -251,18 +261,30 @@ class Engine:
         sequence (up to ``LoadOptions.n_seq`` decode together; the others wait their turn).
         ``draft`` > 0 lets the small models draft that many tokens per round for the large model to
         check in one batch (speculative decoding: the same output, see :mod:`.speculative`).
+        With ``session`` (from :meth:`session`) the prompt reuses what the conversation's cache holds
+        and only its new tokens are evaluated; the reply stays in the cache for the next turn.
         """
         spec = SeqSpec(fusion, sampling or SamplingParams(), max_tokens, tuple(stop), utf8_guard, draft)
-        return self.generate_many(prompt, [spec])[0]
+        return self.generate_many(prompt, [spec], session=session)[0]
 
-    def generate_many(self, prompt: str | Sequence[int] | np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:
+    def generate_many(
+        self, prompt: str | Sequence[int] | np.ndarray, specs: Sequence[SeqSpec], session: Session | None = None
+    ) -> list[Generation]:
         """Several sequences continuing one prompt, evaluated once and shared (for instance every
         method of an evaluation). They start together and run side by side."""
         self._check_open()
         for spec in specs:
             check_max_tokens(spec.max_tokens)
             self._need(spec.roles, "this method")
-        return self.scheduler.submit(self._as_tokens(prompt), specs)
+        return self.scheduler.submit(self._as_tokens(prompt), specs, session)
+
+    def session(self) -> Session:
+        """A conversation whose tokens stay in every model's KV cache between turns: each
+        :meth:`generate` with it evaluates only what its prompt adds to the cached prefix (the
+        perplexity selection still covers the whole prompt). It holds one of the ``n_seq``
+        sequences until closed; use it as a context manager."""
+        self._check_open()
+        return self.scheduler.open_session()
 
     def generate_batch(
         self, prompts: Sequence[str | Sequence[int] | np.ndarray], specs: SeqSpec | Sequence[SeqSpec]

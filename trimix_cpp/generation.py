@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .errors import ContextOverflowError, TrimixError, WeightError
-from .fusion import Fuser, FusionPlan, plan
+from .fusion import LARGE_INS, SMALL_BASE, SMALL_CPT, Fuser, FusionPlan, plan
 from .prefill import evaluate_prompt
 from .sampling import SamplingParams, TokenSampler, greedy
-from .selection import SELECTION_ROLES, Selection, Selector
+from .selection import SELECTION_ROLES, GridNLL, GridRows, Selection, Selector
 from .speculative import MAX_DRAFT, Drafter, draft_plan, run_round, usable
 from .utf8 import ACCEPT, StreamDecoder
 
@@ -101,6 +101,7 @@ class Timings:
     gen_s: float = 0.0
     decode_s: float = 0.0  # time inside llama_decode during generation (the batch's, all models)
     queued_s: float = 0.0  # time waiting for a free sequence before the prompt was evaluated
+    cached_tokens: int = 0  # prompt tokens a conversation's cache already held (not evaluated again)
     draft_tokens: int = 0  # tokens the small models drafted (speculative decoding)
     accepted_tokens: int = 0  # drafted tokens the fused distribution accepted
 
@@ -126,6 +127,7 @@ class Timings:
             "gen_tokens_per_s": round(self.gen_tokens_per_s, 3),
             "decode_s": round(self.decode_s, 6),
             "queued_s": round(self.queued_s, 6),
+            "cached_tokens": self.cached_tokens,
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
             "rejected_tokens": self.rejected_tokens,
@@ -223,6 +225,44 @@ class Generation:
         self._cancel = True
 
 
+class Session:
+    """A conversation kept in the KV cache of every model between its turns.
+
+    A session owns one llama.cpp sequence id for its whole life. Each request made with it (one
+    sequence, see :meth:`Scheduler.submit`) reuses the longest common prefix of its prompt and the
+    tokens the cache holds (the previous prompt and the reply generated to it: a chat's next prompt
+    repeats both), drops the cells after it, and evaluates only the rest. Perplexity selection still
+    scores the whole prompt: the per-position NLL of the grid is kept beside the cells
+    (:class:`~trimix_cpp.selection.GridRows`), including the rows of the generated tokens, folded as
+    they are picked. Close it (or use it as a context manager) to give the cells and the id back.
+    """
+
+    def __init__(self, scheduler: Scheduler, seq_id: int) -> None:
+        self._scheduler = scheduler
+        self.id = seq_id
+        self.tokens = np.zeros(0, dtype=np.int32)  # the history: last prompt and the tokens picked after it
+        self.held: dict[str, int] = {}  # leading tokens of the history in each model's cells
+        self.grid: GridRows | None = None  # per-position NLL of the last perplexity grid used
+        self.cells = 0  # KV cells held between requests
+        self.busy = False
+        self.closed = False
+
+    def close(self) -> None:
+        self._scheduler.close_session(self)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
 @dataclass
 class _Request:
     prompt: np.ndarray
@@ -230,6 +270,7 @@ class _Request:
     cells: int  # KV cells reserved while it runs: the prompt once, plus each sequence's new tokens
     running: int = 0  # its sequences still active; the shared prompt cells go with the last one
     spare: list[int] = field(default_factory=list)  # its llama.cpp sequence ids no branch holds now
+    session: Session | None = None
 
 
 class _Branch:
@@ -265,6 +306,7 @@ class _Seq:
         "cells",
         "decoder",
         "drafter",
+        "fold",
         "followers",
         "fuser",
         "gen",
@@ -297,6 +339,7 @@ class _Seq:
         self.pending = ""
         self.stops = [s for s in gen.spec.stop if s]
         self.started = 0.0
+        self.fold: GridNLL | None = None  # a conversation's grid rows, extended by every token picked
 
     # the branch's fields, as a sequence alone in its branch (a drafting one) sees them
     @property
@@ -385,11 +428,69 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def submit(self, prompt: np.ndarray, specs: Sequence[SeqSpec]) -> list[Generation]:
-        """Queue a prompt with the sequences that continue it; their generations start at the next step."""
+    def open_session(self) -> Session:
+        """A conversation that keeps its tokens in the cache between requests (holds one sequence id)."""
+        if not self.free_ids:
+            raise TrimixError(
+                f"no free sequence for a conversation: all {self.n_seq} are in use (raise --parallel or close one)"
+            )
+        return Session(self, self.free_ids.pop())
+
+    def close_session(self, session: Session) -> None:
+        """Free a session's cells and sequence id (its running generation, if any, is cancelled)."""
+        if session.closed:
+            return
+        if session.busy:
+            for req in [*self.queue, *(s.request for s in self.active)]:
+                if req.session is session:
+                    for g in req.gens:
+                        g.cancel()
+            self.reap()
+        self._reset_session(session)
+        session.closed = True
+        self.free_ids.append(session.id)
+
+    def _reset_session(self, session: Session) -> None:
+        """Forget a session's history and drop its cells."""
+        for m in self.engine.models.values():
+            m.seq_rm(session.id)
+        self.cells_free += session.cells
+        session.cells = 0
+        session.tokens = np.zeros(0, dtype=np.int32)
+        session.held = {}
+        session.grid = None
+        session.busy = False
+
+    def _keep_session(self, s: _Seq) -> None:
+        """After a conversation's request: its prompt and the tokens picked stay in the cache."""
+        req = s.request
+        session = req.session
+        assert session is not None
+        if s.gen.finish_reason == "error":
+            self._reset_session(session)
+            return
+        session.tokens = np.concatenate([req.prompt, np.asarray(s.gen.token_ids, dtype=np.int32)])
+        for r in s.branch.kv_roles:
+            session.held[r] = s.branch.n_past if r in s.roles else len(req.prompt)
+        session.cells = max(session.held.values(), default=0)
+        self.cells_free -= session.cells
+        session.busy = False
+
+    def submit(self, prompt: np.ndarray, specs: Sequence[SeqSpec], session: Session | None = None) -> list[Generation]:
+        """Queue a prompt with the sequences that continue it; their generations start at the next step.
+        With ``session``, one sequence that reuses (and extends) the session's cached tokens."""
         eng = self.engine
         if not specs:
             raise TrimixError("a request needs at least one sequence to generate")
+        if session is not None:
+            if session.closed:
+                raise TrimixError("this conversation is closed")
+            if session.busy:
+                raise TrimixError("this conversation is still generating a reply (wait for it or cancel it)")
+            if len(specs) != 1:
+                raise TrimixError("a conversation generates one reply per request")
+            if specs[0].draft:
+                raise TrimixError("--draft (speculative decoding) is not available in a conversation (use --draft 0)")
         if len(specs) > self.n_seq:
             raise TrimixError(
                 f"this request needs {len(specs)} sequences but the engine holds {self.n_seq} (raise --parallel)"
@@ -416,7 +517,9 @@ class Scheduler:
                 f"but the cache holds {self.kv_cells} (raise --n-ctx or lower --parallel or --max-tokens)"
             )
         gens = [Generation(self, prompt, spec) for spec in specs]
-        self.queue.append(_Request(prompt, gens, cells))
+        self.queue.append(_Request(prompt, gens, cells, session=session))
+        if session is not None:
+            session.busy = True
         return gens
 
     def reap(self) -> None:
@@ -427,6 +530,8 @@ class Scheduler:
             req.gens = [g for g in req.gens if g.finish_reason is None]
             if not req.gens:
                 self.queue.remove(req)
+                if req.session is not None:
+                    req.session.busy = False
         for s in self.active:
             for f in [f for f in s.followers if f._cancel]:
                 s.followers.remove(f)
@@ -450,6 +555,8 @@ class Scheduler:
         if not self.active:
             if self.queue:  # nothing runs and the head still does not fit: it never will
                 req = self.queue.popleft()
+                if req.session is not None:
+                    req.session.busy = False
                 self._fail(req.gens, TrimixError("the request does not fit in the KV cache (raise --n-ctx)"))
             return
         batch = list(self.active)
@@ -489,7 +596,9 @@ class Scheduler:
     def _admit(self) -> None:
         while self.queue:
             req = self.queue[0]
-            if len(req.gens) > len(self.free_ids) or req.cells > self.cells_free:
+            own = req.session
+            ids, cells = len(req.gens) - (own is not None), req.cells - (own.cells if own is not None else 0)
+            if ids > len(self.free_ids) or cells > self.cells_free:
                 return
             self.queue.popleft()
             self._prefill(req)
@@ -497,7 +606,13 @@ class Scheduler:
     def _prefill(self, req: _Request) -> None:
         """Evaluate the prompt once, choose weights, pick every sequence's first token."""
         eng = self.engine
-        ids = [self.free_ids.pop() for _ in req.gens]
+        session = req.session
+        if session is not None:
+            ids = [session.id]
+            self.cells_free += session.cells
+            session.cells = 0
+        else:
+            ids = [self.free_ids.pop() for _ in req.gens]
         self.cells_free -= req.cells
         started = time.perf_counter()
         roles = tuple(r for r in eng.models if any(r in g.spec.roles for g in req.gens))
@@ -506,19 +621,29 @@ class Scheduler:
         room = eng.n_ctx - len(req.prompt)
         root = _Branch(ids[0], len(req.prompt), roles, req)
         req.spare = ids[1:]
+        held, rows = self._reuse(session, req.prompt, selectors) if session is not None else (None, None)
         try:
-            ev = evaluate_prompt(eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors)
+            ev = evaluate_prompt(
+                eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors, held=held, rows=rows
+            )
             root.rows = {r: eng.models[r].logits_row(-1) for r in roles}
         except Exception as e:
-            for m in eng.models.values():
-                m.seq_rm(ids[0])
-            self.free_ids.extend(ids)
             self.cells_free += req.cells
+            if session is not None:
+                self._reset_session(session)
+            else:
+                for m in eng.models.values():
+                    m.seq_rm(ids[0])
+                self.free_ids.extend(ids)
             self._fail(req.gens, e)
             return
+        if session is not None:
+            session.tokens = req.prompt
+            session.held.update({r: len(req.prompt) for r in roles})
         for g in req.gens:
             g.timings.queued_s = started - g._submitted
             g.timings.prompt_s = ev.seconds
+            g.timings.cached_tokens = len(req.prompt) - ev.evaluated
             if isinstance(g.spec.fusion, Selector):
                 g.selection = ev.selections[g.spec.fusion]
                 a, b = g.selection.chosen
@@ -541,13 +666,34 @@ class Scheduler:
             s.fuser = Fuser(fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
             s.sampler = greedy if g.spec.sampling.greedy else TokenSampler(g.spec.sampling, eng.vocab.n_vocab)
             s.guard = eng.guard(g.spec.utf8_guard)
+            if ev.kept is not None and all(r in fusion.roles for r in SELECTION_ROLES):
+                s.fold, ev.kept = ev.kept, None
             if g.spec.draft and draft_plan(fusion) is not None:
                 s.drafter = Drafter(fusion, g.spec.draft, g.spec.sampling, eng.vocab.n_vocab)
             root.members.append(s)
             seqs.append(s)
             self.active.append(s)
+        if ev.kept is not None:
+            ev.kept.close()
         req.running = len(seqs)
         self._advance_all(seqs)
+
+    def _reuse(
+        self, session: Session, prompt: np.ndarray, selectors: Sequence[Selector]
+    ) -> tuple[dict[str, int], GridRows | None]:
+        """What of a session's cache a new prompt can reuse: the tokens each model holds up to the
+        common prefix (the cells after it are dropped), and the grid rows whose tokens are in it."""
+        common = _common_prefix(session.tokens, prompt)
+        for r, n in list(session.held.items()):
+            if n > common:
+                self.engine.models[r].seq_rm(session.id, common, -1)
+                session.held[r] = common
+        if session.grid is not None:
+            session.grid.truncate(max(common - 1, 0))  # row j predicts token j + 1
+        ppl = [s for s in selectors if s.strategy == "ppl"]
+        if ppl and (session.grid is None or not session.grid.matches(ppl[0].alphas, ppl[0].betas)):
+            session.grid = GridRows(ppl[0].alphas, ppl[0].betas)
+        return dict(session.held), session.grid if ppl else None
 
     def _decode(self, batch: Sequence[_Seq]) -> None:
         """The pending token of every branch into every model its sequences use, in one decode per model."""
@@ -652,6 +798,8 @@ class Scheduler:
         if vocab.eog[tok]:
             self._finish(s, "eog")
             return False
+        if s.fold is not None:
+            self._fold(s, tok)
         g.token_ids.append(tok)
         for f in s.followers:
             f.token_ids.append(tok)
@@ -681,6 +829,19 @@ class Scheduler:
         return True
 
     @staticmethod
+    def _fold(s: _Seq, tok: int) -> None:
+        """A conversation's grid gains the row of the position just decoded, whose next token is ``tok``
+        (so the next turn's perplexity selection need not evaluate the reply again)."""
+        fold = s.fold
+        assert fold is not None and fold.kept is not None
+        if fold.kept.n != s.n_past - 1 or not all(r in s.rows for r in SELECTION_ROLES):
+            fold.close()  # rows missing (the history moved on without them): the next turn folds from there
+            s.fold = None
+            return
+        r = s.rows
+        fold.add(r[LARGE_INS][None, :], r[SMALL_CPT][None, :], r[SMALL_BASE][None, :], np.asarray([tok]))
+
+    @staticmethod
     def _emit(s: _Seq, piece: str) -> None:
         if piece:
             for g in (s.gen, *s.followers):
@@ -703,10 +864,14 @@ class Scheduler:
             f.timings = replace(g.timings, queued_s=f.timings.queued_s)
         if s in self.active:
             self.active.remove(s)
+        if s.fold is not None:
+            s.fold.close()
+            s.fold = None
         b = s.branch
+        own = s.request.session is not None and b.id == s.request.session.id  # a conversation's cells stay
         if s in b.members:
             b.members.remove(s)
-            if not b.members:
+            if not b.members and not own:
                 for r in b.kv_roles:
                     self.engine.models[r].seq_rm(b.id)
                 b.request.spare.append(b.id)
@@ -717,6 +882,8 @@ class Scheduler:
             self.cells_free += len(req.prompt)
             self.free_ids.extend(req.spare)
             req.spare = []
+            if req.session is not None:
+                self._keep_session(s)
         if s.slot >= 0:
             self._slots.append(s.slot)
             s.slot = -1

@@ -25,7 +25,7 @@ from ._llama import LlamaModel
 from .errors import ContextOverflowError, TrimixError
 from .fusion import LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
 from .scoring import MethodScore, PerplexityScorer, windows
-from .selection import SELECTION_ROLES, GridNLL, GridScores, Selection, Selector, choose, entropy_grid
+from .selection import SELECTION_ROLES, GridNLL, GridRows, GridScores, Selection, Selector, choose, entropy_grid
 
 ChunkCallback = Callable[[Mapping[str, np.ndarray], np.ndarray], None]
 
@@ -79,6 +79,8 @@ class PromptPass:
     seconds: float
     selections: dict[Selector, Selection] = field(default_factory=dict)
     grids: dict[Selector, GridScores] = field(default_factory=dict)
+    evaluated: int = 0  # positions decoded in the model that decoded the most (the rest were cached)
+    kept: GridNLL | None = None  # the open accumulator over ``rows``, for the caller to go on folding and close
 
 
 def evaluate_prompt(
@@ -88,30 +90,64 @@ def evaluate_prompt(
     seq: int,
     roles: Sequence[str],
     selectors: Sequence[Selector] = (),
+    *,
+    held: Mapping[str, int] | None = None,
+    rows: GridRows | None = None,
 ) -> PromptPass:
     """Evaluate ``tokens`` once in the models of ``roles`` and choose a pair for every selector.
 
     Every perplexity selector folds the same chunks; entropy selectors read the last position. A
     one-token prompt predicts nothing, so it has no perplexity: its perplexity selectors choose by
     entropy instead, and their :class:`Selection` says so.
+
+    A cached prefix (a conversation's earlier turns): ``held[role]`` leading tokens are already in
+    that model's cells of ``seq`` (each at most ``len(tokens) - 1``, so the last position is always
+    decoded and gives the logits generation needs); the cells after them are dropped and only the
+    rest is decoded. ``rows`` keeps the per-position NLL of a perplexity selector's grid for the
+    history: its first ``rows.n`` rows (each at most ``len(tokens) - 1``) are summed in, only the
+    later positions are folded, and they are added to it. The sums are additive over positions, so
+    the selection equals a full evaluation's. The accumulator over ``rows`` stays open in
+    :attr:`PromptPass.kept` so that generation can go on adding the rows of the tokens it picks.
     """
     t0 = time.perf_counter()
     used = {r: models[r] for r in ROLES if r in roles or (selectors and r in SELECTION_ROLES)}
     ppl = list(dict.fromkeys(s for s in selectors if s.strategy == "ppl"))
-    grids = {s: GridNLL(s.alphas, s.betas, n_vocab, s.threads) for s in ppl}
+    final = len(tokens) - 1
+    start = {r: max(0, min((held or {}).get(r, 0), final)) for r in used}
+    keep = None
+    if rows is not None and len(ppl) == 1 and rows.matches(ppl[0].alphas, ppl[0].betas):
+        keep = ppl[0]
+    grids: dict[Selector, GridNLL] = {}
+    ok = False
     try:
         if ppl:
+            fold_from = 0
+            if keep is not None:
+                assert rows is not None
+                rows.truncate(min(rows.n, final, *(start[r] for r in SELECTION_ROLES)))
+                fold_from = rows.n
+            for r in SELECTION_ROLES:
+                start[r] = fold_from
+            for s in ppl:
+                grids[s] = GridNLL(s.alphas, s.betas, n_vocab, s.threads, rows=rows if s is keep else None)
+        if held is not None:
+            for r, m in used.items():
+                m.seq_rm(seq, start[r], -1)
+        for r, m in used.items():
+            if not (ppl and r in SELECTION_ROLES):
+                evaluate({r: m}, tokens[start[r] :], seq, start=start[r])
+        if ppl:
             budget = min(ppl, key=lambda s: s.max_logits_mib)
-            chunk = budget.chunk_rows(n_vocab, [used[r].n_vocab for r in SELECTION_ROLES], len(tokens))
+            f0 = start[SELECTION_ROLES[0]]
+            chunk = budget.chunk_rows(n_vocab, [used[r].n_vocab for r in SELECTION_ROLES], len(tokens) - f0)
 
-            def fold(rows: Mapping[str, np.ndarray], targets: np.ndarray) -> None:
+            def fold(chunk_rows: Mapping[str, np.ndarray], targets: np.ndarray) -> None:
                 for g in grids.values():
-                    g.add(rows[LARGE_INS], rows[SMALL_CPT], rows[SMALL_BASE], targets)
+                    g.add(chunk_rows[LARGE_INS], chunk_rows[SMALL_CPT], chunk_rows[SMALL_BASE], targets)
 
-            evaluate(used, tokens, seq, fold_roles=SELECTION_ROLES, on_chunk=fold, chunk_rows=chunk)
-        else:
-            evaluate(used, tokens, seq)
-        out = PromptPass(len(tokens), 0.0)
+            sel = {r: used[r] for r in SELECTION_ROLES}
+            evaluate(sel, tokens[f0:], seq, start=f0, fold_roles=SELECTION_ROLES, on_chunk=fold, chunk_rows=chunk)
+        out = PromptPass(len(tokens), 0.0, evaluated=max(len(tokens) - start[r] for r in used))
         last = None
         for sel in dict.fromkeys(selectors):
             grid = grids.get(sel)
@@ -128,9 +164,13 @@ def evaluate_prompt(
             if sel.strategy == "ppl":
                 note = f"the prompt has {len(tokens)} token, so no perplexity: chose by entropy"
             out.selections[sel] = _selection(sel, "ent", scores, {}, len(tokens), note)
+        ok = True
     finally:
-        for g in grids.values():
-            g.close()
+        for s, g in grids.items():
+            if not (ok and s is keep):  # the kept one goes to the caller
+                g.close()
+    if keep is not None:
+        out.kept = grids[keep]
     out.seconds = time.perf_counter() - t0
     for s in out.selections.values():
         s.seconds = out.seconds

@@ -344,13 +344,52 @@ class _Compiled:
         return self._call(self._module, a_rows[lo:hi], b_rows[lo:hi], c_rows[lo:hi], self._scratch[k])
 
 
+class GridRows:
+    """The NLL of every pair of a grid at each position of a token history, kept beside a cached
+    prefix (see :class:`~trimix_cpp.generation.Session`).
+
+    Row j holds the NLL of token j+1 given tokens 0..j, for every pair of the grid extended with
+    the weights 0 and 1 (so the single models ride along). Perplexity selection is a mean over
+    positions, so a later prompt that continues the history needs only its new positions' rows:
+    the kept rows of the common prefix are summed in instead of evaluating it again. Rows are kept
+    one by one rather than as a running sum so that a prompt that diverges from the history
+    part-way can still reuse the rows before the divergence.
+    """
+
+    def __init__(self, alphas: Sequence[float], betas: Sequence[float]) -> None:
+        self.alphas, self.betas = tuple(alphas), tuple(betas)
+        ga = sorted(set(self.alphas) | {0.0, 1.0})
+        gb = sorted(set(self.betas) | {0.0, 1.0})
+        self.rows = np.zeros((0, len(ga), len(gb)))
+        self.n = 0
+
+    def matches(self, alphas: Sequence[float], betas: Sequence[float]) -> bool:
+        return self.alphas == tuple(alphas) and self.betas == tuple(betas)
+
+    def truncate(self, n: int) -> None:
+        """Forget the rows from ``n`` on (their tokens left the history)."""
+        self.n = max(0, min(self.n, n))
+
+    def append(self, block: np.ndarray) -> None:
+        """Add rows after the first ``n`` (growing the store by doubling: one copy per doubling)."""
+        need = self.n + len(block)
+        if need > len(self.rows):
+            grown = np.zeros((max(need, 2 * len(self.rows), 64), *self.rows.shape[1:]))
+            grown[: self.n] = self.rows[: self.n]
+            self.rows = grown
+        self.rows[self.n : need] = block
+        self.n = need
+
+
 class GridNLL:
     """Accumulates, over chunks of prompt positions, the fused NLL of every grid pair.
 
     ``add`` takes each model's logits at a run of consecutive positions and the token that follows
     each position; it never keeps a reference to them, so the caller may decode the next chunk into
     the same llama.cpp buffers as soon as ``add`` returns. ``kernel`` picks the compiled or the
-    numpy reduction (see :func:`resolve_kernel`); both compute the same sums.
+    numpy reduction (see :func:`resolve_kernel`); both compute the same sums. With ``rows`` (a
+    :class:`GridRows` of the same grid) the sums start from its kept rows and every row added is
+    kept there too.
     """
 
     def __init__(
@@ -360,6 +399,7 @@ class GridNLL:
         n_vocab: int,
         threads: int | None = None,
         kernel: str | None = None,
+        rows: GridRows | None = None,
     ) -> None:
         self.alphas, self.betas = tuple(alphas), tuple(betas)
         # the singles ride along: alpha 0 and 1, beta 0 and 1 (then (0,0)=C, (1,0)=A, (0,1)=B)
@@ -390,6 +430,12 @@ class GridNLL:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self.scores = GridScores(self.alphas, self.betas, np.zeros((len(self.alphas), len(self.betas))))
         self.scores.single_sum = {LARGE_INS: 0.0, SMALL_CPT: 0.0, SMALL_BASE: 0.0}
+        self.kept = rows
+        if rows is not None:
+            if not rows.matches(self.alphas, self.betas):
+                raise ValueError("the kept rows belong to another grid")
+            if rows.n:
+                self._fold(rows.rows[: rows.n].sum(axis=0), rows.n)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -433,20 +479,26 @@ class GridNLL:
                 if bounds[k + 1] > bounds[k]
             ]
             parts = [f.result() for f in futures]
-        full = sum(p[0] for p in parts)
+        per_row = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        if self.kept is not None:
+            self.kept.append(per_row)
+        self._fold(per_row.sum(axis=0), n)
+        self.scores.n_dense_fallback += sum(p[1] for p in parts)
+
+    def _fold(self, full: np.ndarray, n: int) -> None:
+        """Add the NLL sums ``full`` of ``n`` rows over the extended grid to the scores."""
         s = self.scores
         s.nll_sum += full[np.ix_(self._ia, self._ib)]
         for role, cell in zip((SMALL_BASE, LARGE_INS, SMALL_CPT), self._singles):
             s.single_sum[role] += float(full[cell])
         s.n_rows += n
-        s.n_dense_fallback += sum(p[1] for p in parts)
 
     def _rows(
         self, k: int, a_rows: np.ndarray, b_rows: np.ndarray, c_rows: np.ndarray, targets: np.ndarray, lo: int, hi: int
     ) -> tuple[np.ndarray, int]:
-        """NLL summed over rows lo..hi for every pair of the extended grid (float64)."""
+        """NLL of rows lo..hi, one (extended grid) array per row (float64)."""
         sc = self._scratch[k]
-        total = np.zeros((len(self._ga), len(self._gb)))
+        total = np.zeros((hi - lo, len(self._ga), len(self._gb)))
         fallbacks = 0
         fa, fb = self._fa, self._fb
         for t in range(lo, hi):
@@ -474,7 +526,7 @@ class GridNLL:
                 fallbacks += 1
             else:
                 lse = np.log(sums) + m_c + shift_a[:, None] + shift_b[None, :]
-            total += lse - target
+            total[t - lo] = lse - target
         return total, fallbacks
 
     def _rows_compiled(
@@ -504,7 +556,7 @@ class GridNLL:
             r = lo + t
             lse[t] = _dense_lse(a_rows[r], b_rows[r], c_rows[r], self._a64, self._b64)
         nll = np.where(self._needed, lse - target, 0.0)
-        return nll.sum(axis=0), int(bad.sum())
+        return nll, int(bad.sum())
 
 
 def _dense_lse(a: np.ndarray, b: np.ndarray, c: np.ndarray, alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
