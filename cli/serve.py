@@ -111,6 +111,13 @@ def serve(
         str | None,
         typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
     ] = None,
+    keep_conversations: Annotated[
+        bool,
+        typer.Option(
+            "--keep-conversations/--no-keep-conversations",
+            help="Keep each conversation in the KV cache so its next turn evaluates only the new tokens.",
+        ),
+    ] = True,
     threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
     n_gpu_layers: Annotated[
         int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
@@ -152,7 +159,13 @@ def serve(
             _llama.check_gguf_file(Path(p))
         label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
         config = ServerConfig(
-            model_name=label, api_key=key, queue=queue, max_tokens=max_tokens, max_body=max_body, defaults=defaults
+            model_name=label,
+            api_key=key,
+            queue=queue,
+            max_tokens=max_tokens,
+            max_body=max_body,
+            defaults=defaults,
+            keep_conversations=keep_conversations,
         )
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
         setup_logging(verbose)

@@ -106,6 +106,61 @@ def test_the_servers_defaults_apply_where_a_request_says_nothing(tiny_app):
     assert greedy["trimix"]["sampling"] == {"temperature": 0.0}
 
 
+def _turns(http, texts: list[str]) -> list[dict]:
+    """A growing text continued turn by turn (each prompt repeats the last one and its reply)."""
+    prompt, out = "", []
+    for t in texts:
+        prompt += t
+        body = {"prompt": prompt, "max_tokens": 6, "stop": [], "temperature": 0, "trimix": {"method": "trimix"}}
+        r = http.post(C, json=body).json()
+        out.append(r)
+        prompt += r["choices"][0]["text"]
+    return out
+
+
+def test_a_conversations_next_turn_reuses_its_cached_prefix(tiny_trio, tiny_app):
+    """The next turn evaluates only its new tokens, with the same text and the same perplexity grid as
+    a server that evaluates everything again."""
+    from starlette.testclient import TestClient
+
+    import trimix_cpp as tm
+    from trimix_cpp.modelset import ModelSet
+    from trimix_cpp.server import EngineWorker, ServerConfig, TrimixServer
+
+    texts = ["the cat sat on the mat", " and the dog", " then they both", " went home"]
+    kept = _turns(tiny_app, texts)
+    paths = {r: tiny_trio[r] for r in ("large_ins", "small_cpt", "small_base")}
+    worker = EngineWorker(
+        lambda: tm.Engine(paths, tm.LoadOptions(n_ctx=256, n_gpu_layers=0, n_threads=1, n_seq=2)),
+        lambda engine: server.on_loaded(engine),
+        keep_conversations=False,
+    )
+    server = TrimixServer(ModelSet(None, {}), worker, ServerConfig())
+    worker.start()
+    assert worker.ready.wait(120) and worker.loaded
+    try:
+        with TestClient(server.app) as http:
+            fresh = _turns(http, texts)
+    finally:
+        worker.stop()
+    for k, (a, b) in enumerate(zip(kept, fresh)):
+        assert a["choices"][0]["text"] == b["choices"][0]["text"], k
+        assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"], k
+        assert b["trimix"]["timings"]["cached_tokens"] == 0
+        ga, gb = a["trimix"]["selection"], b["trimix"]["selection"]
+        assert ga["chosen"] == gb["chosen"], k
+        for x, y in zip(ga["grid"], gb["grid"]):
+            assert x["nll"] == pytest.approx(y["nll"], abs=1e-5), k
+    for k in range(1, len(texts)):
+        # the last prompt, less the token or two its joint with the reply's text may tokenize into
+        # differently (and the reply's tokens too, where its text tokenizes back to them)
+        before = kept[k - 1]["usage"]
+        cached = kept[k]["trimix"]["timings"]["cached_tokens"]
+        assert cached >= before["prompt_tokens"] - 2, (k, cached, before)
+    health = tiny_app.get("/health").json()
+    assert health["kv_cells_cached"] > 0 and health["kv_cells_free"] == health["kv_cells"]
+
+
 def test_defaults_are_checked_like_the_command_line():
     from trimix_cpp.errors import TrimixError
     from trimix_cpp.profiles import find_profile

@@ -67,6 +67,7 @@ class ServerConfig:
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20  # bytes of a request body
     defaults: ServeDefaults = field(default_factory=ServeDefaults)  # method, weights, temperature, the page's mode
+    keep_conversations: bool = True  # a conversation's next turn reuses its cached prefix (worker, .conversations)
 
 
 class TrimixServer:

@@ -32,6 +32,7 @@ from ..errors import TrimixError
 from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
 from ..sampling import SamplingParams
+from .conversations import ConversationCache
 from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
 from .responses import Outcome
 
@@ -92,8 +93,11 @@ class EngineWorker:
         load: Callable[[], Engine],
         on_loaded: Callable[[Engine], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        keep_conversations: bool = True,
     ) -> None:
         self._load = load
+        self._keep_conversations = keep_conversations  # reuse a conversation's cached prefix (.conversations)
+        self._cache: ConversationCache | None = None
         self._on_loaded = on_loaded
         self._on_failure = on_failure
         self._cv = threading.Condition()
@@ -151,6 +155,8 @@ class EngineWorker:
                 roles=engine.roles,
                 files={r: m.path.name for r, m in engine.models.items()},
             )
+            if self._keep_conversations:
+                self._cache = ConversationCache(engine)
             self._publish(engine)
             self.loaded = True
             self.ready.set()
@@ -170,6 +176,8 @@ class EngineWorker:
             for job in live + left:
                 job.cancel()
                 job.send("error", shutting_down())
+            if self._cache is not None:
+                self._cache.close()
             engine.close()
             self.stats = {}
 
@@ -191,6 +199,8 @@ class EngineWorker:
                 new = []
             for job in new:
                 self._start(engine, job, live)
+            if self._cache is not None:
+                self._cache.make_room()
             if not sched.idle:
                 try:
                     sched.step()
@@ -222,7 +232,10 @@ class EngineWorker:
                     param=job.prompt_param,
                     code="context_length_exceeded",
                 )
-            gen = engine.generate_many(tokens, [job.spec])[0]
+            session = None
+            if self._cache is not None and not job.spec.draft:  # speculative decoding runs outside sessions
+                session = self._cache.pick(np.asarray(tokens, dtype=np.int32))
+            gen = engine.generate_many(tokens, [job.spec], session=session)[0]
         except APIError as e:
             job.send("error", e)
             return
@@ -270,12 +283,14 @@ class EngineWorker:
 
     def _publish(self, engine: Engine) -> None:
         s = engine.scheduler
+        cached = self._cache.cached_cells if self._cache is not None else 0
         self.stats = {
             "sequences": s.n_seq,
             "active": len(s.active),
             "queued": len(s.queue),
             "kv_cells": s.kv_cells,
-            "kv_cells_free": s.cells_free,
+            "kv_cells_free": s.cells_free + cached,  # idle conversations' cells are given back on demand
+            "kv_cells_cached": cached,
         }
 
 
