@@ -246,6 +246,8 @@ class Page:
         self.context = browser.new_context(viewport=SIZES[size], accept_downloads=True)
         self.page = self.context.new_page()
         self.problems: list[str] = []
+        self.urls: list[str] = []
+        self.page.on("request", lambda r: self.urls.append(r.url))
         self.page.on("pageerror", lambda e: self.problems.append(str(e)))
         self.page.on(
             "console",
@@ -365,6 +367,9 @@ def test_layout_controls_and_only_loaded_methods(browser, demo3, shots, size):
     finally:
         pg.close()
     assert not pg.problems, pg.problems
+    # offline: everything the page loads comes from the server itself
+    elsewhere = [u for u in pg.urls if not u.startswith((demo3.url + "/", "data:", "blob:"))]
+    assert pg.urls and not elsewhere, elsewhere
 
 
 def _sse_final(body: bytes) -> dict:

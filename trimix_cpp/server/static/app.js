@@ -373,14 +373,10 @@ function renderList() {
   $("export-md").disabled = none;
 }
 
+// An icon: a copy of the header's menu icon (an SVG element the HTML parser made) with another path.
 function icon(d) {
-  const ns = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(ns, "svg");
-  svg.setAttribute("viewBox", "0 0 24 24");
-  svg.setAttribute("aria-hidden", "true");
-  const path = document.createElementNS(ns, "path");
-  path.setAttribute("d", d);
-  svg.appendChild(path);
+  const svg = document.querySelector("#chats-toggle svg").cloneNode(true);
+  svg.querySelector("path").setAttribute("d", d);
   return svg;
 }
 
