@@ -534,6 +534,12 @@ def test_api_key_flow_then_server_stopped(browser, tiny_trio, tmp_path, shots):
         page.reload()
         pg.connected("trimix")  # the key was kept in this browser
         assert banner.is_hidden()
+        # a prompt longer than the context: said plainly, with what to do
+        page.fill("#input", "the cat sat on the mat " * 60)
+        page.click("#send")
+        page.locator(".notice").wait_for(timeout=30_000)
+        assert "longer than the models can read" in page.locator(".notice").inner_text()
+        page.locator(".msg.user").last.locator("button", has_text="Delete").click()
 
         assert server.stop() == 0
         page.fill("#input", "the dog")
