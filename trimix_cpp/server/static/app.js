@@ -894,6 +894,7 @@ function compareElement(c, t, i) {
         t.info = slot.info;
         t.usage = slot.usage;
         delete t.stopped;
+        delete t.request; // "repeat with this seed" would repeat another method's request
         c.updated = Date.now();
         saveConversations();
         render();
