@@ -62,8 +62,6 @@ MAX_N_CTX = 2**24
 # A language code becomes a file name (CODE.toml): letters, digits, "-" and "_", starting with a
 # letter or digit, so it can never name another folder or a hidden file.
 LANG_CODE = re.compile(r"[^\W_][\w-]{0,63}")
-# How trimix serve's chat page starts: a conversation through the chat template, or text continued as is.
-PAGE_MODES = ("chat", "complete")
 
 
 def _shipped_dir() -> Path:
@@ -77,6 +75,9 @@ def _shipped_dir() -> Path:
 
 
 SHIPPED_DIR = _shipped_dir()
+
+# How trimix serve's chat page starts: a conversation through the chat template, or text continued as is.
+PAGE_MODES = ("chat", "complete")
 
 
 def user_profiles_dir() -> Path:
