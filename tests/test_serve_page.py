@@ -560,6 +560,49 @@ def test_api_key_flow_then_server_stopped(browser, tiny_trio, tmp_path, shots):
     assert "Traceback" not in server.log()
 
 
+def test_a_busy_server_says_when_to_try_again(browser):
+    """With every place taken, the page says the server is busy and when to try again."""
+    import threading
+
+    import httpx
+
+    server = start_server("--lang", "demo", "--parallel", "1", "--queue", "0")
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:  # a long stream that keeps the only place until released
+        body = {"prompt": UG, "max_tokens": 1000, "stop": [], "stream": True}
+        with httpx.stream("POST", server.url + C, json=body, timeout=300, trust_env=False) as r:
+            for _ in r.iter_lines():
+                holding.set()
+                if release.is_set():
+                    return
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    pg = Page(browser, server.url, "phone")
+    page = pg.page
+    try:
+        pg.connected()
+        assert holding.wait(60)
+        page.fill("#input", UG)
+        page.click("#send")
+        notice = page.locator(".notice[data-kind='busy']")
+        notice.wait_for(timeout=30_000)
+        text = notice.inner_text()
+        assert "busy" in text and re.search(r"Try again in \d+ seconds?", text), text
+        release.set()
+        holder.join(60)
+        pg.settings(max_tokens="4")
+        notice.locator("button:not([disabled])").click(timeout=30_000)  # enabled once Retry-After has passed
+        page.locator(".msg.assistant[data-done='true']").wait_for(timeout=60_000)
+    finally:
+        release.set()
+        pg.close()
+        server.stop()
+    assert not pg.problems, pg.problems
+
+
 def _fontconfig_without_noto(tmp_path: Path) -> Path:
     """A fontconfig setup with DejaVu only: a machine without a Tibetan font."""
     dejavu = Path("/usr/share/fonts/truetype/dejavu")
