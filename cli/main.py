@@ -22,15 +22,18 @@ import trimix_cpp as tm
 from trimix_cpp.batch import BatchDefaults, line_spec, read_batch, run_batch
 from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
+from trimix_cpp.chat_template import chat_prompt
 from trimix_cpp.evaluation.run import EvalConfig
 from trimix_cpp.evaluation.runner import DEFAULT_METHODS
 from trimix_cpp.evaluation.runner import parse_methods as eval_methods
+from trimix_cpp.generation import check_logprobs
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
 
 from . import models as models_cmd
 from . import render
+from .chat import chat as chat_cmd
 from .common import Verbose, err, errors
 from .evaluate import run_eval
 from .serve import SERVE_HELP
@@ -48,6 +51,7 @@ app = typer.Typer(
 
 app.add_typer(models_cmd.app, name="models")
 app.command("serve", help=SERVE_HELP)(serve_cmd)
+app.command("chat")(chat_cmd)
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
 
@@ -173,6 +177,33 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1: off).")] = None,
     min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output (default 0).")] = None,
+    repeat_penalty: Annotated[
+        float | None, typer.Option(help="Penalise tokens seen in the last --repeat-last-n tokens (1: off).")
+    ] = None,
+    repeat_last_n: Annotated[
+        int | None, typer.Option(help="Tokens the penalties look back over, prompt included (default 64; -1: all).")
+    ] = None,
+    frequency_penalty: Annotated[
+        float | None, typer.Option(help="Subtracted from a token's logit per occurrence in the window (0: off).")
+    ] = None,
+    presence_penalty: Annotated[
+        float | None, typer.Option(help="Subtracted once from the logit of a token in the window (0: off).")
+    ] = None,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--logprobs",
+            help="With --json: each token's log-probability under the fused distribution and its N most likely "
+            "alternatives (0: none).",
+        ),
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat", help="Send the prompt as a user message through the chat template (as trimix chat and serve)."
+        ),
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="With --chat: a system prompt.")] = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this string (repeatable; '\\n' is a newline).")
     ] = None,
@@ -212,13 +243,17 @@ def generate(
     refused.
     """
     with errors(verbose):
-        setup = _model_set(
-            lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base
-        )
+        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base)
         if batch is not None and (prompt is not None or file is not None):
             raise tm.TrimixError("--batch reads the prompts from its file: drop the prompt argument and --file")
         if batch is None and parallel is not None:
             raise tm.TrimixError("--parallel sets how many --batch prompts decode together; it needs --batch")
+        if logprobs is not None and not as_json and batch is None:
+            raise tm.TrimixError("--logprobs adds log-probabilities to the JSON output: add --json")
+        if chat and raw:
+            raise tm.TrimixError("--raw sends the prompt as it is, --chat through the chat template: choose one")
+        if system is not None and not chat:
+            raise tm.TrimixError("--system is the system prompt of --chat; add --chat")
         text = read_prompt(prompt, file) if batch is None else ""
         choice = MethodChoice(
             method=method,
@@ -237,25 +272,39 @@ def generate(
         check_models_used(fusion, list(setup.explicit), method_name)
         roles = fusion_roles(fusion)
         paths = setup.paths(roles, f"method {method_name}")
-        sampling = sampling_params(temperature, top_k, top_p, min_p, seed)
+        penalties = dict(
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
+        sampling = sampling_params(temperature, top_k, top_p, min_p, seed, **penalties)
+        check_logprobs(logprobs)
         stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
         if batch is not None:
             defaults = BatchDefaults(
-                choice, max_tokens, temperature, top_k, top_p, min_p, seed, tuple(stops), utf8_guard, draft
+                choice,
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+                tuple(stops),
+                utf8_guard,
+                draft,
+                logprobs=logprobs,
+                **penalties,
             )
-            _generate_batch(batch, setup, paths, defaults, raw, parallel, n_ctx, threads, n_gpu_layers, verbose)
+            _generate_batch(
+                batch, setup, paths, defaults, raw, parallel, n_ctx, threads, n_gpu_layers, verbose, chat, system
+            )
             return
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
         with tm.Engine(paths, options) as engine:
-            gen = engine.generate(
-                setup.prompt(engine, text, raw),
-                fusion,
-                sampling=sampling,
-                max_tokens=max_tokens,
-                stop=stops,
-                utf8_guard=utf8_guard,
-                draft=draft,
-            )
+            prompt_ids = _prompt(setup, engine, text, raw, chat, system)
+            spec = tm.SeqSpec(fusion, sampling, max_tokens, tuple(stops), utf8_guard, draft, logprobs)
+            gen = engine.generate_many(prompt_ids, [spec])[0]
             if as_json:
                 gen.run()
             else:
@@ -283,6 +332,14 @@ def generate(
         )
 
 
+def _prompt(setup: ModelSet, engine: tm.Engine, text: str, raw: bool, chat: bool, system: str | None):
+    """The prompt as the model sees it: the text, the profile's template around it, or (``--chat``) a
+    user message through the chat template, the same tokens the server's chat route builds."""
+    if chat:
+        return chat_prompt(engine, setup.profile.template if setup.profile is not None else None, text, system)
+    return setup.prompt(engine, text, raw)
+
+
 def _generate_batch(
     batch: Path,
     setup: ModelSet,
@@ -294,6 +351,8 @@ def _generate_batch(
     threads: int,
     n_gpu_layers: int,
     verbose: bool,
+    chat: bool = False,
+    system: str | None = None,
 ) -> None:
     """``generate --batch``: one JSON object per line of the file on stdout, in input order; a line
     that fails gets an error object (and a line on stderr), and the exit code is 1."""
@@ -308,7 +367,8 @@ def _generate_batch(
         def spec(settings):
             return line_spec(defaults, settings, setup.profile)
 
-        for res in run_batch(engine, lines, spec, lambda p: setup.prompt(engine, p, raw), batch.name):
+        make = lambda p: _prompt(setup, engine, p, raw, chat, system)  # noqa: E731
+        for res in run_batch(engine, lines, spec, make, batch.name):
             sys.stdout.write(json.dumps(res.as_dict(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
             if res.error is not None:
@@ -399,9 +459,7 @@ def calibrate(
         cal.save(output)
         a, b = cal.chosen
         skipped = f" ({cal.n_skipped} too long for the context)" if cal.n_skipped else ""
-        err.print(
-            f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
-        )
+        err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True)
 
 
 def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:

@@ -113,3 +113,34 @@ def test_sessions_hold_a_sequence_until_closed(eng):
     gens = [eng.generate(eng.tokenize(t), tm.plan("single"), max_tokens=2) for t in ("p", "q")]
     eng.run(gens)
     assert all(g.finish_reason in ("length", "eog") for g in gens)
+
+
+def test_a_chat_on_the_demo_trio_selects_as_a_full_evaluation():
+    """Real quantized models through the chat template. llama.cpp computes the logits of a decode of
+    64 tokens or more with other kernels than a smaller one (SmolLM2 Q4_1: up to 0.74 apart for the
+    same tokens), so both sides here keep every decode under 64 tokens (a small --max-logits-mib),
+    as any two evaluations must to be comparable."""
+    from trimix_cpp.chat_template import chat_format
+    from trimix_cpp.conversation import ChatSettings, Conversation
+    from trimix_cpp.methods import MethodChoice
+    from trimix_cpp.modelset import ModelSet
+
+    setup = ModelSet.make("demo")
+    paths = setup.paths(SELECTION_ROLES, "the test")
+    sel = tm.Selector("ppl", max_logits_mib=16)
+    with tm.Engine(paths, setup.load_options(n_ctx=512, threads=1, n_gpu_layers=0)) as eng:
+        assert sel.chunk_rows(eng.vocab.n_vocab, [m.n_vocab for m in eng.models.values()], 512) < 64
+        settings = ChatSettings(MethodChoice(select="ppl", max_logits_mib=16), max_tokens=10, stop=("\n",))
+        conv = Conversation(eng, chat_format(eng, None), settings, setup.profile)
+        try:
+            for i, text in enumerate(["Salam! What is your name?", "Tell me more.", "Thank you."]):
+                turn = conv.ask(text)
+                gen = turn.generation.run()
+                conv.commit(turn)
+                if i:
+                    assert gen.timings.cached_tokens > len(gen.prompt_tokens) // 2
+                full = eng.select(gen.prompt_tokens, sel)
+                np.testing.assert_allclose(gen.selection.scores, full.scores, rtol=0, atol=1e-6)
+                assert gen.selection.chosen == full.chosen
+        finally:
+            conv.close()

@@ -2,8 +2,9 @@
 
 A batch file is either plain text, one prompt per line, or JSONL (``.jsonl``), one object per line
 with a ``prompt`` and, optionally, settings of its own that override the command's: ``max_tokens``,
-``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``stop``, ``method``, ``alpha``,
-``beta``, ``gamma``, ``role``, ``select`` and ``draft``. Every prompt is queued on the engine at once; up to
+``temperature``, ``top_k``, ``top_p``, ``min_p``, ``seed``, ``repeat_penalty``, ``repeat_last_n``,
+``frequency_penalty``, ``presence_penalty``, ``logprobs``, ``stop``, ``method``, ``alpha``, ``beta``,
+``gamma``, ``role``, ``select`` and ``draft``. Every prompt is queued on the engine at once; up to
 ``--parallel`` of them decode side by side and the others start as sequences free up. A line that
 cannot run (not JSON, no prompt, a setting out of range, a prompt longer than the context) gets one
 error object naming its line, and the other lines still run.
@@ -21,7 +22,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import TrimixError
-from .generation import Generation, SeqSpec
+from .generation import Generation, SeqSpec, check_logprobs
 from .methods import MethodChoice, resolve_fusion, sampling_params
 
 SETTINGS = {
@@ -31,6 +32,11 @@ SETTINGS = {
     "top_p": (int, float),
     "min_p": (int, float),
     "seed": int,
+    "repeat_penalty": (int, float),
+    "repeat_last_n": int,
+    "frequency_penalty": (int, float),
+    "presence_penalty": (int, float),
+    "logprobs": int,
     "stop": (str, list),
     "method": str,
     "alpha": (int, float),
@@ -116,6 +122,11 @@ class BatchDefaults:
     stop: tuple[str, ...] = ()
     utf8_guard: bool = True
     draft: int = 0
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logprobs: int | None = None
 
 
 def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: object | None = None) -> SeqSpec:
@@ -133,11 +144,18 @@ def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: obj
         s.get("top_p", defaults.top_p),
         s.get("min_p", defaults.min_p),
         s.get("seed", defaults.seed),
+        s.get("repeat_penalty", defaults.repeat_penalty),
+        s.get("repeat_last_n", defaults.repeat_last_n),
+        s.get("frequency_penalty", defaults.frequency_penalty),
+        s.get("presence_penalty", defaults.presence_penalty),
     )
     stop = s.get("stop", list(defaults.stop))
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     max_tokens = s.get("max_tokens", defaults.max_tokens)
-    return SeqSpec(fusion, sampling, max_tokens, stops, defaults.utf8_guard, s.get("draft", defaults.draft))
+    logprobs = s.get("logprobs", defaults.logprobs)
+    check_logprobs(logprobs)
+    draft = s.get("draft", defaults.draft)
+    return SeqSpec(fusion, sampling, max_tokens, stops, defaults.utf8_guard, draft, logprobs)
 
 
 @dataclass

@@ -231,3 +231,14 @@ def _raise_exception(message: str) -> None:
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+def chat_prompt(engine: Engine, profile_template: str | None, text: str, system: str | None = None) -> np.ndarray:
+    """The prompt tokens of one user message (after an optional system prompt) in the chat format
+    :func:`chat_format` picks: what ``trimix generate --chat`` sends, token for token what the
+    server's chat route builds for the same messages."""
+    fmt = chat_format(engine, profile_template)
+    if isinstance(fmt, NoChat):
+        raise ChatTemplateError(fmt.reason)
+    messages = ([Message("system", system)] if system else []) + [Message("user", text)]
+    return prompt_tokens(engine, fmt.parts(messages))

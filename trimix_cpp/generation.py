@@ -9,6 +9,9 @@ The loop reads like the algorithm, for every active sequence at once:
 3. for every sequence, fuse its rows of logits, mask what would break UTF-8, pick a token, turn its
    bytes into whole characters, check stop strings, and queue the text for whoever reads it.
 
+A :class:`Session` keeps a conversation's tokens in the cache between requests: the next prompt
+reuses their longest common prefix and evaluates only the rest (see :meth:`Scheduler.submit`).
+
 Logits are read where llama.cpp left them (zero-copy views) and consumed within the step that made
 them, so nothing vocabulary-sized is copied or allocated per step: the fused rows of the batch live
 in one preallocated buffer. Each sequence owns its sampler (seeded), its UTF-8 guard state, its
@@ -32,7 +35,7 @@ import numpy as np
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, SMALL_BASE, SMALL_CPT, Fuser, FusionPlan, plan
 from .prefill import evaluate_prompt
-from .sampling import SamplingParams, TokenSampler, greedy
+from .sampling import Penalties, SamplingParams, TokenSampler, greedy
 from .selection import SELECTION_ROLES, GridNLL, GridRows, Selection, Selector
 from .speculative import MAX_DRAFT, Drafter, draft_plan, run_round, usable
 from .utf8 import ACCEPT, StreamDecoder
@@ -75,6 +78,7 @@ class SeqSpec:
     stop: tuple[str, ...] = ()
     utf8_guard: bool = True
     draft: int = 0  # tokens the small models draft per round for the large ones to check (0: off)
+    logprobs: int | None = None  # log-probabilities of each picked token and of this many alternatives (None: off)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -86,6 +90,29 @@ def check_max_tokens(max_tokens: object) -> None:
     run generation to the end of the context."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
         raise TrimixError(f"--max-tokens must be a whole number >= 0, got {max_tokens!r}")
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def check_logprobs(logprobs: object) -> None:
+    if logprobs is None:
+        return
+    whole = isinstance(logprobs, (int, np.integer)) and not isinstance(logprobs, bool)
+    if not whole or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise TrimixError(
+            f"--top-logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS} (alternatives shown per token), "
+            f"got {logprobs!r}"
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A picked token's log-probability under the fused distribution, and the most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 def check_draft(draft: object) -> None:
@@ -150,6 +177,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.timings = Timings(prompt_tokens=len(prompt_tokens))
         self.selection: Selection | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if spec.logprobs is not None else None
         self.error: BaseException | None = None
         self._pieces: deque[str] = deque()
         self._cancel = False
@@ -210,6 +238,15 @@ class Generation:
         }
         if self.selection is not None:
             out["selection"] = self.selection.as_dict()
+        if self.logprobs is not None:
+            pieces = self._scheduler.engine.vocab.pieces
+            out["logprobs"] = [
+                {
+                    **_token_entry(pieces, lp.token, lp.logprob),
+                    "top_logprobs": [_token_entry(pieces, t, v) for t, v in lp.top],
+                }
+                for lp in self.logprobs
+            ]
         return out
 
     def cancel(self) -> None:
@@ -255,6 +292,12 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _token_entry(pieces: Sequence[bytes], token: int, logprob: float) -> dict[str, object]:
+    """One token as the OpenAI API shows it: its text, its bytes (a piece may be part of a character)."""
+    raw = pieces[token]
+    return {"id": token, "token": raw.decode("utf-8", "replace"), "bytes": list(raw), "logprob": logprob}
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -312,6 +355,7 @@ class _Seq:
         "gen",
         "guard",
         "key",
+        "penalties",
         "pending",
         "pick",
         "request",
@@ -340,6 +384,7 @@ class _Seq:
         self.stops = [s for s in gen.spec.stop if s]
         self.started = 0.0
         self.fold: GridNLL | None = None  # a conversation's grid rows, extended by every token picked
+        self.penalties: Penalties | None = None
 
     # the branch's fields, as a sequence alone in its branch (a drafting one) sees them
     @property
@@ -380,6 +425,7 @@ def _same_output_key(spec: SeqSpec, fusion: FusionPlan) -> tuple:
         spec.stop,
         spec.utf8_guard,
         spec.draft,
+        spec.logprobs,
     )
 
 
@@ -498,7 +544,11 @@ class Scheduler:
         for spec in specs:
             check_max_tokens(spec.max_tokens)
             check_draft(spec.draft)
+            check_logprobs(spec.logprobs)
             spec.sampling.validate()
+            if spec.draft and (spec.sampling.penalized or spec.logprobs is not None):
+                what = "repetition penalties" if spec.sampling.penalized else "logprobs"
+                raise TrimixError(f"--draft (speculative decoding) cannot be combined with {what} (use --draft 0)")
             missing = [r for r in spec.roles if r not in eng.models]
             if missing:
                 flag = "--" + missing[0].replace("_", "-")
@@ -621,7 +671,7 @@ class Scheduler:
         room = eng.n_ctx - len(req.prompt)
         root = _Branch(ids[0], len(req.prompt), roles, req)
         req.spare = ids[1:]
-        held, rows = self._reuse(session, req.prompt, selectors) if session is not None else (None, None)
+        held, rows = self._reuse(session, req.prompt, roles, selectors) if session is not None else (None, None)
         try:
             ev = evaluate_prompt(
                 eng.models, eng.vocab.n_vocab, req.prompt, ids[0], roles, selectors, held=held, rows=rows
@@ -666,6 +716,8 @@ class Scheduler:
             s.fuser = Fuser(fusion, eng.vocab.n_vocab, self.fused[s.slot], self._tmp, self._mask)
             s.sampler = greedy if g.spec.sampling.greedy else TokenSampler(g.spec.sampling, eng.vocab.n_vocab)
             s.guard = eng.guard(g.spec.utf8_guard)
+            if g.spec.sampling.penalized:
+                s.penalties = Penalties(g.spec.sampling, eng.n_ctx, req.prompt)
             if ev.kept is not None and all(r in fusion.roles for r in SELECTION_ROLES):
                 s.fold, ev.kept = ev.kept, None
             if g.spec.draft and draft_plan(fusion) is not None:
@@ -679,13 +731,18 @@ class Scheduler:
         self._advance_all(seqs)
 
     def _reuse(
-        self, session: Session, prompt: np.ndarray, selectors: Sequence[Selector]
+        self, session: Session, prompt: np.ndarray, roles: Sequence[str], selectors: Sequence[Selector]
     ) -> tuple[dict[str, int], GridRows | None]:
         """What of a session's cache a new prompt can reuse: the tokens each model holds up to the
-        common prefix (the cells after it are dropped), and the grid rows whose tokens are in it."""
+        common prefix (the cells after it are dropped), and the grid rows whose tokens are in it.
+        Models this request does not use give their cells up, so the cells the scheduler counts
+        for the session while it runs are the request's own."""
         common = _common_prefix(session.tokens, prompt)
         for r, n in list(session.held.items()):
-            if n > common:
+            if r not in roles:
+                self.engine.models[r].seq_rm(session.id)
+                del session.held[r]
+            elif n > common:
                 self.engine.models[r].seq_rm(session.id, common, -1)
                 session.held[r] = common
         if session.grid is not None:
@@ -757,18 +814,47 @@ class Scheduler:
         logits = self.masked_logits(s, s.rows)
         if logits is None:
             return
+        if s.penalties is not None:
+            s.penalties.apply(logits)
         tok = s.sampler(logits)
         if logits[tok] == -np.inf:
             # Every token was masked: Contrastive Decoding's plausibility set held only tokens the
             # UTF-8 guard forbids. Relax the plausibility constraint, never the guard.
             logits = s.fuser.fuse(s.rows, constrained=False)
             s.guard.apply(logits, s.state)
+            if s.penalties is not None:
+                s.penalties.apply(logits)
             tok = s.sampler(logits)
             if logits[tok] == -np.inf:
                 self._finish(s, "no-valid-token")
                 return
+        entry = self._logprob(logits, tok, s.gen.spec.logprobs) if s.gen.logprobs is not None else None
         if self.accept(s, tok):
             s.pick = tok
+        if entry is not None and not self.engine.vocab.eog[tok]:
+            for g in (s.gen, *s.followers):
+                if g.logprobs is not None:
+                    g.logprobs.append(entry)
+
+    def _logprob(self, logits: np.ndarray, tok: int, top: int | None) -> TokenLogprob:
+        """The picked token's log-probability under the fused distribution the sampler saw (penalties
+        and the UTF-8 mask applied, at temperature 1, before top-k/top-p/min-p), and the ``top`` most
+        likely tokens. Vocabulary-wide numpy passes into the scheduler's scratch rows, no new ones."""
+        tmp, mask = self._tmp, self._mask
+        m = float(logits.max())
+        np.subtract(logits, np.float32(m), out=tmp)
+        np.exp(tmp, out=tmp)
+        lse = m + float(np.log(tmp.sum(dtype=np.float64)))
+        alts: tuple[tuple[int, float], ...] = ()
+        if top:
+            k = min(top, len(logits))
+            tmp[:] = logits
+            tmp.partition(len(tmp) - k)
+            np.greater_equal(logits, tmp[len(tmp) - k], out=mask)
+            ids = np.flatnonzero(mask)
+            ids = ids[np.argsort(-logits[ids], kind="stable")][:k]
+            alts = tuple((int(t), float(logits[t]) - lse) for t in ids)
+        return TokenLogprob(int(tok), float(logits[tok]) - lse, alts)
 
     def masked_logits(self, s: _Seq, rows: Mapping[str, np.ndarray]) -> np.ndarray | None:
         """The sequence's fused logits of one position with the UTF-8 guard applied (in its row of the
@@ -800,6 +886,8 @@ class Scheduler:
             return False
         if s.fold is not None:
             self._fold(s, tok)
+        if s.penalties is not None:
+            s.penalties.push(tok)
         g.token_ids.append(tok)
         for f in s.followers:
             f.token_ids.append(tok)

@@ -149,9 +149,14 @@ def sampling_params(
     top_p: float | None = None,
     min_p: float | None = None,
     seed: int | None = None,
+    repeat_penalty: float | None = None,
+    repeat_last_n: int | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
 ) -> SamplingParams:
     """Sampling settings from optional flags; the filters and the seed need a temperature > 0,
-    since greedy decoding would ignore them."""
+    since greedy decoding would ignore them. The repetition penalties apply to greedy decoding
+    too; ``repeat_last_n`` needs one of them."""
     t = 0.0 if temperature is None else temperature
     params = SamplingParams(
         temperature=t,
@@ -159,10 +164,19 @@ def sampling_params(
         top_p=1.0 if top_p is None else top_p,
         min_p=0.0 if min_p is None else min_p,
         seed=0 if seed is None else seed,
+        repeat_penalty=1.0 if repeat_penalty is None else repeat_penalty,
+        repeat_last_n=64 if repeat_last_n is None else repeat_last_n,
+        frequency_penalty=0.0 if frequency_penalty is None else frequency_penalty,
+        presence_penalty=0.0 if presence_penalty is None else presence_penalty,
     )
     params.validate()
     if params.greedy:
         for name, value in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p), ("seed", seed)):
             if value is not None:
                 raise TrimixError(f"{_flag(name)} applies to sampling, but decoding is greedy: set --temperature > 0")
+    if repeat_last_n is not None and all(v is None for v in (repeat_penalty, frequency_penalty, presence_penalty)):
+        raise TrimixError(
+            "--repeat-last-n sets the window of the repetition penalties, but none is given "
+            "(add --repeat-penalty, --frequency-penalty or --presence-penalty)"
+        )
     return params

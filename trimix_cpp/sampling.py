@@ -2,9 +2,10 @@
 
 ``make_sampler`` builds one small callable from the usual knobs (temperature, top-k, top-p, min-p,
 seed). Greedy decoding is a plain argmax. Sampling follows llama.cpp's sampler chain, in its order:
-top-k, then top-p, then min-p (all three judged on the distribution at temperature 1), then the
-temperature, then the draw. The same settings therefore keep the same tokens as llama.cpp's own
-samplers would.
+the repetition penalties (:class:`Penalties`, applied to the fused logits before greedy decoding
+too), then top-k, then top-p, then min-p (all three judged on the distribution at temperature 1),
+then the temperature, then the draw. The same settings therefore keep the same tokens as
+llama.cpp's own samplers would.
 
 Everything works in preallocated buffers the size of the vocabulary: the kept probabilities, a
 scratch copy for the in-place partition that finds the top-k threshold, a mask, and a float64
@@ -37,10 +38,20 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     seed: int = 0
+    repeat_penalty: float = 1.0  # llama.cpp's: divide a positive logit (multiply a negative one) by it
+    repeat_last_n: int = 64  # tokens (prompt included) the penalties look back over; -1: the whole context
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the window
+    presence_penalty: float = 0.0  # subtracted once for any occurrence in the window
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any repetition penalty changes the logits."""
+        on = self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+        return on and self.repeat_last_n != 0
 
     def validate(self) -> None:
         t = self.temperature
@@ -54,6 +65,60 @@ class SamplingParams:
             raise TrimixError(f"--min-p must be in [0, 1) (0 turns it off), got {self.min_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise TrimixError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}")
+        r = self.repeat_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise TrimixError(f"--repeat-penalty must be a finite number > 0 (1 turns it off), got {r!r}")
+        n = self.repeat_last_n
+        if isinstance(n, bool) or not isinstance(n, int) or n < -1:
+            raise TrimixError(f"--repeat-last-n must be a whole number >= -1 (-1: the whole context), got {n!r}")
+        for flag, v in (("--frequency-penalty", self.frequency_penalty), ("--presence-penalty", self.presence_penalty)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 100:
+                raise TrimixError(f"{flag} must be a number from -100 to 100 (0 turns it off), got {v!r}")
+
+
+class Penalties:
+    """llama.cpp's repetition penalties (its ``penalties`` sampler) on one sequence's fused logits.
+
+    For every token among the last ``repeat_last_n`` tokens of the sequence (its prompt included, as
+    llama.cpp's tools feed the prompt to the sampler), occurring ``c`` times there: a logit ``l``
+    becomes ``l / repeat_penalty`` when positive and ``l * repeat_penalty`` otherwise, then
+    ``c * frequency_penalty + presence_penalty`` is subtracted. Only the window's tokens are touched
+    (numpy on their ids), never the whole vocabulary.
+    """
+
+    def __init__(self, params: SamplingParams, n_ctx: int, history: np.ndarray) -> None:
+        n = params.repeat_last_n if params.repeat_last_n >= 0 else n_ctx
+        self.size = max(0, n)
+        self.ring = np.zeros(max(1, self.size), dtype=np.int64)
+        self.filled = 0
+        self.next = 0
+        self.repeat = np.float32(params.repeat_penalty)
+        self.freq = np.float32(params.frequency_penalty)
+        self.present = np.float32(params.presence_penalty)
+        tail = np.asarray(history[max(0, len(history) - self.size) :] if self.size else history[:0], dtype=np.int64)
+        self.ring[: len(tail)] = tail
+        self.filled = len(tail)
+        self.next = len(tail) % max(1, self.size)
+
+    def push(self, token: int) -> None:
+        """A token joins the window (the oldest leaves when it is full)."""
+        if not self.size:
+            return
+        self.ring[self.next] = token
+        self.next = (self.next + 1) % self.size
+        self.filled = min(self.filled + 1, self.size)
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Penalise ``logits`` in place."""
+        if not self.filled:
+            return
+        ids, counts = np.unique(self.ring[: self.filled], return_counts=True)
+        ids = ids[ids < len(logits)]
+        counts = counts[: len(ids)]
+        v = logits[ids]
+        v = np.where(v <= 0, v * self.repeat, v / self.repeat).astype(np.float32)
+        v -= counts.astype(np.float32) * self.freq + self.present
+        logits[ids] = v
 
 
 def greedy(logits: np.ndarray) -> int:

@@ -29,6 +29,10 @@ FLAG_FIELDS = {
     "--min-p": "min_p",
     "--seed": "seed",
     "--max-tokens": "max_tokens",
+    "--repeat-penalty": "repeat_penalty",
+    "--repeat-last-n": "repeat_last_n",
+    "--frequency-penalty": "frequency_penalty",
+    "--presence-penalty": "presence_penalty",
 }
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
 

@@ -40,6 +40,7 @@ class Outcome:
     selection: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     sampling: dict[str, float | int] | None = None  # temperature, top_k, top_p, min_p, seed (when sampled)
+    logprobs: list[dict[str, Any]] | None = None  # per token: id, token, bytes, logprob, top_logprobs
 
     def usage(self) -> dict[str, int]:
         return {
@@ -61,6 +62,37 @@ class Outcome:
     def openai_finish_reason(self) -> str:
         return FINISH_REASONS.get(self.finish_reason, "stop")
 
+    def openai_logprobs(self, chat: bool) -> dict[str, Any] | None:
+        """The fused distribution's log-probabilities in OpenAI's shape: the chat API's ``content``
+        list, or the completions API's parallel lists."""
+        if self.logprobs is None:
+            return None
+        if chat:
+            return {
+                "content": [
+                    {
+                        "token": e["token"],
+                        "logprob": e["logprob"],
+                        "bytes": e["bytes"],
+                        "top_logprobs": [
+                            {"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
+                            for t in e["top_logprobs"]
+                        ],
+                    }
+                    for e in self.logprobs
+                ]
+            }
+        offsets, pos = [], 0
+        for e in self.logprobs:
+            offsets.append(pos)
+            pos += len(e["token"])
+        return {
+            "tokens": [e["token"] for e in self.logprobs],
+            "token_logprobs": [e["logprob"] for e in self.logprobs],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in self.logprobs],
+            "text_offset": offsets,
+        }
+
 
 class Reply:
     """Builds one request's response or chunks; ``chat`` picks the chat shapes."""
@@ -79,12 +111,17 @@ class Reply:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": o.text},
-                "logprobs": None,
+                "logprobs": o.openai_logprobs(True),
                 "finish_reason": o.openai_finish_reason,
             }
             body = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": o.text, "logprobs": None, "finish_reason": o.openai_finish_reason}
+            choice = {
+                "index": 0,
+                "text": o.text,
+                "logprobs": o.openai_logprobs(False),
+                "finish_reason": o.openai_finish_reason,
+            }
             body = self._head("text_completion")
         return body | {"choices": [choice], "usage": o.usage(), "trimix": o.trimix()}
 
@@ -104,6 +141,8 @@ class Reply:
 
     def last(self, o: Outcome, include_usage: bool) -> bytes:
         end = self._chunk({} if self.chat else "", o.openai_finish_reason) | {"trimix": o.trimix()}
+        if o.logprobs is not None:  # every token's, in the closing chunk (the text streams as characters)
+            end["choices"][0]["logprobs"] = o.openai_logprobs(self.chat)
         out = sse(end)
         if include_usage:
             out += sse(self._head(end["object"]) | {"choices": [], "usage": o.usage()})

@@ -2,12 +2,14 @@
 
 Requests are validated strictly: a field of the wrong type is a 400 naming the field (``"2"`` is not a
 number, ``1.5`` is not a token count, ``true`` is neither), and a field trimix does not know is a 400
-too, as with OpenAI, instead of being dropped in silence. OpenAI fields that trimix does not implement
-(``n``, penalties, ``logit_bias``, ``logprobs``, tools, ...) are accepted only at the value that asks
-for nothing, so a client never gets a reply that quietly ignored what it asked for. The TriMix
-settings travel in an extra object, ``"trimix": {"method", "alpha", "beta", "select", ...}``, and go
-through the same rules as the command line (:mod:`trimix_cpp.methods`): the profile's defaults, and
-a refusal for a setting the chosen mode would ignore.
+too, as with OpenAI, instead of being dropped in silence. The penalties (``frequency_penalty``,
+``presence_penalty``, and llama.cpp's ``repeat_penalty`` with ``repeat_last_n``) and ``logprobs`` apply
+to the fused distribution. OpenAI fields that trimix does not implement (``n``, ``logit_bias``, tools,
+...) are accepted only at the value that asks for nothing, so a client never gets a reply that quietly
+ignored what it asked for. The TriMix settings travel in an extra object, ``"trimix": {"method",
+"alpha", "beta", "select", ...}``, and go through the same rules as the command line
+(:mod:`trimix_cpp.methods`): the profile's defaults, and a refusal for a setting the chosen mode would
+ignore.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import TrimixError
-from ..generation import SeqSpec
+from ..generation import MAX_TOP_LOGPROBS, SeqSpec
 from ..methods import MethodChoice, resolve_fusion, sampling_params
 from .defaults import ServeDefaults, fresh_seed
 from .errors import APIError, from_trimix
@@ -69,6 +71,8 @@ class _Common(_Strict):
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repeat_penalty: float | None = None  # llama.cpp's server's names
+    repeat_last_n: int | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     trimix: TrimixSettings | None = None
@@ -118,7 +122,7 @@ _EXPECTED = {
     "stream": "true or false",
     "include_usage": "true or false",
     "echo": "true or false",
-    "logprobs": "null",
+    "logprobs": "true or false (chat) or a whole number of alternatives (completions)",
     "utf8_guard": "true or false",
     "parallel_tool_calls": "true or false",
     "grid_alpha": "a list of numbers",
@@ -138,8 +142,28 @@ _EXPECTED_ITEM = {
     "grid_alpha": "a number",
     "grid_beta": "a number",
 }
-_INTS = {"max_tokens", "max_completion_tokens", "top_k", "seed", "n", "best_of", "top_logprobs", "draft"}
-_FLOATS = {"temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "alpha", "beta", "gamma"}
+_INTS = {
+    "max_tokens",
+    "max_completion_tokens",
+    "top_k",
+    "seed",
+    "n",
+    "best_of",
+    "top_logprobs",
+    "draft",
+    "repeat_last_n",
+}
+_FLOATS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repeat_penalty",
+    "alpha",
+    "beta",
+    "gamma",
+}
 _UNION_MEMBERS = {"str", "int", "float", "bool"}
 
 
@@ -212,21 +236,16 @@ def refuse_unsupported(req: _Common) -> None:
     """OpenAI fields trimix does not implement, accepted only at the value that asks for nothing."""
     neutral: list[tuple[str, Any, bool, str]] = [
         ("n", req.n, req.n in (None, 1), "trimix returns one choice per request (send several requests)"),
-        ("presence_penalty", req.presence_penalty, not req.presence_penalty, "trimix has no repetition penalties"),
-        ("frequency_penalty", req.frequency_penalty, not req.frequency_penalty, "trimix has no repetition penalties"),
         ("logit_bias", req.logit_bias, not req.logit_bias, "trimix does not bias single tokens"),
     ]
     if isinstance(req, CompletionRequest):
         neutral += [
-            ("logprobs", req.logprobs, req.logprobs is None, "trimix does not return log-probabilities"),
             ("echo", req.echo, not req.echo, "trimix does not echo the prompt"),
             ("suffix", req.suffix, not req.suffix, "trimix does not insert text (no suffix)"),
             ("best_of", req.best_of, req.best_of in (None, 1), "trimix returns one choice per request"),
         ]
     if isinstance(req, ChatRequest):
         neutral += [
-            ("logprobs", req.logprobs, not req.logprobs, "trimix does not return log-probabilities"),
-            ("top_logprobs", req.top_logprobs, req.top_logprobs is None, "trimix does not return log-probabilities"),
             ("tools", req.tools, not req.tools, "trimix does not call tools"),
         ]
     for name, value, ok, why in neutral:
@@ -301,11 +320,37 @@ def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
     if seed is None and temperature:  # sampled without a seed: a fresh one, reported in the response
         seed = fresh_seed()
     try:
-        sampling = sampling_params(temperature, req.top_k, req.top_p, req.min_p, seed)
+        sampling = sampling_params(
+            temperature,
+            req.top_k,
+            req.top_p,
+            req.min_p,
+            seed,
+            req.repeat_penalty,
+            req.repeat_last_n,
+            req.frequency_penalty,
+            req.presence_penalty,
+        )
     except TrimixError as e:
         raise from_trimix(e) from None
     extra: dict[str, Any] = {"draft": t.draft} if t.draft is not None else {}
+    extra["logprobs"] = _logprobs(req)
     return SeqSpec(fusion, sampling, max_tokens, stops, True if t.utf8_guard is None else t.utf8_guard, **extra)
+
+
+def _logprobs(req: _Common) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+        n = (req.top_logprobs or 0) if req.logprobs else None
+        param = "top_logprobs"
+    else:
+        n = getattr(req, "logprobs", None)
+        param = "logprobs"
+    if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{param} must be from 0 to {MAX_TOP_LOGPROBS}, got {n}", param=param, code="invalid_value")
+    return n
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:

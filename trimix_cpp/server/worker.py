@@ -307,11 +307,22 @@ def outcome(gen: Generation) -> Outcome:
         selection=gen.selection.as_dict() if gen.selection is not None else None,
         timings=gen.timings.as_dict(),
         sampling=sampling_dict(gen.spec.sampling),
+        logprobs=gen.as_dict().get("logprobs") if gen.logprobs is not None else None,  # type: ignore[arg-type]
     )
 
 
 def sampling_dict(p: SamplingParams) -> dict[str, float | int]:
-    """The sampling settings a reply was generated with; greedy decoding has no seed to report."""
-    if p.greedy:
-        return {"temperature": 0.0}
-    return {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "seed": p.seed}
+    """The sampling settings a reply was generated with; greedy decoding has no seed to report, and
+    the repetition penalties are listed when one is on."""
+    out: dict[str, float | int] = {"temperature": 0.0}
+    if not p.greedy:
+        out = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "seed": p.seed}
+    penalties = {
+        "repeat_penalty": (getattr(p, "repeat_penalty", 1.0), 1.0),
+        "frequency_penalty": (getattr(p, "frequency_penalty", 0.0), 0.0),
+        "presence_penalty": (getattr(p, "presence_penalty", 0.0), 0.0),
+    }
+    if any(v != off for v, off in penalties.values()):
+        out |= {k: v for k, (v, _) in penalties.items()}
+        out["repeat_last_n"] = getattr(p, "repeat_last_n", 64)
+    return out
