@@ -87,6 +87,8 @@ def test_a_sampled_request_without_a_seed_gets_a_fresh_one_it_can_repeat(tiny_ap
     assert again["trimix"]["sampling"] == s2
     greedy = tiny_app.post(C, json=body | {"temperature": 0}).json()
     assert greedy["trimix"]["sampling"] == {"temperature": 0.0}
+    penalised = tiny_app.post(C, json=body | {"temperature": 0, "repeat_penalty": 1.3}).json()["trimix"]["sampling"]
+    assert penalised["repeat_penalty"] == 1.3 and penalised["repeat_last_n"] == 64 and "seed" not in penalised
 
 
 def test_the_servers_defaults_apply_where_a_request_says_nothing(tiny_app):
