@@ -62,9 +62,9 @@ class Result:
 
 
 class Server:
-    def __init__(self, parallel: int, queue: int, threads: int) -> None:
+    def __init__(self, parallel: int, queue: int, threads: int, extra: list[str] | None = None) -> None:
         cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--lang", "demo", "--port", "0"]
-        cmd += ["--parallel", str(parallel), "--queue", str(queue), "--threads", str(threads)]
+        cmd += ["--parallel", str(parallel), "--queue", str(queue), "--threads", str(threads), *(extra or [])]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.url = ""
         self.lines: list[str] = []

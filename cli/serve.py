@@ -26,7 +26,7 @@ SERVE_HELP = (
     "Routes: POST /v1/completions and /v1/chat/completions (stream true or false), GET /v1/models, GET /health, "
     "and the chat page at /. A request may choose its own method and weights in an extra object, "
     '"trimix": {"method", "alpha", "beta", "select"}; by default the profile\'s (PPL selection on the request\'s '
-    "own prompt).\n\n"
+    "own prompt), or --method/--alpha/--beta/--select given here; --temperature likewise.\n\n"
     "--parallel requests decode together; up to --queue more wait; beyond that the server answers 503 with "
     "Retry-After. Ctrl-C ends the requests in flight, frees the models and exits."
 )
@@ -133,6 +133,30 @@ def serve(
     n_ctx: Annotated[
         int | None, typer.Option("--n-ctx", help="Context length of each request (prompt + reply); default 4096.")
     ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", "-m", help="Default method of requests that name none (default: the profile's)."),
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="Default alpha (fixed weights for the default method).")] = None,
+    beta: Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")] = None,
+    select: Annotated[
+        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
+    ] = None,
+    page: Annotated[
+        str | None,
+        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
+    ] = None,
+    keep_conversations: Annotated[
+        bool,
+        typer.Option(
+            "--keep-conversations/--no-keep-conversations",
+            help="Keep each conversation in the KV cache so its next turn evaluates only the new tokens.",
+        ),
+    ] = True,
     threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
     n_gpu_layers: Annotated[
         int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
@@ -142,6 +166,7 @@ def serve(
     with errors(verbose):
         try:
             from trimix_cpp.server import Listen, ServerConfig, run_server, setup_logging
+            from trimix_cpp.server.defaults import ServeDefaults
         except ImportError as e:
             raise tm.TrimixError(
                 f"trimix serve needs the server extra ({e.name} is missing): pip install 'trimix[serve]'"
@@ -164,15 +189,24 @@ def serve(
         setup = ModelSet.make(
             lang, {"large_ins": large_ins, "small_cpt": small_cpt, "small_base": small_base, "large_base": large_base}
         )
+        defaults = ServeDefaults(method, alpha, beta, gamma, select, temperature, page).resolved(setup.profile)
         wanted = [r for r in ROLES if r in setup.explicit or (r != LARGE_BASE and setup.profile is not None)]
-        if setup.profile is not None and setup.profile.method == "trimix4":
+        if defaults.method == "trimix4":
             wanted.append(LARGE_BASE)
         roles = [r for r in ROLES if r in wanted] or list(SELECTION_ROLES)
         paths = setup.paths(roles, "trimix serve")
         for p in paths.values():
             _llama.check_gguf_file(Path(p))
         label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
-        config = ServerConfig(model_name=label, api_key=key, queue=queue, max_tokens=max_tokens, max_body=max_body)
+        config = ServerConfig(
+            model_name=label,
+            api_key=key,
+            queue=queue,
+            max_tokens=max_tokens,
+            max_body=max_body,
+            defaults=defaults,
+            keep_conversations=keep_conversations,
+        )
         options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
         setup_logging(verbose)
         run_server(setup, paths, options, config, Listen(host, port, hosts))

@@ -10,6 +10,8 @@ A profile is a small TOML file::
     n_ctx = 4096
     template = "{prompt}"      # how the user's text becomes the prompt
     stop = ["\\n"]
+    page = "chat"              # trimix serve's page starts in chat or text continuation ("complete")
+    temperature = 0.0          # trimix serve's default temperature (0: greedy)
 
     [models]                   # GGUF file of each role
     large_ins = "Qwen2.5-7B-Instruct-Q4_K_M.gguf"
@@ -85,6 +87,9 @@ def _shipped_dir() -> Path:
 
 SHIPPED_DIR = _shipped_dir()
 
+# How trimix serve's chat page starts: a conversation through the chat template, or text continued as is.
+PAGE_MODES = ("chat", "complete")
+
 
 def user_profiles_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -133,6 +138,8 @@ class Profile:
     stop: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
     origins: dict[str, Source] = field(default_factory=dict)
+    page: str | None = None  # the chat page's starting mode: "chat" or "complete" (None: chat when possible)
+    temperature: float | None = None  # trimix serve's default temperature (None: greedy)
 
     def format_prompt(self, text: str) -> str:
         return self.template.replace("{prompt}", text)
@@ -250,6 +257,12 @@ def load_profile(path: Path) -> Profile:
     stop = prof.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise TrimixError(f"{path}: stop must be a list of strings")
+    page = _field(prof, "page", str, path)
+    if page is not None and page not in PAGE_MODES:
+        raise TrimixError(f"{path}: page must be {' or '.join(PAGE_MODES)}, got {page!r}")
+    temperature = _field(prof, "temperature", (int, float), path)
+    if temperature is not None and not (math.isfinite(float(temperature)) and temperature >= 0):
+        raise TrimixError(f"{path}: temperature must be a finite number >= 0 (0 is greedy)")
     lang = check_lang(_field(prof, "lang", str, path, path.stem), f"{path}: lang")
     origins, sources = read_sources(data.get("sources", {}), path, models, lang)
     return Profile(
@@ -266,6 +279,8 @@ def load_profile(path: Path) -> Profile:
         stop=list(stop),
         sources=sources,
         origins=origins,
+        page=page,
+        temperature=None if temperature is None else float(temperature),
     )
 
 

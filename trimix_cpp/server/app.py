@@ -23,7 +23,7 @@ import math
 import time
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from ..errors import TrimixError
 from ..generation import SeqSpec
 from ..modelset import ModelSet
 from .chat import ChatFormat, ChatTemplateError, NoChat, chat_format, messages_from_request, prompt_tokens
+from .defaults import ServeDefaults, available_methods
 from .errors import APIError, from_trimix, server_error, still_loading
 from .guard import HostGuard, refuse_surrogates, require_json
 from .responses import Outcome, Reply
@@ -68,6 +69,8 @@ class ServerConfig:
     queue: int = 16
     max_tokens: int = 256  # when a request gives none
     max_body: int = 1 << 20  # bytes of a request body
+    defaults: ServeDefaults = field(default_factory=ServeDefaults)  # method, weights, temperature, the page's mode
+    keep_conversations: bool = True  # a conversation's next turn reuses its cached prefix (worker, .conversations)
 
 
 class TrimixServer:
@@ -77,6 +80,7 @@ class TrimixServer:
         self.setup = setup
         self.worker = worker
         self.config = config
+        self.defaults = config.defaults.resolved(setup.profile)
         self.chat: ChatFormat = NoChat("the models are still loading")
         self.in_flight = 0
         self.started = int(time.time())
@@ -129,7 +133,15 @@ class TrimixServer:
         card["owned_by"] = "trimix"
         info = self.worker.info
         if info is not None:
-            card["trimix"] = {"models": info.files, "n_ctx": info.n_ctx, "parallel": info.n_seq}
+            card["trimix"] = {
+                "models": info.files,
+                "n_ctx": info.n_ctx,
+                "parallel": info.n_seq,
+                # what the page offers: only what runs on the loaded models, and where it starts
+                "methods": available_methods(info.roles),
+                "defaults": self.defaults.as_dict(),
+                "chat": not isinstance(self.chat, NoChat),
+            }
         return JSONResponse({"object": "list", "data": [card]})
 
     async def _completions(self, request: Request) -> Response:
@@ -276,6 +288,7 @@ class TrimixServer:
             default_max_tokens=min(self.config.max_tokens, info.n_ctx),
             profile=self.setup.profile,
             profile_stops=tuple(self.setup.stops(None)),
+            defaults=self.defaults,
         )
 
     def _admit(self) -> None:

@@ -1,9 +1,10 @@
 """Response bodies and stream chunks in OpenAI's shapes, with TriMix's own facts in an extra field.
 
 Every response carries ``usage`` (token counts) and ``trimix``: the method and weights that ran, the
-selection that chose them (strategy, chosen pair, the grid's perplexities) when one did, why the
-engine stopped, and timings. A stream ends with a chunk holding the finish reason and ``trimix``,
-then, when ``stream_options.include_usage`` asks for it, a chunk with ``usage`` and no choices, then
+selection that chose them (strategy, chosen pair, the grid's perplexities) when one did, the sampling
+settings (with the seed, so a sampled reply can be reproduced), why the engine stopped, and timings.
+A stream ends with a chunk holding the finish reason and ``trimix``, then, when
+``stream_options.include_usage`` asks for it, a chunk with ``usage`` and no choices, then
 ``data: [DONE]``.
 """
 
@@ -38,6 +39,7 @@ class Outcome:
     weights: dict[str, float]
     selection: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    sampling: dict[str, float | int] | None = None  # temperature, top_k, top_p, min_p, seed (when sampled)
     logprobs: list[dict[str, Any]] | None = None  # per token: id, token, bytes, logprob, top_logprobs
 
     def usage(self) -> dict[str, int]:
@@ -51,6 +53,8 @@ class Outcome:
         out: dict[str, Any] = {"method": self.method, "weights": self.weights, "finish_reason": self.finish_reason}
         if self.selection is not None:
             out["selection"] = self.selection
+        if self.sampling is not None:
+            out["sampling"] = self.sampling
         out["timings"] = self.timings
         return out
 

@@ -184,7 +184,7 @@ def serve(
         if server is not None:
             server.should_exit = True
 
-    worker = EngineWorker(lambda: Engine(paths, options), loaded, failed)
+    worker = EngineWorker(lambda: Engine(paths, options), loaded, failed, config.keep_conversations)
     app = TrimixServer(setup, worker, config)
     ucfg = uvicorn.Config(
         app.app,

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import TrimixError
 from ..generation import MAX_TOP_LOGPROBS, SeqSpec
 from ..methods import MethodChoice, resolve_fusion, sampling_params
+from .defaults import ServeDefaults, fresh_seed
 from .errors import APIError, from_trimix
 
 MAX_STOPS = 16
@@ -260,6 +261,7 @@ class Limits:
     default_max_tokens: int = 256
     profile: object | None = None
     profile_stops: tuple[str, ...] = ()
+    defaults: ServeDefaults | None = None  # trimix serve's own, resolved over the profile's
 
 
 def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
@@ -283,6 +285,8 @@ def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
         grid_alpha=t.grid_alpha,
         grid_beta=t.grid_beta,
     )
+    if limits.defaults is not None:
+        choice = limits.defaults.apply(choice)
     max_tokens = req.max_tokens
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         if max_tokens is not None:
@@ -310,13 +314,18 @@ def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
         if err.param is None:  # messages that name no flag: an unknown method or strategy
             err.param = "trimix.select" if "strategy" in err.message else "trimix.method"
         raise err from None
+    temperature, seed = req.temperature, req.seed
+    if temperature is None and limits.defaults is not None:
+        temperature = limits.defaults.temperature
+    if seed is None and temperature:  # sampled without a seed: a fresh one, reported in the response
+        seed = fresh_seed()
     try:
         sampling = sampling_params(
-            req.temperature,
+            temperature,
             req.top_k,
             req.top_p,
             req.min_p,
-            req.seed,
+            seed,
             req.repeat_penalty,
             req.repeat_last_n,
             req.frequency_penalty,

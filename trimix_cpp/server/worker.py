@@ -31,6 +31,8 @@ import numpy as np
 from ..errors import TrimixError
 from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
+from ..sampling import SamplingParams
+from .conversations import ConversationCache
 from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
 from .responses import Outcome
 
@@ -91,8 +93,11 @@ class EngineWorker:
         load: Callable[[], Engine],
         on_loaded: Callable[[Engine], None] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
+        keep_conversations: bool = True,
     ) -> None:
         self._load = load
+        self._keep_conversations = keep_conversations  # reuse a conversation's cached prefix (.conversations)
+        self._cache: ConversationCache | None = None
         self._on_loaded = on_loaded
         self._on_failure = on_failure
         self._cv = threading.Condition()
@@ -151,6 +156,8 @@ class EngineWorker:
                 roles=engine.roles,
                 files={r: m.path.name for r, m in engine.models.items()},
             )
+            if self._keep_conversations:
+                self._cache = ConversationCache(engine)
             self._publish(engine)
             self.loaded = True
             self.ready.set()
@@ -172,6 +179,8 @@ class EngineWorker:
             for job in live + left:
                 job.cancel()
                 job.send("error", shutting_down())
+            if self._cache is not None:
+                self._cache.close()
             engine.close()
             self.stats = {}
 
@@ -193,6 +202,8 @@ class EngineWorker:
                 new = []
             for job in new:
                 self._start(engine, job, live)
+            if self._cache is not None:
+                self._cache.make_room()
             if not sched.idle:
                 try:
                     sched.step()
@@ -224,7 +235,10 @@ class EngineWorker:
                     param=job.prompt_param,
                     code="context_length_exceeded",
                 )
-            gen = engine.generate_many(tokens, [job.spec])[0]
+            session = None
+            if self._cache is not None and not job.spec.draft:  # speculative decoding runs outside sessions
+                session = self._cache.pick(np.asarray(tokens, dtype=np.int32))
+            gen = engine.generate_many(tokens, [job.spec], session=session)[0]
         except APIError as e:
             job.send("error", e)
             return
@@ -286,12 +300,14 @@ class EngineWorker:
 
     def _publish(self, engine: Engine) -> None:
         s = engine.scheduler
+        cached = self._cache.cached_cells if self._cache is not None else 0
         self.stats = {
             "sequences": s.n_seq,
             "active": len(s.active),
             "queued": len(s.queue),
             "kv_cells": s.kv_cells,
-            "kv_cells_free": s.cells_free,
+            "kv_cells_free": s.cells_free + cached,  # idle conversations' cells are given back on demand
+            "kv_cells_cached": cached,
         }
 
 
@@ -307,5 +323,23 @@ def outcome(gen: Generation) -> Outcome:
         weights=dict(fusion.weights) if isinstance(fusion, FusionPlan) else {},
         selection=gen.selection.as_dict() if gen.selection is not None else None,
         timings=gen.timings.as_dict(),
+        sampling=sampling_dict(gen.spec.sampling),
         logprobs=gen.as_dict().get("logprobs") if gen.logprobs is not None else None,  # type: ignore[arg-type]
     )
+
+
+def sampling_dict(p: SamplingParams) -> dict[str, float | int]:
+    """The sampling settings a reply was generated with; greedy decoding has no seed to report, and
+    the repetition penalties are listed when one is on."""
+    out: dict[str, float | int] = {"temperature": 0.0}
+    if not p.greedy:
+        out = {"temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p, "seed": p.seed}
+    penalties = {
+        "repeat_penalty": (getattr(p, "repeat_penalty", 1.0), 1.0),
+        "frequency_penalty": (getattr(p, "frequency_penalty", 0.0), 0.0),
+        "presence_penalty": (getattr(p, "presence_penalty", 0.0), 0.0),
+    }
+    if any(v != off for v, off in penalties.values()):
+        out |= {k: v for k, (v, _) in penalties.items()}
+        out["repeat_last_n"] = getattr(p, "repeat_last_n", 64)
+    return out
