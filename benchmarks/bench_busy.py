@@ -1,15 +1,15 @@
-"""Generation speed on an idle machine and beside one CPU-bound process, per OpenMP wait setting.
+"""Generation speed on an idle machine and beside one CPU-bound process, per thread setting.
 
-llama.cpp's OpenMP threads meet at a barrier after every operation of a decode. How long a waiting
-thread spins before it sleeps decides what another busy process costs (see trimix_cpp/_openmp.py).
-This benchmark runs ``trimix generate --lang demo -n N --json`` in fresh processes (the OpenMP
-runtime reads its settings once, at load) for each setting, idle and with one busy loop beside it,
-interleaved, and prints decode tokens/s (medians) and the busy/idle ratio:
+llama.cpp's threads meet at a barrier after every operation of a decode; when another process takes
+a core, a thread waits at each barrier for a descheduled sibling. trimix's scheduler follows what a
+step costs with every core and with one thread (trimix_cpp/threads.py). This benchmark runs
+``trimix generate --lang demo -n N --json`` in fresh processes for each setting, idle and with one
+busy loop beside it, interleaved, and prints decode tokens/s (medians) and the busy/idle ratio:
 
-* ``before``: llama.cpp loaded before trimix sets anything (the OpenMP runtime's own default);
-* ``default``: trimix as shipped (``GOMP_SPINCOUNT`` = trimix_cpp._openmp.SPIN_COUNT);
-* ``spin=N``: ``GOMP_SPINCOUNT=N`` set by the user; ``passive``: ``OMP_WAIT_POLICY=PASSIVE``;
-* ``threads=1``: the default with ``--threads 1``.
+* ``fixed``: ``--threads`` = every core, which turns the adaptation off (trimix before it);
+* ``default``: trimix as shipped (every core, adapting);
+* ``spin=N``: the default with ``GOMP_SPINCOUNT=N``; ``passive``: with ``OMP_WAIT_POLICY=PASSIVE``;
+* ``threads=1``: ``--threads 1``.
 
 ``--serve`` measures ``trimix serve --lang demo`` the same way: one client streams a completion.
 
@@ -29,21 +29,26 @@ import threading
 import time
 
 PROMPT = "ئالاقەداشنى ئۆچۈرۈش"
-BEFORE = (  # llama_cpp imported first: its OpenMP runtime starts before trimix sets anything
-    "import sys, runpy, llama_cpp; sys.argv = ['trimix', *sys.argv[1:]]; "
-    "runpy.run_module('trimix_cli.main', run_name='__main__')"
-)
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def settings(spins: list[int]) -> dict[str, tuple[list[str], dict[str, str]]]:
-    """name -> (python command prefix, environment changes)."""
+    """name -> (command prefix, environment changes); ``--threads-N`` in a prefix is moved into the
+    subcommand's own options."""
     base = [sys.executable, "-m", "trimix_cli.main"]
-    out = {"before": ([sys.executable, "-c", BEFORE], {}), "default": (base, {})}
+    out = {"fixed": ([*base, f"--threads-{CORES}"], {}), "default": (base, {})}
     for n in spins:
         out[f"spin={n}"] = (base, {"GOMP_SPINCOUNT": str(n)})
     out["passive"] = (base, {"OMP_WAIT_POLICY": "PASSIVE"})
     out["threads=1"] = ([*base, "--threads-1"], {})
     return out
+
+
+def split_threads(cmd: list[str]) -> tuple[list[str], list[str]]:
+    """The command without its ``--threads-N`` marker, and the options it stands for."""
+    marks = [c for c in cmd if c.startswith("--threads-")]
+    rest = [c for c in cmd if not c.startswith("--threads-")]
+    return rest, (["--threads", marks[0].removeprefix("--threads-")] if marks else [])
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
@@ -53,25 +58,21 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def generate(cmd: list[str], env: dict[str, str], tokens: int, single: bool) -> float:
-    threads1 = "--threads-1" in cmd
-    cmd = [c for c in cmd if c != "--threads-1"]
-    args = ["generate", "--lang", "demo", "-n", str(tokens), "--json"]
+    cmd, threads = split_threads(cmd)
+    args = ["generate", "--lang", "demo", "-n", str(tokens), "--json", *threads]
     if single:
         args += ["--method", "single"]
-    if threads1:
-        args += ["--threads", "1"]
     r = subprocess.run([*cmd, *args, PROMPT], capture_output=True, text=True, env=clean_env(env), timeout=900)
     if r.returncode != 0:
-        raise SystemExit(f"generate failed: {r.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"generate failed: {args} {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout)["timings"]["gen_tokens_per_s"]
 
 
 def serve_once(cmd: list[str], env: dict[str, str], tokens: int) -> float:
     import httpx
 
-    threads1 = "--threads-1" in cmd
-    cmd = [c for c in cmd if c != "--threads-1"]
-    args = ["serve", "--lang", "demo", "--port", "0", *(["--threads", "1"] if threads1 else [])]
+    cmd, threads = split_threads(cmd)
+    args = ["serve", "--lang", "demo", "--port", "0", *threads]
     proc = subprocess.Popen([*cmd, *args], stderr=subprocess.PIPE, text=True, env=clean_env(env))
     url = ""
     try:
@@ -108,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--spins", default="1000,10000,100000", help="GOMP_SPINCOUNT values to compare")
+    ap.add_argument("--spins", default="", help="GOMP_SPINCOUNT values to compare, e.g. 1000,10000")
     ap.add_argument("--serve", action="store_true", help="measure trimix serve (one streaming client)")
     ap.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
     args = ap.parse_args()
@@ -135,10 +136,10 @@ def main() -> None:
                             hog.wait()
                     res.setdefault((mode, state, name), []).append(v)
     print(f"# {args.tokens} tokens, median of {args.repeats}; decode tokens/s (busy = one CPU-bound process beside)")
-    print("| mode | setting | idle tok/s | busy tok/s | busy / idle | idle vs before |")
+    print("| mode | setting | idle tok/s | busy tok/s | busy / idle | idle vs fixed |")
     print("|---|---|---|---|---|---|")
     for mode in modes:
-        ref = statistics.median(res[(mode, "idle", "before")]) if (mode, "idle", "before") in res else None
+        ref = statistics.median(res[(mode, "idle", "fixed")]) if (mode, "idle", "fixed") in res else None
         for name in table:
             idle = statistics.median(res[(mode, "idle", name)])
             busy = statistics.median(res[(mode, "busy", name)])

@@ -22,11 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# isort: off
-from . import _openmp  # noqa: F401  (first: OpenMP reads how its threads wait when llama_cpp loads it)
 import llama_cpp as _lc
-
-# isort: on
 import numpy as np
 
 from .errors import ContextOverflowError, ModelFileError, TrimixError
@@ -380,7 +376,7 @@ class LlamaModel:
 
     def set_threads(self, n_threads: int) -> None:
         """Compute with ``n_threads`` threads from the next decode on (0: every core)."""
-        check_load_numbers(n_ctx=1, n_batch=1, n_threads=n_threads)
+        check_load_numbers(n_ctx=MIN_N_CTX, n_batch=1, n_threads=n_threads)
         n = n_threads or default_threads()
         _lc.llama_set_n_threads(self._ctx, n, n)
 

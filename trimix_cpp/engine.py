@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _llama
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, FusionPlan
 from .generation import Generation, Scheduler, SeqSpec, Session, Timings, check_max_tokens, locked
@@ -35,6 +36,7 @@ from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perp
 from .sampling import SamplingParams
 from .scoring import MethodScore
 from .selection import SELECTION_ROLES, GridScores, Selection, Selector
+from .threads import ThreadGovernor
 from .utf8 import Utf8Guard
 
 __all__ = [
@@ -75,6 +77,8 @@ class Engine:
         else:
             kv_cells = min(m.kv_cells for m in self.models.values())
             self.scheduler = Scheduler(self, self.options.n_seq, kv_cells)
+        if self.options.n_threads is None:  # the count is trimix's to choose: follow what a step costs
+            self.scheduler.governor = ThreadGovernor(self.set_threads, _llama.default_threads())
 
     # -- lifetime ---------------------------------------------------------------------------------
 

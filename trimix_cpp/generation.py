@@ -40,6 +40,7 @@ from .prefill import evaluate_prompt
 from .sampling import Penalties, SamplingParams, TokenSampler, greedy
 from .selection import SELECTION_ROLES, GridNLL, GridRows, Selection, Selector
 from .speculative import MAX_DRAFT, Drafter, draft_plan, run_round, usable
+from .threads import ThreadGovernor
 from .utf8 import ACCEPT, StreamDecoder
 
 if TYPE_CHECKING:
@@ -487,6 +488,9 @@ class Scheduler:
         self._slots = list(range(n_seq))  # rows of ``fused`` not in use
         self.steps = 0
         self.decode_s = 0.0
+        # follows what a step costs with every core and with one (trimix_cpp.threads); the engine sets
+        # it when the user left the thread count to trimix
+        self.governor: ThreadGovernor | None = None
         # called with (generation, per-model rows, fused row) before the guard masks it: for tests
         # and diagnostics that compare the fusion with each model's own logits
         self.observer: Callable[[Generation, Mapping[str, np.ndarray], np.ndarray], None] | None = None
@@ -664,6 +668,8 @@ class Scheduler:
             for s in group:
                 s.gen.timings.decode_s += spent
             if kind == "plain":
+                if self.governor is not None:
+                    self.governor.observe(len({s.branch for s in group}), spent)
                 self._advance_all(group)
 
     def _decode_seconds(self) -> float:
