@@ -142,6 +142,7 @@ def run_bench(
         return True
 
     with Engine(paths, opts) as eng:
+        eng.scheduler.governor = None  # each measurement runs at the thread count it names
         roles = tuple(eng.models)
         prompt = _prompt_tokens(eng, prompt_tokens)
         for r in roles:
