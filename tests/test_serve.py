@@ -369,6 +369,19 @@ def test_a_waiting_non_streaming_client_that_leaves_is_cancelled(demo):
 # -- the chat page in a real browser ---------------------------------------------------------------
 
 
+# headless chromium on a machine with no network: no background connections, no sandbox (root)
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
@@ -382,16 +395,7 @@ def test_chat_page_streams_in_a_headless_browser(demo, tmp_path):
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no chromium binary (apt-get install chromium) for the browser test")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
+    flags = CHROMIUM_FLAGS
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=flags)
         try:

@@ -25,23 +25,14 @@ for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
 from test_errors import trimix  # noqa: E402
-from test_serve import UG, start_server  # noqa: E402
+from test_serve import CHROMIUM_FLAGS, UG, start_server  # noqa: E402
 
 from trimix_cpp.server.defaults import ServeDefaults, available_methods  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BO = "བོད་ཡིག་ནི་བོད་ཀྱི་ཡི་གེ་ཡིན།"
 SIZES = {"phone": {"width": 390, "height": 844}, "desktop": {"width": 1280, "height": 800}}
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+FLAGS = CHROMIUM_FLAGS
 TIBETAN_FONT = Path("/usr/share/fonts/truetype/noto/NotoSerifTibetan-Regular.ttf")
 C = "/v1/completions"
 
