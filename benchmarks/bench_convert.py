@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -31,10 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tinyckpt import QWEN2_REGEX, byte_level_tokenizer  # the tests' tokenizer builder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_synthetic
+from make_synthetic import QWEN25_1_5B
 
 STEP = """
 import json, resource, sys, time
@@ -64,85 +62,18 @@ print(json.dumps({"seconds": dt, "peak_rss_bytes": rss * 1024}))
 """
 
 
-def shapes(layers: int, hidden: int, ff: int, vocab: int, heads: int, kv: int) -> dict[str, tuple[int, ...]]:
-    hd = hidden // heads
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (heads * hd, hidden),
-            p + "self_attn.q_proj.bias": (heads * hd,),
-            p + "self_attn.k_proj.weight": (kv * hd, hidden),
-            p + "self_attn.k_proj.bias": (kv * hd,),
-            p + "self_attn.v_proj.weight": (kv * hd, hidden),
-            p + "self_attn.v_proj.bias": (kv * hd,),
-            p + "self_attn.o_proj.weight": (hidden, heads * hd),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (ff, hidden),
-            p + "mlp.up_proj.weight": (ff, hidden),
-            p + "mlp.down_proj.weight": (hidden, ff),
-        }
-    out["model.norm.weight"] = (hidden,)
-    return out
-
-
-def write_shard(path: Path, tensors: dict[str, tuple[int, ...]], rng: np.random.Generator) -> None:
-    """A BF16 safetensors file written tensor by tensor (the header first, from the shapes)."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in tensors.items():
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with path.open("wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for shape in tensors.values():
-            rows = shape[0] if len(shape) > 1 else 1
-            cols = math.prod(shape) // rows
-            step = max(1, (8 << 20) // cols)
-            for r in range(0, rows, step):
-                x = rng.standard_normal((min(step, rows - r), cols), dtype=np.float32) * 0.02
-                f.write((x.view(np.uint32) >> 16).astype(np.uint16).tobytes())
-
-
 def write_checkpoint(folder: Path, args: argparse.Namespace) -> int:
-    folder.mkdir(parents=True)
-    tj, n_tokens = byte_level_tokenizer(QWEN2_REGEX, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], False)
-    vocab = max(args.vocab, n_tokens)
-    cfg = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+    """Qwen2.5-1.5B's shape (or the one the flags shrink it to), written as make_synthetic.py writes it."""
+    shape = {
+        **QWEN25_1_5B,
         "hidden_size": args.hidden,
         "intermediate_size": args.ff,
         "num_hidden_layers": args.layers,
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "use_sliding_window": False,
-        "tie_word_embeddings": True,
-        "torch_dtype": "bfloat16",
-        "vocab_size": vocab,
+        "vocab_size": args.vocab,
     }
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
-    all_shapes = shapes(args.layers, args.hidden, args.ff, vocab, args.heads, args.kv_heads)
-    names = list(all_shapes)
-    half = len(names) // 2
-    rng = np.random.default_rng(0)
-    weight_map = {}
-    for i, part in enumerate((names[:half], names[half:])):
-        fname = f"model-{i + 1:05d}-of-00002.safetensors"
-        write_shard(folder / fname, {n: all_shapes[n] for n in part}, rng)
-        weight_map |= dict.fromkeys(part, fname)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return make_synthetic.write_checkpoint(folder, make_synthetic.qwen2_config(shape))
 
 
 def run_step(kind: str, a: Path, b: Path) -> dict[str, float]:

@@ -1,0 +1,329 @@
+"""The paper's setting at real size on this machine: a 7B large model fused with two 1.5B small models.
+
+Runs on the three GGUF files ``make_synthetic.py`` writes (random weights with the real shapes of
+Qwen2.5-7B-Instruct at q4_k_m and Qwen2.5-1.5B at q8_0; speed does not depend on the weights'
+values). Everything in one run, on one engine, so the figures compare side by side:
+
+* **decode**: tokens/s of the 7B alone, each 1.5B alone and the fused trio (fixed weights
+  a = 0.3, b = 0.6, so all three models decode), repeated in turn; fused against the sum of the
+  three (the speed of running them one after another: ``1 / sum(1 / alone)``), target >= 0.97;
+* **prompt**: a 500-token prompt evaluated by the three models as generation with fixed weights
+  does (last position's logits only), with logits at every position (left unread), and with PPL
+  selection over the 36-pair grid at this 151,936-token vocabulary; the overhead of selection over
+  each, target <= 10 %;
+* **batch cost**: what a batch of k tokens (logits at every position, as verification needs) costs
+  the 7B against one token, k = 1..16, and a single token of a 1.5B (a drafting step);
+* **draft projection**: the acceptance rate of ``--draft 4`` measured on the demo trio (the weights
+  here are random and accept nothing), turned into the speed ``--draft K`` would reach with the
+  paper's models from the costs above: a round drafts K tokens with both small models (K + 1 single
+  decodes each), verifies K + 1 tokens in one 7B batch, and yields (1 - r^(K+1)) / (1 - r) tokens at
+  per-token acceptance r. A projection, not a measurement;
+* **serve**: ``trimix serve`` on the trio with ``--parallel 8``: aggregate tokens/s with 1, 4 and 8
+  concurrent streaming clients (target: 8 clients >= 3x one);
+* **memory**: resident memory of the loaded trio (``--parallel 1``) and of the server at
+  ``--parallel 8``, against the files' sizes.
+
+    python benchmarks/bench_realsize.py --dir DIR [--tokens 32] [--prompt 500] [--repeats 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speculative import PROMPTS as SPECULATIVE_PROMPTS
+from make_synthetic import TRIO, gguf_name
+
+from trimix_cpp import _llama, packaged
+from trimix_cpp.engine import Engine
+from trimix_cpp.fusion import plan
+from trimix_cpp.loading import LoadOptions
+from trimix_cpp.profiles import find_profile
+from trimix_cpp.selection import Selector
+
+ALPHA, BETA = 0.3, 0.6
+TEXT = (
+    "The river runs through the old town, past the market and the bridge where the fishermen sell "
+    "their catch every morning. In the evening the lamps are lit and the children run along the water. "
+)
+
+
+def rss_mib(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+def tokens_of(eng: Engine, n: int, variant: int = 0) -> np.ndarray:
+    toks = eng.tokenize(f"{variant}. " + TEXT * (1 + n // 20))
+    while len(toks) < n:
+        toks = np.concatenate([toks, toks])
+    return toks[:n]
+
+
+def decode_rates(eng: Engine, tokens: int, repeats: int) -> dict[str, float]:
+    """Median tokens/s of each model alone and of the fused trio, measured in turn."""
+    prompt = tokens_of(eng, 32)
+    plans = {r: plan("single", role=r) for r in eng.roles}
+    plans["fused"] = plan("trimix", alpha=ALPHA, beta=BETA)
+    runs: dict[str, list[float]] = {k: [] for k in plans}
+    for _ in range(repeats):
+        for k, p in plans.items():
+            gen = eng.generate(prompt, p, max_tokens=tokens).run()
+            runs[k].append(gen.timings.gen_tokens_per_s)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def prompt_times(eng: Engine, n: int, repeats: int) -> dict[str, float]:
+    """Median seconds of a ``n``-token prompt: last logits only, every position's logits, PPL selection."""
+    prompt = tokens_of(eng, n, variant=7)
+    runs: dict[str, list[float]] = {"last": [], "all": [], "ppl": []}
+
+    def unread(rows: object, targets: object) -> None:
+        return None
+
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        eng.evaluate_prompt(prompt)
+        runs["last"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        eng.evaluate_prompt(prompt, on_chunk=unread)
+        runs["all"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        eng.select(prompt, Selector("ppl"))
+        runs["ppl"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def batch_costs(model: _llama.LlamaModel, seq: int, ks: list[int], repeats: int = 3) -> dict[int, float]:
+    """Median ms of one decode of k tokens (every position's logits) after a 64-token context."""
+    ctx = np.arange(100, 164, dtype=np.int32)
+    model.seq_rm(seq)
+    model.decode_batch(ctx, np.arange(64, dtype=np.int32), seq, np.zeros(64, dtype=np.int8))
+    out = {}
+    for k in ks:
+        times = []
+        for _ in range(repeats):
+            toks = np.arange(200, 200 + k, dtype=np.int32)
+            t0 = time.perf_counter()
+            model.decode_batch(toks, np.arange(64, 64 + k, dtype=np.int32), seq, np.ones(k, dtype=np.int8))
+            times.append(time.perf_counter() - t0)
+            model.seq_rm(seq, 64, -1)
+        out[k] = statistics.median(times) * 1000
+    model.seq_rm(seq)
+    return out
+
+
+def demo_acceptance(tokens: int = 64) -> dict[str, float]:
+    """Share of drafted tokens accepted with ``--draft 4`` on the demo trio (greedy, bench_speculative's
+    Uyghur prompt), with the weights PPL selection picks and with a = 0.3, b = 0.7."""
+    profile = find_profile("demo")
+    paths = {r: profile.locate(r) for r in ("small_cpt", "small_base")}
+    paths["large_ins"] = packaged.smollm2_path()
+    prompt = SPECULATIVE_PROMPTS["uig"]
+    out = {}
+    with Engine(paths, LoadOptions(n_ctx=1024)) as eng:
+        sel = eng.select(prompt, Selector("ppl"))
+        for label, (a, b) in (("ppl", sel.chosen), ("fixed", (0.3, 0.7))):
+            gen = eng.generate(prompt, plan("trimix", alpha=a, beta=b), max_tokens=tokens, draft=4).run()
+            t = gen.timings
+            if t.draft_tokens:
+                out[f"{label} ({a:g}, {b:g})"] = t.accepted_tokens / t.draft_tokens
+    return out
+
+
+def project(costs: dict[int, float], small_ms: float, fused_ms: float, r: float, k: int) -> float:
+    """Projected tokens/s of ``--draft k`` at per-token acceptance ``r`` (see the module docstring)."""
+    expected = k + 1 if r >= 1 else (1 - r ** (k + 1)) / (1 - r)
+    round_ms = (k + 1) * small_ms + costs[k + 1]
+    return 1000 * expected / round_ms
+
+
+class Server:
+    """``trimix serve`` on the trio, on a free port, until :meth:`stop`."""
+
+    def __init__(self, paths: dict[str, Path], parallel: int) -> None:
+        cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--port", "0", "--parallel", str(parallel)]
+        for role, p in paths.items():
+            cmd += [f"--{role.replace('_', '-')}", str(p)]
+        cmd += ["--method", "trimix", "--alpha", str(ALPHA), "--beta", str(BETA)]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.url, lines, found = "", [], threading.Event()
+
+        def read() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                lines.append(line.rstrip())
+                m = re.search(r"listening on (http://\S+)", line)
+                if m and not self.url:
+                    self.url = m.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        found.wait(600)
+        deadline = time.monotonic() + 600
+        while self.url and time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=5, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.proc.kill()
+        raise SystemExit("trimix serve did not start:\n" + "\n".join(lines[-20:]))
+
+    def complete(self, prompt: str, tokens: int) -> int:
+        body = {"prompt": prompt, "max_tokens": tokens, "stop": [], "stream": True}
+        n = 0
+        with (
+            httpx.Client(timeout=600, trust_env=False) as c,
+            c.stream("POST", self.url + "/v1/completions", json=body) as r,
+        ):
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    n += 1
+        return n
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(120)
+
+
+def serve_rates(srv: Server, clients: list[int], tokens: int) -> dict[int, float]:
+    """Aggregate generated tokens/s (chunks streamed over wall time) with C concurrent clients."""
+    out = {}
+    srv.complete(TEXT, 4)  # warm-up
+    for c in clients:
+        counts = [0] * c
+        per_client = 2 if c == 1 else 1
+
+        def client(i: int, counts: list[int], repeat: int) -> None:
+            for j in range(repeat):
+                counts[i] += srv.complete(f"{i}.{j} " + TEXT, tokens)
+
+        threads = [threading.Thread(target=client, args=(i, counts, per_client)) for i in range(c)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[c] = sum(counts) / (time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, required=True, help="Folder make_synthetic.py wrote.")
+    ap.add_argument("--tokens", type=int, default=32, help="Tokens per decode measurement and per request.")
+    ap.add_argument("--prompt", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    paths = {role: args.dir / gguf_name(role) for role in TRIO}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing {missing[0]}: run benchmarks/make_synthetic.py --out {args.dir} first")
+    files_mib = {r: p.stat().st_size / 2**20 for r, p in paths.items()}
+    report: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {_llama.default_threads()} threads",
+        "system_info": _llama.system_info(),
+        "files_mib": files_mib,
+        "prompt_tokens": args.prompt,
+        "tokens": args.tokens,
+    }
+    t_start = time.perf_counter()
+    eng = Engine(paths, LoadOptions(n_ctx=2048))
+    try:
+        eng.scheduler.governor = None  # every figure at the default thread count
+        report["rss_loaded_mib"] = rss_mib()
+        print("decode ...", file=sys.stderr)
+        report["decode_tokens_per_s"] = dec = decode_rates(eng, args.tokens, args.repeats)
+        report["rss_after_decode_mib"] = rss_mib()
+        sequential = 1 / sum(1 / dec[r] for r in TRIO)
+        report["fused_vs_sum"] = dec["fused"] / sequential
+        print("prompt ...", file=sys.stderr)
+        report["prompt_s"] = pt = prompt_times(eng, args.prompt, args.repeats)
+        report["ppl_overhead_vs_last"] = pt["ppl"] / pt["last"] - 1
+        report["ppl_overhead_vs_all"] = pt["ppl"] / pt["all"] - 1
+        print("batch cost ...", file=sys.stderr)
+        seq = eng._fresh_scratch()
+        ks = list(range(1, 17))
+        large = batch_costs(eng.models["large_ins"], seq, ks)
+        small = batch_costs(eng.models["small_cpt"], seq, [1])
+        report["batch_ms_large"] = large
+        report["single_ms_small"] = small[1]
+    finally:
+        eng.close()
+    print("draft acceptance on the demo trio ...", file=sys.stderr)
+    acc = demo_acceptance()
+    report["demo_acceptance"] = acc
+    fused_ms = 1000 / dec["fused"]
+    small_ms = 2 * report["single_ms_small"]  # both small models decode each drafted position
+    report["draft_projection_tokens_per_s"] = {
+        name: {k: project(large, small_ms, fused_ms, r, k) for k in (2, 4, 6, 8)} for name, r in acc.items()
+    }
+    print("serve ...", file=sys.stderr)
+    clients = [int(c) for c in args.clients.split(",")]
+    srv = Server(paths, parallel=max(clients))
+    try:
+        report["serve_tokens_per_s"] = sr = serve_rates(srv, clients, args.tokens)
+        report["rss_server_mib"] = rss_mib(srv.proc.pid)
+    finally:
+        srv.stop()
+    report["serve_most_vs_one"] = sr[max(clients)] / sr[min(clients)]
+    report["seconds"] = time.perf_counter() - t_start
+    if args.json:
+        print(json.dumps(report))
+        return
+    print_report(report, dec, pt, large, acc, sr, files_mib)
+
+
+def print_report(report, dec, pt, large, acc, sr, files_mib) -> None:
+    print(f"machine: {report['machine']}; llama.cpp: {report['system_info']}")
+    print("decode tokens/s: " + ", ".join(f"{k} {v:.2f}" for k, v in dec.items()))
+    print(f"fused / sum of the three (1/sum(1/alone)): {report['fused_vs_sum']:.3f} (target >= 0.97)")
+    print(
+        f"prompt of {report['prompt_tokens']} tokens: last-only {pt['last']:.1f} s, all positions {pt['all']:.1f} s, "
+        f"PPL selection {pt['ppl']:.1f} s; overhead {report['ppl_overhead_vs_last']:+.1%} vs last-only, "
+        f"{report['ppl_overhead_vs_all']:+.1%} vs all positions (target <= 10 %)"
+    )
+    one = large[1]
+    print("7B batch ms (x one token): " + ", ".join(f"{k}: {v:.0f} ({v / one:.2f}x)" for k, v in large.items()))
+    print(f"1.5B single token: {report['single_ms_small']:.0f} ms")
+    for name, proj in report["draft_projection_tokens_per_s"].items():
+        print(
+            f"draft projection at demo acceptance {acc[name]:.0%} [{name}]: "
+            + ", ".join(f"K={k} {v:.2f} tok/s ({v / dec['fused']:.2f}x)" for k, v in proj.items())
+        )
+    print("serve aggregate tokens/s: " + ", ".join(f"{c} clients {v:.2f}" for c, v in sr.items()))
+    print(f"serve: {max(sr)} clients / {min(sr)} = {report['serve_most_vs_one']:.2f} (target for 8 / 1: >= 3)")
+    total = sum(files_mib.values())
+    print(
+        f"files {total:.0f} MiB; RSS loaded {report['rss_loaded_mib']['VmRSS']:.0f} MiB, after decoding "
+        f"{report['rss_after_decode_mib']['VmRSS']:.0f} MiB; server --parallel 8 {report['rss_server_mib']}"
+    )
+    print(f"total {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
