@@ -55,6 +55,7 @@ from trimix_cpp.profiles import find_profile
 from trimix_cpp.selection import Selector
 
 ALPHA, BETA = 0.3, 0.6
+SHORT = "The river runs"
 TEXT = (
     "The river runs through the old town, past the market and the bridge where the fishermen sell "
     "their catch every morning. In the evening the lamps are lit and the children run along the water. "
@@ -149,7 +150,7 @@ def demo_acceptance(tokens: int = 64) -> dict[str, float]:
     return out
 
 
-def project(costs: dict[int, float], small_ms: float, fused_ms: float, r: float, k: int) -> float:
+def project(costs: dict[int, float], small_ms: float, r: float, k: int) -> float:
     """Projected tokens/s of ``--draft k`` at per-token acceptance ``r`` (see the module docstring)."""
     expected = k + 1 if r >= 1 else (1 - r ** (k + 1)) / (1 - r)
     round_ms = (k + 1) * small_ms + costs[k + 1]
@@ -191,16 +192,18 @@ class Server:
         raise SystemExit("trimix serve did not start:\n" + "\n".join(lines[-20:]))
 
     def complete(self, prompt: str, tokens: int) -> int:
+        """Tokens generated for one streamed completion (the usage the stream ends with)."""
         body = {"prompt": prompt, "max_tokens": tokens, "stop": [], "stream": True}
+        body["stream_options"] = {"include_usage": True}
         n = 0
         with (
-            httpx.Client(timeout=600, trust_env=False) as c,
+            httpx.Client(timeout=900, trust_env=False) as c,
             c.stream("POST", self.url + "/v1/completions", json=body) as r,
         ):
             r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    n += 1
+                    n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
         return n
 
     def stop(self) -> None:
@@ -209,16 +212,19 @@ class Server:
 
 
 def serve_rates(srv: Server, clients: list[int], tokens: int) -> dict[int, float]:
-    """Aggregate generated tokens/s (chunks streamed over wall time) with C concurrent clients."""
+    """Aggregate generated tokens/s (all requests' tokens over the wall time) with C concurrent clients.
+
+    The prompts are short (a few words, each client's own), so the figure is decoding's: a 7B
+    evaluates about a dozen prompt tokens per second on two cores."""
     out = {}
-    srv.complete(TEXT, 4)  # warm-up
+    srv.complete(SHORT, 4)  # warm-up
     for c in clients:
         counts = [0] * c
         per_client = 2 if c == 1 else 1
 
         def client(i: int, counts: list[int], repeat: int) -> None:
             for j in range(repeat):
-                counts[i] += srv.complete(f"{i}.{j} " + TEXT, tokens)
+                counts[i] += srv.complete(f"{i}.{j} {SHORT}", tokens)
 
         threads = [threading.Thread(target=client, args=(i, counts, per_client)) for i in range(c)]
         t0 = time.perf_counter()
@@ -230,6 +236,31 @@ def serve_rates(srv: Server, clients: list[int], tokens: int) -> dict[int, float
     return out
 
 
+SECTIONS = ("decode", "prompt", "batch", "serve")
+
+
+def measure_engine(paths: dict[str, Path], args: argparse.Namespace, only: set[str], report: dict) -> None:
+    """The in-process sections, on one engine loaded once (``--parallel 1``)."""
+    with Engine(paths, LoadOptions(n_ctx=2048)) as eng:
+        eng.scheduler.governor = None  # every figure at the default thread count
+        report["rss_loaded_mib"] = rss_mib()
+        if "decode" in only:
+            print("decode ...", file=sys.stderr)
+            report["decode_tokens_per_s"] = dec = decode_rates(eng, args.tokens, args.repeats)
+            report["rss_after_decode_mib"] = rss_mib()
+            report["fused_vs_sum"] = dec["fused"] * sum(1 / dec[r] for r in TRIO)
+        if "prompt" in only:
+            print("prompt ...", file=sys.stderr)
+            report["prompt_s"] = pt = prompt_times(eng, args.prompt, args.repeats)
+            report["ppl_overhead_vs_last"] = pt["ppl"] / pt["last"] - 1
+            report["ppl_overhead_vs_all"] = pt["ppl"] / pt["all"] - 1
+        if "batch" in only:
+            print("batch cost ...", file=sys.stderr)
+            seq = eng._fresh_scratch()
+            report["batch_ms_large"] = batch_costs(eng.models["large_ins"], seq, list(range(1, 17)))
+            report["single_ms_small"] = batch_costs(eng.models["small_cpt"], seq, [1])[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, required=True, help="Folder make_synthetic.py wrote.")
@@ -237,92 +268,82 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"Sections to run, of {','.join(SECTIONS)}.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     paths = {role: args.dir / gguf_name(role) for role in TRIO}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise SystemExit(f"missing {missing[0]}: run benchmarks/make_synthetic.py --out {args.dir} first")
-    files_mib = {r: p.stat().st_size / 2**20 for r, p in paths.items()}
-    report: dict[str, object] = {
+    report: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {_llama.default_threads()} threads",
         "system_info": _llama.system_info(),
-        "files_mib": files_mib,
+        "files_mib": {r: p.stat().st_size / 2**20 for r, p in paths.items()},
         "prompt_tokens": args.prompt,
         "tokens": args.tokens,
     }
     t_start = time.perf_counter()
-    eng = Engine(paths, LoadOptions(n_ctx=2048))
-    try:
-        eng.scheduler.governor = None  # every figure at the default thread count
-        report["rss_loaded_mib"] = rss_mib()
-        print("decode ...", file=sys.stderr)
-        report["decode_tokens_per_s"] = dec = decode_rates(eng, args.tokens, args.repeats)
-        report["rss_after_decode_mib"] = rss_mib()
-        sequential = 1 / sum(1 / dec[r] for r in TRIO)
-        report["fused_vs_sum"] = dec["fused"] / sequential
-        print("prompt ...", file=sys.stderr)
-        report["prompt_s"] = pt = prompt_times(eng, args.prompt, args.repeats)
-        report["ppl_overhead_vs_last"] = pt["ppl"] / pt["last"] - 1
-        report["ppl_overhead_vs_all"] = pt["ppl"] / pt["all"] - 1
-        print("batch cost ...", file=sys.stderr)
-        seq = eng._fresh_scratch()
-        ks = list(range(1, 17))
-        large = batch_costs(eng.models["large_ins"], seq, ks)
-        small = batch_costs(eng.models["small_cpt"], seq, [1])
-        report["batch_ms_large"] = large
-        report["single_ms_small"] = small[1]
-    finally:
-        eng.close()
-    print("draft acceptance on the demo trio ...", file=sys.stderr)
-    acc = demo_acceptance()
-    report["demo_acceptance"] = acc
-    fused_ms = 1000 / dec["fused"]
-    small_ms = 2 * report["single_ms_small"]  # both small models decode each drafted position
-    report["draft_projection_tokens_per_s"] = {
-        name: {k: project(large, small_ms, fused_ms, r, k) for k in (2, 4, 6, 8)} for name, r in acc.items()
-    }
-    print("serve ...", file=sys.stderr)
-    clients = [int(c) for c in args.clients.split(",")]
-    srv = Server(paths, parallel=max(clients))
-    try:
-        report["serve_tokens_per_s"] = sr = serve_rates(srv, clients, args.tokens)
-        report["rss_server_mib"] = rss_mib(srv.proc.pid)
-    finally:
-        srv.stop()
-    report["serve_most_vs_one"] = sr[max(clients)] / sr[min(clients)]
+    if only & {"decode", "prompt", "batch"}:
+        measure_engine(paths, args, only, report)
+    if {"decode", "batch"} <= only:
+        print("draft acceptance on the demo trio ...", file=sys.stderr)
+        acc = report["demo_acceptance"] = demo_acceptance()
+        small_ms = 2 * report["single_ms_small"]  # both small models decode each drafted position
+        report["draft_projection_tokens_per_s"] = {
+            name: {k: project(report["batch_ms_large"], small_ms, r, k) for k in (2, 4, 6, 8)}
+            for name, r in acc.items()
+        }
+    if "serve" in only:
+        print("serve ...", file=sys.stderr)
+        clients = [int(c) for c in args.clients.split(",")]
+        srv = Server(paths, parallel=max(clients))
+        try:
+            report["serve_tokens_per_s"] = sr = serve_rates(srv, clients, args.tokens)
+            report["rss_server_mib"] = rss_mib(srv.proc.pid)
+        finally:
+            srv.stop()
+        report["serve_most_vs_one"] = sr[max(clients)] / sr[min(clients)]
     report["seconds"] = time.perf_counter() - t_start
-    if args.json:
-        print(json.dumps(report))
-        return
-    print_report(report, dec, pt, large, acc, sr, files_mib)
+    print(json.dumps(report) if args.json else render(report))
 
 
-def print_report(report, dec, pt, large, acc, sr, files_mib) -> None:
-    print(f"machine: {report['machine']}; llama.cpp: {report['system_info']}")
-    print("decode tokens/s: " + ", ".join(f"{k} {v:.2f}" for k, v in dec.items()))
-    print(f"fused / sum of the three (1/sum(1/alone)): {report['fused_vs_sum']:.3f} (target >= 0.97)")
-    print(
-        f"prompt of {report['prompt_tokens']} tokens: last-only {pt['last']:.1f} s, all positions {pt['all']:.1f} s, "
-        f"PPL selection {pt['ppl']:.1f} s; overhead {report['ppl_overhead_vs_last']:+.1%} vs last-only, "
-        f"{report['ppl_overhead_vs_all']:+.1%} vs all positions (target <= 10 %)"
-    )
-    one = large[1]
-    print("7B batch ms (x one token): " + ", ".join(f"{k}: {v:.0f} ({v / one:.2f}x)" for k, v in large.items()))
-    print(f"1.5B single token: {report['single_ms_small']:.0f} ms")
-    for name, proj in report["draft_projection_tokens_per_s"].items():
-        print(
-            f"draft projection at demo acceptance {acc[name]:.0%} [{name}]: "
-            + ", ".join(f"K={k} {v:.2f} tok/s ({v / dec['fused']:.2f}x)" for k, v in proj.items())
+def render(report: dict) -> str:
+    """The report as lines of text."""
+    out = [f"machine: {report['machine']}; llama.cpp: {report['system_info']}"]
+    files = sum(report["files_mib"].values())
+    if "decode_tokens_per_s" in report:
+        dec = report["decode_tokens_per_s"]
+        out.append("decode tokens/s: " + ", ".join(f"{k} {v:.2f}" for k, v in dec.items()))
+        out.append(f"fused / sum of the three (1/sum(1/alone)): {report['fused_vs_sum']:.3f} (target >= 0.97)")
+    if "prompt_s" in report:
+        pt = report["prompt_s"]
+        out.append(
+            f"prompt of {report['prompt_tokens']} tokens: last-only {pt['last']:.1f} s, all positions "
+            f"{pt['all']:.1f} s, PPL selection {pt['ppl']:.1f} s; overhead {report['ppl_overhead_vs_last']:+.1%} "
+            f"vs last-only, {report['ppl_overhead_vs_all']:+.1%} vs all positions (target <= 10 %)"
         )
-    print("serve aggregate tokens/s: " + ", ".join(f"{c} clients {v:.2f}" for c, v in sr.items()))
-    print(f"serve: {max(sr)} clients / {min(sr)} = {report['serve_most_vs_one']:.2f} (target for 8 / 1: >= 3)")
-    total = sum(files_mib.values())
-    print(
-        f"files {total:.0f} MiB; RSS loaded {report['rss_loaded_mib']['VmRSS']:.0f} MiB, after decoding "
-        f"{report['rss_after_decode_mib']['VmRSS']:.0f} MiB; server --parallel 8 {report['rss_server_mib']}"
-    )
-    print(f"total {report['seconds']:.0f} s")
+    if "batch_ms_large" in report:
+        large = report["batch_ms_large"]
+        one = large[1]
+        cells = ", ".join(f"{k}: {v:.0f} ({v / one:.2f}x)" for k, v in large.items())
+        out.append(f"7B batch ms (x one token): {cells}")
+        out.append(f"1.5B single token: {report['single_ms_small']:.0f} ms")
+    for name, proj in report.get("draft_projection_tokens_per_s", {}).items():
+        fused = report["decode_tokens_per_s"]["fused"]
+        out.append(
+            f"draft projection at demo acceptance {report['demo_acceptance'][name]:.0%} [{name}]: "
+            + ", ".join(f"K={k} {v:.2f} tok/s ({v / fused:.2f}x)" for k, v in proj.items())
+        )
+    if "serve_tokens_per_s" in report:
+        sr = report["serve_tokens_per_s"]
+        out.append("serve aggregate tokens/s: " + ", ".join(f"{c} clients {v:.2f}" for c, v in sr.items()))
+        out.append(f"serve: {max(sr)} clients / {min(sr)} = {report['serve_most_vs_one']:.2f} (target for 8 / 1: >= 3)")
+        out.append(f"server RSS at --parallel {max(sr)}: {report['rss_server_mib']['VmRSS']:.0f} MiB")
+    if "rss_loaded_mib" in report:
+        out.append(f"files {files:.0f} MiB; engine RSS loaded {report['rss_loaded_mib']['VmRSS']:.0f} MiB")
+    out.append(f"total {report['seconds']:.0f} s")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
