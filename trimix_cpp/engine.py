@@ -30,10 +30,11 @@ import numpy as np
 from . import _llama
 from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, FusionPlan
-from .generation import Generation, Scheduler, SeqSpec, Session, Timings, check_max_tokens, locked
+from .generation import Generation, SeqSpec, Session, Timings, check_max_tokens
 from .loading import SCORING_SEQS, LoadOptions, build_shared_vocab, load_models
 from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perplexity
 from .sampling import SamplingParams
+from .scheduler import Scheduler, locked
 from .scoring import MethodScore
 from .selection import SELECTION_ROLES, GridScores, Selection, Selector
 from .threads import ThreadGovernor

@@ -23,7 +23,7 @@ the time. Each round, for every sequence that drafts:
    and the guard, so the output distribution is exactly the fused one.
 3. **Undo.** Positions after the last accepted token are removed from every model's KV cache.
 
-Accepted tokens go through the scheduler's ordinary path one at a time (guard state, streaming
+Accepted tokens go through the sequence's ordinary path one at a time (guard state, streaming
 decoder, stop strings), so nothing is shown before it is accepted, and a draft that crosses a stop
 string, end-of-generation or ``max_tokens`` ends exactly where plain decoding ends.
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,35 +40,9 @@ from .fusion import LARGE_BASE, LARGE_INS, SMALL_CPT, Fuser, FusionPlan
 from .sampling import SamplingParams, TokenSampler
 
 if TYPE_CHECKING:
-    from .utf8 import Utf8Guard
-
-
-class _SeqLike(Protocol):
-    """What a round reads and writes of a sequence (the scheduler's per-sequence state)."""
-
-    gen: Any  # its Generation: spec, token_ids, timings
-    drafter: Drafter | None
-    guard: Utf8Guard
-    state: int
-    stops: list[str]
-    sampler: TokenSampler
-    id: int
-    n_past: int
-    next_token: int
-
-
-class _Verifier(Protocol):
-    """What a round needs of the scheduler: its models, its scratch row, and its per-token path
-    (fused logits with the guard applied; accepting a token; ending a sequence)."""
-
-    engine: Any  # the scheduler's models, vocabulary and context (generation.Models)
-    _tmp: np.ndarray
-
-    def masked_logits(self, s: _SeqLike, rows: dict[str, np.ndarray]) -> np.ndarray | None: ...
-
-    def accept(self, s: _SeqLike, tok: int) -> bool: ...
-
-    def _finish(self, s: _SeqLike, reason: str, error: BaseException | None = None) -> None: ...
+    from .scheduler import Models
+    from .sequence import SeqState
+    from .vocab import SharedVocab
 
 
 LARGE_ROLES = (LARGE_INS, LARGE_BASE)
@@ -152,26 +126,27 @@ class Drafter:
             self.backoff = 1
 
 
-def usable(s: _SeqLike, n_ctx: int) -> int:
+def usable(s: SeqState, n_ctx: int) -> int:
     """How many tokens this sequence may draft this round (0: decode it plainly)."""
     d: Drafter | None = s.drafter
     if d is None:
         return 0
     g = s.gen
     left = g.spec.max_tokens - len(g.token_ids) - 1  # the round also yields one verified token
-    room = n_ctx - s.n_past - 1  # positions p .. p+k must fit
+    room = n_ctx - s.branch.n_past - 1  # positions p .. p+k must fit
     return max(0, min(d.k_now, left, room))
 
 
-def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
-    """One speculative round for every sequence in ``seqs`` (each has a pending token)."""
-    eng = sched.engine
+def run_round(eng: Models, seqs: Sequence[SeqState]) -> None:
+    """One speculative round for every sequence in ``seqs`` (each alone in its branch, with a
+    pending token). Each one's tokens go through the sequence's own path (:meth:`SeqState.accept`);
+    its next pending token is left in ``pick``."""
     vocab = eng.vocab
     n = vocab.n_vocab
-    starts = {id(s): s.n_past for s in seqs}
+    starts = {id(s): s.branch.n_past for s in seqs}
     for s in seqs:
         d = s.drafter
-        d.tokens = [s.next_token]
+        d.tokens = [s.branch.next_token]
         d.state = s.state
         d.limit = usable(s, eng.n_ctx)
         d.drafting = True
@@ -188,7 +163,7 @@ def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
             m = eng.models[role]
             tokens = np.fromiter((s.drafter.tokens[-1] for s in users), dtype=np.int32, count=len(users))
             pos = np.fromiter((starts[id(s)] + j for s in users), dtype=np.int32, count=len(users))
-            ids = np.fromiter((s.id for s in users), dtype=np.int32, count=len(users))
+            ids = np.fromiter((s.branch.id for s in users), dtype=np.int32, count=len(users))
             m.decode_batch(tokens, pos, ids, 1)
             rows = m.logits_rows(len(users))
             for k, s in enumerate(users):
@@ -214,7 +189,7 @@ def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
         lengths = [len(s.drafter.tokens) for s in users]
         tokens = np.concatenate([np.asarray(s.drafter.tokens, dtype=np.int32) for s in users])
         pos = np.concatenate([np.arange(starts[id(s)], starts[id(s)] + len(s.drafter.tokens)) for s in users])
-        ids = np.repeat(np.asarray([s.id for s in users], dtype=np.int32), lengths)
+        ids = np.repeat(np.asarray([s.branch.id for s in users], dtype=np.int32), lengths)
         m.decode_batch(tokens, pos.astype(np.int32), ids, 1)
         rows = m.logits_rows(int(sum(lengths)))
         off = 0
@@ -225,11 +200,11 @@ def run_round(sched: _Verifier, seqs: Sequence[_SeqLike]) -> None:
     for s in seqs:
         d = s.drafter
         before = d.accepted
-        _verify(sched, s, starts[id(s)], large_rows[id(s)])
+        _verify(eng, s, starts[id(s)], large_rows[id(s)])
         d.update(len(d.tokens) - 1, d.accepted - before)
 
 
-def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
+def _draft_one(d: Drafter, s: SeqState, j: int, vocab: SharedVocab) -> int | None:
     """The drafter's next token after position j of the round, or None to stop drafting."""
     logits = d.fuser.fuse({r: d.rows[r][j] for r in d.small_roles})
     if not np.isfinite(logits.max()):
@@ -251,7 +226,7 @@ def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
             return None
         d.q[j] = q
         tok = d.sampler.draw(q)
-    if vocab.eog[tok] or _hits_stop(vocab.pieces[tok], s.stops):
+    if vocab.eog[tok] or s.stops.touches(vocab.pieces[tok]):
         return None
     d.state = s.guard.advance(d.state, tok)
     d.drafted += 1
@@ -259,25 +234,16 @@ def _draft_one(d: Drafter, s: _SeqLike, j: int, vocab) -> int | None:
     return tok
 
 
-def _hits_stop(piece: bytes, stops: Sequence[str]) -> bool:
-    """Whether a drafted piece holds the first character of a stop string (the draft ends there:
-    accepting past a stop would be wasted)."""
-    if not stops or not piece:
-        return False
-    text = piece.decode("utf-8", errors="ignore")
-    return any(x[0] in text for x in stops)
-
-
-def _verify(sched: _Verifier, s: _SeqLike, p: int, large: dict[str, np.ndarray]) -> None:
+def _verify(eng: Models, s: SeqState, p: int, large: dict[str, np.ndarray]) -> None:
     """Accept the longest agreeing prefix of the draft, then one corrected or bonus token."""
     d = s.drafter
     drafted = d.tokens[1:]
     for j in range(len(drafted) + 1):
         rows = {r: large[r][j] for r in d.large_roles} | {r: d.rows[r][j] for r in d.small_roles}
-        logits = sched.masked_logits(s, rows)
+        logits = s.logits(rows)
         if logits is None:
             return  # finished with an error
-        s.n_past = p + j + 1  # the pending token and j drafted ones are in the cache
+        s.branch.n_past = p + j + 1  # the pending token and j drafted ones are in the cache
         if j < len(drafted):
             x = drafted[j]
             if d.greedy:
@@ -287,23 +253,22 @@ def _verify(sched: _Verifier, s: _SeqLike, p: int, large: dict[str, np.ndarray])
                 probs = s.sampler.distribution(logits)
                 ok = s.sampler.rng.random() * float(d.q[j][x]) < float(probs[x])
                 if not ok:
-                    resid = np.subtract(probs, d.q[j], out=sched._tmp)
+                    resid = np.subtract(probs, d.q[j], out=s.scratch)
                     np.maximum(resid, 0.0, out=resid)
                     y = s.sampler.draw(resid if resid.sum(dtype=np.float64) > 0 else probs)
             if ok:
                 d.accepted += 1
                 s.gen.timings.accepted_tokens += 1
-                if not sched.accept(s, x):
+                if not s.accept(x):
                     return
                 continue
         else:
             y = int(np.argmax(logits)) if d.greedy else s.sampler.draw(s.sampler.distribution(logits))
         # the corrected (or bonus) token: pending, decoded at the start of the next round
         for r in (*d.large_roles, *d.small_roles):
-            sched.engine.models[r].seq_rm(s.id, p + j + 1, -1)
+            eng.models[r].seq_rm(s.branch.id, p + j + 1, -1)
         if logits[y] == -np.inf:
-            sched._finish(s, "no-valid-token")
+            s.finish("no-valid-token")
             return
-        if sched.accept(s, y):
-            s.next_token = y
+        s.choose(y)
         return
