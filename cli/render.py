@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -54,13 +62,16 @@ def landscape(console: Console, sel: Selection) -> None:
         console.print(f"single models' perplexity: {singles}", soft_wrap=True)
 
 
-def progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+def progress(console: Console, *, counts: bool = True, rate: bool = False, transient: bool = False) -> Progress:
+    """A progress bar on ``console``: each task's description and bar, then with ``counts`` items done
+    of the total and the time left, with ``rate`` the task's ``rate`` field (text the caller updates);
+    ``transient`` clears it when done."""
+    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
+    if counts:
+        columns.append(MofNCompleteColumn())
+    if rate:
+        columns.append(TextColumn("{task.fields[rate]}"))
+    columns.append(TimeElapsedColumn())
+    if counts:
+        columns += [TextColumn("left"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=transient)
