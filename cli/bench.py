@@ -16,7 +16,7 @@ from trimix_cpp.modelset import ModelSet
 
 from .common import Verbose, err, errors
 from .options import Threads, group, grouped, model_set
-from .render import progress
+from .render import out, progress
 
 BENCH_HELP = (
     "Measure prompt and decode speed of each model and the fused trio, speculative decoding and "
@@ -74,7 +74,8 @@ def bench(
 
 
 def _print(report: BenchReport) -> None:
-    err.print(f"[dim]{report.system}[/]", soft_wrap=True)
+    """The report on stdout (it is the command's answer); measurements skipped for time on stderr."""
+    out.print(f"[dim]{report.system}[/]", soft_wrap=True)
     t = Table(title=f"trimix bench ({report.threads} threads, {report.seconds:.0f} s)", title_justify="left")
     t.add_column("measurement")
     t.add_column("tokens/s", justify="right")
@@ -94,9 +95,9 @@ def _print(report: BenchReport) -> None:
     for p, v in report.parallel_tokens_per_s.items():
         ratio = f"{v / one:.2f}x one sequence" if one else ""
         t.add_row(f"fused, --parallel {p} (aggregate)", f"{v:.1f}", ratio)
-    err.print(t)
+    out.print(t)
     for what in report.skipped:
         err.print(f"[yellow]skipped (--time reached):[/] {what}", soft_wrap=True)
     rec = report.recommended
     flags = " ".join(f"--{k} {v}" for k, v in rec.items())
-    err.print(f"recommended here: {flags} (more only where it gained 5 % or more)", soft_wrap=True)
+    out.print(f"recommended here: {flags} (more only where it gained 5 % or more)", soft_wrap=True)

@@ -24,7 +24,7 @@ from trimix_cpp.evaluation.run import EvalConfig, LocalBackend, OpenBackend, run
 from trimix_cpp.evaluation.runner import calibration_path
 
 from .common import err
-from .render import progress
+from .render import out, progress
 
 
 def show(results: Results, console: Console) -> None:
@@ -136,7 +136,7 @@ def run_eval(
 ) -> Results:
     """Run the evaluation with progress on stderr, then show the table (and draw the plot)."""
     results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)), backend)
-    show(results, Console())
+    show(results, out)
     for task, t in cfg.timings.items():
         if t.get("calibration_s"):
             err.print(f"[dim]{task}: per-task calibration took {t['calibration_s']:.1f} s[/]", soft_wrap=True)

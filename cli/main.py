@@ -1,8 +1,9 @@
 """The ``trimix`` command line: a thin Typer layer over :mod:`trimix_cpp`.
 
-stdout carries only what a script wants (the generated text, or one JSON object); everything for a
-person (statistics, tables, errors) goes to stderr through rich. Every error is one line and a
-non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
+stdout carries a command's answer (the generated text, one JSON object, or a query's table);
+how the run went (progress, statistics, notes, errors) goes to stderr through rich (see
+:mod:`.render`). Every error is one line and a non-zero exit code; ``--verbose`` adds the traceback
+and llama.cpp's own log.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -315,7 +315,7 @@ def select_cmd(
         if as_json:
             sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
         else:
-            render.landscape(Console(), sel)
+            render.landscape(render.out, sel)
         if sel.note:
             err.print(f"[yellow]note:[/] {sel.note}", soft_wrap=True)
         err.print(f"[dim]{sel.n_tokens} prompt tokens, selection took {sel.seconds:.2f} s[/]", soft_wrap=True)
@@ -395,7 +395,7 @@ def ppl(
                 table.add_column(col, justify="left" if col == "method" else "right")
             for r in rows:
                 table.add_row(r["method"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]))
-            Console().print(table)
+            render.out.print(table)
             if any(r["masked"] for r in rows):
                 err.print("[dim]inf: the plausibility constraint ruled out some true tokens[/]", soft_wrap=True)
 
@@ -538,9 +538,9 @@ def inspect(
             ]
             for label, get in props:
                 table.add_row(label, *(get(m) for m in check.models))
-            Console().print(table)
+            render.out.print(table)
             mark = "[green]fusable[/]" if check.fusable else "[red]not fusable[/]"
-            Console().print(f"{mark}: {check.reason}")
+            render.out.print(f"{mark}: {check.reason}")
         if not check.fusable:
             raise typer.Exit(1)
 

@@ -295,7 +295,8 @@ class Group:
 
 def group(build: Callable[..., Any], *options: str | tuple[str, Any] | tuple[str, Any, Any]) -> Any:
     """A :class:`Group` of the shared options named (in that order); a ``(name, type)`` or
-    ``(name, type, default)`` item is a command's own variant (its own help text or default).
+    ``(name, type, default)`` item is a command's own variant (its own help text or default) or its
+    own option (default ``None`` unless given).
 
     Typed ``Any``: it stands as the default of the parameter that receives what it builds.
     """
@@ -305,7 +306,7 @@ def group(build: Callable[..., Any], *options: str | tuple[str, Any] | tuple[str
             out.append((item, *OPTIONS[item]))
         else:
             name, kind, *default = item
-            out.append((name, kind, default[0] if default else OPTIONS[name][1]))
+            out.append((name, kind, default[0] if default else OPTIONS.get(name, (kind, None))[1]))
     return Group(build, tuple(out))
 
 
@@ -377,12 +378,8 @@ MODELS_TRIO = group(model_set, "lang", "large_ins", "small_cpt", "small_base")
 MODELS = group(model_set, "lang", *ROLES)
 ENGINE = group(EngineArgs, "n_ctx", "threads", "n_gpu_layers")
 FUSION = group(MethodChoice, *(f.name for f in fields(MethodChoice)))  # every flag of the library's choice
-SAMPLING = group(dict, *SAMPLING_FIELDS)
-GRID = (
-    "grid_alpha",
-    "grid_beta",
-    "max_logits_mib",
-)  # a selection's grid and memory bound  # sampling_params's keyword arguments
+SAMPLING = group(dict, *SAMPLING_FIELDS)  # sampling_params's keyword arguments
+GRID = ("grid_alpha", "grid_beta", "max_logits_mib")  # a selection's grid and memory bound
 
 
 __all__ = ["TrimixGroup", "VersionOption", "version_text"]

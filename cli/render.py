@@ -1,4 +1,11 @@
-"""Rich output for people: the perplexity landscape as a heat map, and progress bars."""
+"""Rich output for people: the perplexity landscape as a heat map, and progress bars.
+
+Where output goes: stdout carries a command's answer (the generated text, one JSON object with
+``--json``, or, without it, the table that is the answer of ``select``, ``ppl``, ``eval``,
+``inspect``, ``models`` and ``bench``), so ``> file`` keeps exactly that; stderr carries how the run
+went (progress bars, statistics, notes, warnings and errors). :data:`out` is stdout's console,
+:data:`trimix_cli.common.err` stderr's.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from rich.text import Text
 
 from trimix_cpp.finite import perplexity
 from trimix_cpp.selection import Selection
+
+out = Console()
 
 _ROLE_NAMES = {"large_ins": "large-ins", "small_cpt": "small-cpt", "small_base": "small-base"}
 

@@ -91,24 +91,26 @@ LargeBase = Annotated[
 NCtx = Annotated[
     int | None, typer.Option("--n-ctx", help="Context length of each request (prompt + reply); default 4096.")
 ]
-# The request defaults serve sets (see trimix_cpp.server.defaults), worded for a server.
-Method = Annotated[
-    str | None,
-    typer.Option("--method", "-m", help="Default method of requests that name none (default: the profile's)."),
-]
-Alpha = Annotated[float | None, typer.Option(help="Default alpha (fixed weights for the default method).")]
-Beta = Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")]
-Gamma = Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")]
-Select = Annotated[
-    str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
-]
-Temperature = Annotated[
-    float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
-]
-Page = Annotated[
-    str | None,
-    typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
-]
+# The request defaults serve sets (ServeDefaults's fields, see trimix_cpp.server.defaults), worded for a server.
+DEFAULTS = {
+    "method": Annotated[
+        str | None,
+        typer.Option("--method", "-m", help="Default method of requests that name none (default: the profile's)."),
+    ],
+    "alpha": Annotated[float | None, typer.Option(help="Default alpha (fixed weights for the default method).")],
+    "beta": Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")],
+    "gamma": Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")],
+    "select": Annotated[
+        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
+    ],
+    "temperature": Annotated[
+        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
+    ],
+    "page": Annotated[
+        str | None,
+        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
+    ],
+}
 
 
 @grouped
@@ -147,11 +149,7 @@ def serve(
         str | None, typer.Option(help="Model name /v1/models lists (default: trimix-LANG, or trimix).")
     ] = None,
     n_ctx: NCtx = None,
-    request_defaults: dict[str, Any] = group(  # ServeDefaults's fields, built once the server extra imports
-        dict,
-        *(("method", Method), ("alpha", Alpha), ("beta", Beta), ("gamma", Gamma), ("select", Select)),
-        *(("temperature", Temperature), ("page", Page, None)),
-    ),
+    request_defaults: dict[str, Any] = group(dict, *DEFAULTS.items()),  # built once the server extra imports
     keep_conversations: Annotated[
         bool,
         typer.Option(
