@@ -13,6 +13,7 @@ from rich.table import Table
 import trimix_cpp as tm
 from trimix_cpp.bench import BenchReport, run_bench
 from trimix_cpp.modelset import ModelSet
+from trimix_cpp.selection import SELECTION_ROLES
 
 from .common import Verbose, err, errors
 from .options import Threads, group, grouped, model_set
@@ -25,8 +26,10 @@ BENCH_HELP = (
 
 
 # bench's own wording of shared options
-Lang = Annotated[str | None, typer.Option("--lang", "-l", help="Language profile whose models to measure.")]
-SmallCpt = Annotated[Path | None, typer.Option("--small-cpt", help="GGUF of the small continued model.")]
+WORDING = {
+    "lang": Annotated[str | None, typer.Option("--lang", "-l", help="Language profile whose models to measure.")],
+    "small_cpt": Annotated[Path | None, typer.Option("--small-cpt", help="GGUF of the small continued model.")],
+}
 
 
 def _ints(name: str, text: str) -> list[int]:
@@ -41,7 +44,7 @@ def _ints(name: str, text: str) -> list[int]:
 
 @grouped
 def bench(
-    setup: ModelSet = group(model_set, ("lang", Lang), "large_ins", ("small_cpt", SmallCpt), "small_base"),
+    setup: ModelSet = group(model_set, "lang", *SELECTION_ROLES, own=WORDING),
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length to evaluate.")] = 256,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens to decode per measurement.")] = 64,
     drafts: Annotated[str, typer.Option("--drafts", help="Draft lengths to try, comma-separated.")] = "2,4,6",
@@ -53,7 +56,7 @@ def bench(
     verbose: Verbose = False,
 ) -> None:
     with errors(verbose):
-        paths = setup.paths(("large_ins", "small_cpt", "small_base"), "trimix bench")
+        paths = setup.paths(SELECTION_ROLES, "trimix bench")
         options = tm.LoadOptions(n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
         with progress(err, counts=False, transient=True) as bar:
             task = bar.add_task("loading", total=1.0)

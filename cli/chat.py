@@ -21,7 +21,7 @@ from rich.markup import escape
 import trimix_cpp as tm
 from trimix_cpp.chat_template import NoChat, chat_format
 from trimix_cpp.conversation import ChatSettings, Conversation, Turn
-from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion
+from trimix_cpp.methods import SAMPLING_FIELDS, MethodChoice, check_models_used, fusion_roles, resolve_fusion
 from trimix_cpp.modelset import ModelSet
 
 from .common import Verbose, err, errors
@@ -263,35 +263,35 @@ def chat_loop(conv: Conversation, lines: Lines) -> None:
 
 
 # chat's own wording of options other commands share
-Select = Annotated[
-    str | None,
-    typer.Option(help="How TriMix picks (alpha, beta) each turn: fixed, ppl or ent (default: the profile's)."),
-]
-Seed = Annotated[int | None, typer.Option(help="Sampling seed (default 0).")]
-RepeatLastN = Annotated[
-    int | None, typer.Option(help="Tokens the penalties look back over (default 64; -1: the whole context).")
-]
-FrequencyPenalty = Annotated[float | None, typer.Option(help="Subtracted per occurrence in the window (0: off).")]
-PresencePenalty = Annotated[float | None, typer.Option(help="Subtracted once if in the window (0: off).")]
-NCtx = Annotated[int | None, typer.Option("--n-ctx", help="Context length in tokens (default: the profile's).")]
+WORDING = {
+    "select": Annotated[
+        str | None,
+        typer.Option(help="How TriMix picks (alpha, beta) each turn: fixed, ppl or ent (default: the profile's)."),
+    ],
+    "seed": Annotated[int | None, typer.Option(help="Sampling seed (default 0).")],
+    "repeat_last_n": Annotated[
+        int | None, typer.Option(help="Tokens the penalties look back over (default 64; -1: the whole context).")
+    ],
+    "frequency_penalty": Annotated[
+        float | None, typer.Option(help="Subtracted per occurrence in the window (0: off).")
+    ],
+    "presence_penalty": Annotated[float | None, typer.Option(help="Subtracted once if in the window (0: off).")],
+    "n_ctx": Annotated[int | None, typer.Option("--n-ctx", help="Context length in tokens (default: the profile's).")],
+}
 
 
 @grouped
 def chat(
     setup: ModelSet = MODELS,
-    choice: MethodChoice = group(MethodChoice, "method", "alpha", "beta", "gamma", "role", ("select", Select)),
+    choice: MethodChoice = group(MethodChoice, "method", "alpha", "beta", "gamma", "role", "select", own=WORDING),
     system: Annotated[str | None, typer.Option("--system", help="The system prompt.")] = None,
     load: Annotated[Path | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="The longest reply, in tokens.")] = 256,
-    sampling: dict[str, Any] = group(
-        dict,
-        *("temperature", "top_k", "top_p", "min_p", ("seed", Seed), "repeat_penalty", ("repeat_last_n", RepeatLastN)),
-        *(("frequency_penalty", FrequencyPenalty), ("presence_penalty", PresencePenalty)),
-    ),
+    sampling: dict[str, Any] = group(dict, *SAMPLING_FIELDS, own=WORDING),
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop a reply at this string (repeatable; default: the profile's).")
     ] = None,
-    loading: EngineArgs = group(EngineArgs, ("n_ctx", NCtx), "threads", "n_gpu_layers"),
+    loading: EngineArgs = group(EngineArgs, "n_ctx", "threads", "n_gpu_layers", own=WORDING),
     verbose: Verbose = False,
 ) -> None:
     """Chat with the fused models in the terminal (the model's chat template; /help lists the commands).

@@ -293,20 +293,25 @@ class Group:
     options: tuple[tuple[str, Any, Any], ...]  # (parameter name, Annotated type, default), in help order
 
 
-def group(build: Callable[..., Any], *options: str | tuple[str, Any] | tuple[str, Any, Any]) -> Any:
-    """A :class:`Group` of the shared options named (in that order); a ``(name, type)`` or
-    ``(name, type, default)`` item is a command's own variant (its own help text or default) or its
-    own option (default ``None`` unless given).
+def group(
+    build: Callable[..., Any],
+    *options: str | tuple[str, Any, Any],
+    own: Mapping[str, Any] | None = None,
+) -> Any:
+    """A :class:`Group` of the options named, in that order: the shared ones, in a command's ``own``
+    wording where it has one (name -> ``Annotated`` type), or ``(name, type, default)`` for an option
+    of the command's own.
 
     Typed ``Any``: it stands as the default of the parameter that receives what it builds.
     """
+    own = own or {}
     out = []
     for item in options:
         if isinstance(item, str):
-            out.append((item, *OPTIONS[item]))
+            kind, default = OPTIONS.get(item, (None, None))
+            out.append((item, own.get(item, kind), default))
         else:
-            name, kind, *default = item
-            out.append((name, kind, default[0] if default else OPTIONS.get(name, (kind, None))[1]))
+            out.append(item)
     return Group(build, tuple(out))
 
 

@@ -16,6 +16,7 @@ from rich.markup import escape
 
 import trimix_cpp as tm
 from trimix_cpp import _llama
+from trimix_cpp.fusion import ROLES
 from trimix_cpp.modelset import ModelSet
 
 from .common import Verbose, err, errors
@@ -115,7 +116,7 @@ DEFAULTS = {
 
 @grouped
 def serve(
-    setup: ModelSet = group(model_set, "lang", "large_ins", "small_cpt", "small_base", ("large_base", LargeBase)),
+    setup: ModelSet = group(model_set, "lang", *ROLES, own={"large_base": LargeBase}),
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every network; then set an API key).")
     ] = "127.0.0.1",
@@ -149,7 +150,7 @@ def serve(
         str | None, typer.Option(help="Model name /v1/models lists (default: trimix-LANG, or trimix).")
     ] = None,
     n_ctx: NCtx = None,
-    request_defaults: dict[str, Any] = group(dict, *DEFAULTS.items()),  # built once the server extra imports
+    request_defaults: dict[str, Any] = group(dict, *DEFAULTS, own=DEFAULTS),  # built once the server extra imports
     keep_conversations: Annotated[
         bool,
         typer.Option(

@@ -91,18 +91,19 @@ def test_a_batch_line_overrides_the_commands_sampling_and_spec_fields():
 
 def test_an_option_group_stands_in_its_place_and_builds_one_object():
     seen: dict[str, Any] = {}
-    own = Annotated[int | None, typer.Option("--n-ctx", help="A command's own wording.")]
+    wording = Annotated[int | None, typer.Option("--n-ctx", help="A command's own wording.")]
     app = typer.Typer()
 
     @app.command()
     @grouped
     def cmd(
         first: Annotated[str, typer.Option()] = "a",
+        grid: MethodChoice = group(MethodChoice, ("grid_alpha", Annotated[str, typer.Option()], "0.5")),
         setup: ModelSet = group(model_set, "lang", "large_ins"),
-        loading: EngineArgs = group(EngineArgs, ("n_ctx", own), "threads"),
+        loading: EngineArgs = group(EngineArgs, "n_ctx", "threads", own={"n_ctx": wording}),
         last: Annotated[int, typer.Option()] = 0,
     ) -> None:
-        seen.update(first=first, setup=setup, loading=loading, last=last)
+        seen.update(first=first, grid=grid, setup=setup, loading=loading, last=last)
 
     help_text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     order = [help_text.index(flag) for flag in ("--first", "--lang", "--large-ins", "--n-ctx", "--threads", "--last")]
@@ -110,6 +111,6 @@ def test_an_option_group_stands_in_its_place_and_builds_one_object():
     r = CliRunner().invoke(app, ["--large-ins", "x.gguf", "--n-ctx", "64", "--last", "2"])
     assert r.exit_code == 0, r.output
     assert seen["setup"].explicit == {"large_ins": Path("x.gguf")} and seen["last"] == 2
-    assert seen["loading"] == EngineArgs(n_ctx=64, threads=0)
+    assert seen["loading"] == EngineArgs(n_ctx=64, threads=0) and seen["grid"] == MethodChoice(grid_alpha="0.5")
     r = CliRunner().invoke(app, ["--lang", "no-such-language"])
     assert r.exit_code == 1 and "no-such-language" in r.output and "Traceback" not in r.output
