@@ -138,8 +138,8 @@ def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: obj
     if {"alpha", "beta"} & set(overrides) and "select" not in overrides:
         choice = replace(choice, select=None, grid_alpha=None, grid_beta=None, max_logits_mib=None)
     fusion = resolve_fusion(choice, profile)
-    sampling = sampling_params(**({**defaults.sampling} | {k: s[k] for k in SAMPLING_FIELDS if k in s}))
-    spec = {**defaults.spec} | {k: s[k] for k in SPEC_FIELDS if k in s}
+    sampling = sampling_params(**(dict(defaults.sampling) | {k: s[k] for k in SAMPLING_FIELDS if k in s}))
+    spec = dict(defaults.spec) | {k: s[k] for k in SPEC_FIELDS if k in s}
     if "stop" in spec:
         spec["stop"] = (spec["stop"],) if isinstance(spec["stop"], str) else tuple(spec["stop"])
     check_logprobs(spec.get("logprobs"))
