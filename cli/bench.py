@@ -8,19 +8,28 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp.bench import BenchReport, run_bench
 from trimix_cpp.modelset import ModelSet
+from trimix_cpp.selection import SELECTION_ROLES
 
 from .common import Verbose, err, errors
+from .options import Threads, group, grouped, model_set
+from .render import out, progress
 
 BENCH_HELP = (
     "Measure prompt and decode speed of each model and the fused trio, speculative decoding and "
     "parallel sequences on this machine, and recommend --threads, --draft and --parallel."
 )
+
+
+# bench's own wording of shared options
+WORDING = {
+    "lang": Annotated[str | None, typer.Option("--lang", "-l", help="Language profile whose models to measure.")],
+    "small_cpt": Annotated[Path | None, typer.Option("--small-cpt", help="GGUF of the small continued model.")],
+}
 
 
 def _ints(name: str, text: str) -> list[int]:
@@ -33,27 +42,23 @@ def _ints(name: str, text: str) -> list[int]:
     return values
 
 
+@grouped
 def bench(
-    lang: Annotated[str | None, typer.Option("--lang", "-l", help="Language profile whose models to measure.")] = None,
-    large_ins: Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")] = None,
-    small_cpt: Annotated[Path | None, typer.Option("--small-cpt", help="GGUF of the small continued model.")] = None,
-    small_base: Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")] = None,
+    setup: ModelSet = group(model_set, "lang", *SELECTION_ROLES, own=WORDING),
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length to evaluate.")] = 256,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens to decode per measurement.")] = 64,
     drafts: Annotated[str, typer.Option("--drafts", help="Draft lengths to try, comma-separated.")] = "2,4,6",
     parallel: Annotated[str, typer.Option("--parallel", help="Sequence counts to try, comma-separated.")] = "1,4,8",
     time_s: Annotated[float, typer.Option("--time", help="Seconds the measurements may start within.")] = 90.0,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
+    threads: Threads = 0,
     n_gpu_layers: Annotated[int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all).")] = -1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     verbose: Verbose = False,
 ) -> None:
     with errors(verbose):
-        setup = ModelSet.make(lang, {"large_ins": large_ins, "small_cpt": small_cpt, "small_base": small_base})
-        paths = setup.paths(("large_ins", "small_cpt", "small_base"), "trimix bench")
+        paths = setup.paths(SELECTION_ROLES, "trimix bench")
         options = tm.LoadOptions(n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
-        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=err, transient=True) as bar:
+        with progress(err, counts=False, transient=True) as bar:
             task = bar.add_task("loading", total=1.0)
             report = run_bench(
                 paths,
@@ -72,7 +77,8 @@ def bench(
 
 
 def _print(report: BenchReport) -> None:
-    err.print(f"[dim]{report.system}[/]", soft_wrap=True)
+    """The report on stdout (it is the command's answer); measurements skipped for time on stderr."""
+    out.print(f"[dim]{report.system}[/]", soft_wrap=True)
     t = Table(title=f"trimix bench ({report.threads} threads, {report.seconds:.0f} s)", title_justify="left")
     t.add_column("measurement")
     t.add_column("tokens/s", justify="right")
@@ -92,9 +98,9 @@ def _print(report: BenchReport) -> None:
     for p, v in report.parallel_tokens_per_s.items():
         ratio = f"{v / one:.2f}x one sequence" if one else ""
         t.add_row(f"fused, --parallel {p} (aggregate)", f"{v:.1f}", ratio)
-    err.print(t)
+    out.print(t)
     for what in report.skipped:
         err.print(f"[yellow]skipped (--time reached):[/] {what}", soft_wrap=True)
     rec = report.recommended
     flags = " ".join(f"--{k} {v}" for k, v in rec.items())
-    err.print(f"recommended here: {flags} (more only where it gained 5 % or more)", soft_wrap=True)
+    out.print(f"recommended here: {flags} (more only where it gained 5 % or more)", soft_wrap=True)

@@ -21,10 +21,11 @@ from rich.markup import escape
 import trimix_cpp as tm
 from trimix_cpp.chat_template import NoChat, chat_format
 from trimix_cpp.conversation import ChatSettings, Conversation, Turn
-from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion
+from trimix_cpp.methods import SAMPLING_FIELDS, MethodChoice, check_models_used, fusion_roles, resolve_fusion
 from trimix_cpp.modelset import ModelSet
 
 from .common import Verbose, err, errors
+from .options import MODELS, EngineArgs, group, grouped
 
 PROMPT = ">>> "
 MORE = "... "
@@ -261,60 +262,36 @@ def chat_loop(conv: Conversation, lines: Lines) -> None:
             err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
 
 
-def chat(
-    lang: Annotated[
-        str | None,
-        typer.Option("--lang", "-l", help="Language profile (bod, uig, kaz, mvf, demo, ...): models and defaults."),
-    ] = None,
-    large_ins: Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")] = None,
-    small_cpt: Annotated[
-        Path | None, typer.Option("--small-cpt", help="GGUF of the small model continued on the language.")
-    ] = None,
-    small_base: Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")] = None,
-    large_base: Annotated[
-        Path | None, typer.Option("--large-base", help="GGUF of the large base model (trimix4 only).")
-    ] = None,
-    method: Annotated[
-        str | None, typer.Option(help="trimix | trimix4 | proxy | contrastive | single (default: trimix)")
-    ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of the large instruction model.")] = None,
-    beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
-    role: Annotated[str | None, typer.Option(help="The model used by --method single (default large_ins).")] = None,
-    select: Annotated[
+# chat's own wording of options other commands share
+WORDING = {
+    "select": Annotated[
         str | None,
         typer.Option(help="How TriMix picks (alpha, beta) each turn: fixed, ppl or ent (default: the profile's)."),
-    ] = None,
+    ],
+    "seed": Annotated[int | None, typer.Option(help="Sampling seed (default 0).")],
+    "repeat_last_n": Annotated[
+        int | None, typer.Option(help="Tokens the penalties look back over (default 64; -1: the whole context).")
+    ],
+    "frequency_penalty": Annotated[
+        float | None, typer.Option(help="Subtracted per occurrence in the window (0: off).")
+    ],
+    "presence_penalty": Annotated[float | None, typer.Option(help="Subtracted once if in the window (0: off).")],
+    "n_ctx": Annotated[int | None, typer.Option("--n-ctx", help="Context length in tokens (default: the profile's).")],
+}
+
+
+@grouped
+def chat(
+    setup: ModelSet = MODELS,
+    choice: MethodChoice = group(MethodChoice, "method", "alpha", "beta", "gamma", "role", "select", own=WORDING),
     system: Annotated[str | None, typer.Option("--system", help="The system prompt.")] = None,
     load: Annotated[Path | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="The longest reply, in tokens.")] = 256,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "--temp", help="Sampling temperature (default 0: greedy).")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1: off).")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed (default 0).")] = None,
-    repeat_penalty: Annotated[
-        float | None, typer.Option(help="Penalise tokens seen in the last --repeat-last-n tokens (1: off).")
-    ] = None,
-    repeat_last_n: Annotated[
-        int | None, typer.Option(help="Tokens the penalties look back over (default 64; -1: the whole context).")
-    ] = None,
-    frequency_penalty: Annotated[
-        float | None, typer.Option(help="Subtracted per occurrence in the window (0: off).")
-    ] = None,
-    presence_penalty: Annotated[float | None, typer.Option(help="Subtracted once if in the window (0: off).")] = None,
+    sampling: dict[str, Any] = group(dict, *SAMPLING_FIELDS, own=WORDING),
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop a reply at this string (repeatable; default: the profile's).")
     ] = None,
-    n_ctx: Annotated[
-        int | None, typer.Option("--n-ctx", help="Context length in tokens (default: the profile's).")
-    ] = None,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
-    n_gpu_layers: Annotated[
-        int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
-    ] = -1,
+    loading: EngineArgs = group(EngineArgs, "n_ctx", "threads", "n_gpu_layers", own=WORDING),
     verbose: Verbose = False,
 ) -> None:
     """Chat with the fused models in the terminal (the model's chat template; /help lists the commands).
@@ -324,23 +301,8 @@ def chat(
     with errors(verbose):
         from .main import unescape
 
-        setup = ModelSet.make(
-            lang, {"large_ins": large_ins, "small_cpt": small_cpt, "small_base": small_base, "large_base": large_base}
-        )
-        choice = MethodChoice(method=method, alpha=alpha, beta=beta, gamma=gamma, role=role, select=select)
-        sampler = {
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "min_p": min_p,
-            "seed": seed,
-            "repeat_penalty": repeat_penalty,
-            "repeat_last_n": repeat_last_n,
-            "frequency_penalty": frequency_penalty,
-            "presence_penalty": presence_penalty,
-        }
         stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
-        settings = ChatSettings(choice, {k: v for k, v in sampler.items() if v is not None}, max_tokens, tuple(stops))
+        settings = ChatSettings(choice, {k: v for k, v in sampling.items() if v is not None}, max_tokens, tuple(stops))
         spec = settings.spec(setup.profile)  # refuse bad settings before minutes of loading
         name = spec.fusion.method if isinstance(spec.fusion, tm.FusionPlan) else "trimix"
         check_models_used(spec.fusion, list(setup.explicit), name)
@@ -349,8 +311,7 @@ def chat(
             from trimix_cpp.conversation import read_conversation
 
             saved_system, saved = read_conversation(load)
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        with tm.Engine(paths, options) as engine:
+        with loading.open(setup, paths, verbose) as engine:
             fmt = chat_format(engine, setup.profile.template if setup.profile is not None else None)
             if isinstance(fmt, NoChat):
                 raise tm.TrimixError(f"trimix chat needs a chat template: {fmt.reason}")

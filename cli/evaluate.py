@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 import trimix_cpp as tm
@@ -24,19 +24,7 @@ from trimix_cpp.evaluation.run import EvalConfig, LocalBackend, OpenBackend, run
 from trimix_cpp.evaluation.runner import calibration_path
 
 from .common import err
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-        console=console,
-    )
+from .render import out, progress
 
 
 def show(results: Results, console: Console) -> None:
@@ -121,7 +109,7 @@ class RichReporter:
         err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     def start(self, task: str, total: int) -> None:
-        self._bar = _progress(self.console)
+        self._bar = progress(self.console, rate=True)
         self._bar.start()
         self._ids[task] = self._bar.add_task(task, total=total, rate="")
         self._started, self._done = time.perf_counter(), 0
@@ -148,7 +136,7 @@ def run_eval(
 ) -> Results:
     """Run the evaluation with progress on stderr, then show the table (and draw the plot)."""
     results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)), backend)
-    show(results, Console())
+    show(results, out)
     for task, t in cfg.timings.items():
         if t.get("calibration_s"):
             err.print(f"[dim]{task}: per-task calibration took {t['calibration_s']:.1f} s[/]", soft_wrap=True)

@@ -1,8 +1,9 @@
 """The ``trimix`` command line: a thin Typer layer over :mod:`trimix_cpp`.
 
-stdout carries only what a script wants (the generated text, or one JSON object); everything for a
-person (statistics, tables, errors) goes to stderr through rich. Every error is one line and a
-non-zero exit code; ``--verbose`` adds the traceback and llama.cpp's own log.
+stdout carries a command's answer (the generated text, one JSON object, or a query's table);
+how the run went (progress, statistics, notes, errors) goes to stderr through rich (see
+:mod:`.render`). Every error is one line and a non-zero exit code; ``--verbose`` adds the traceback
+and llama.cpp's own log.
 """
 
 from __future__ import annotations
@@ -10,10 +11,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -25,13 +25,14 @@ from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
 from trimix_cpp.chat_template import chat_prompt
 from trimix_cpp.evaluation.cluster import backend_for
 from trimix_cpp.evaluation.run import EvalConfig
-from trimix_cpp.evaluation.runner import DEFAULT_METHODS
-from trimix_cpp.evaluation.runner import parse_methods as eval_methods
+from trimix_cpp.evaluation.runner import DEFAULT_METHODS, perplexity_methods
 from trimix_cpp.generation import check_logprobs
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
+from trimix_cpp.prefill import scoring_roles
 from trimix_cpp.profiles import profile_files
-from trimix_cpp.selection import SELECTION_ROLES, Selector, choose
+from trimix_cpp.scoring import score_rows
+from trimix_cpp.selection import DEFAULT_MAX_LOGITS_MIB, SELECTION_ROLES
 
 from . import models as models_cmd
 from . import render
@@ -40,7 +41,25 @@ from .bench import bench as bench_cmd
 from .chat import chat as chat_cmd
 from .common import Verbose, err, errors
 from .evaluate import check_plot, run_eval
-from .options import TrimixGroup, VersionOption
+from .options import (
+    ENGINE,
+    FUSION,
+    GRID,
+    MODELS_TRIO,
+    SAMPLING,
+    EngineArgs,
+    GridAlpha,
+    GridBeta,
+    Json,
+    Raw,
+    TrimixGroup,
+    VersionOption,
+    group,
+    grouped,
+    model_set,
+    selection,
+    selector,
+)
 from .serve import SERVE_HELP
 from .serve import serve as serve_cmd
 
@@ -106,101 +125,23 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     return prompt
 
 
-def _model_set(lang: str | None, **paths: Path | None) -> ModelSet:
-    return ModelSet.make(lang, paths)
-
-
-# Shared option declarations -----------------------------------------------------------------------
-
-LargeIns = Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")]
-SmallCpt = Annotated[
-    Path | None, typer.Option("--small-cpt", help="GGUF of the small model continued on the language.")
+Prompt = Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")]
+PromptFile = Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")]
+SelectStrategy = Annotated[str, typer.Option(help="ppl (perplexity of the prompt) or ent (entropy of the next token).")]
+CalibrateStrategy = Annotated[
+    str, typer.Option(help="ppl (mean perplexity of the prompts) or ent (entropy of their next token).")
 ]
-SmallBase = Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")]
-LargeBase = Annotated[Path | None, typer.Option("--large-base", help="GGUF of the large base model (trimix4 only).")]
-NCtx = Annotated[
-    int | None, typer.Option("--n-ctx", help="Context length in tokens (prompt + generation); default 4096.")
-]
-Lang = Annotated[
-    str | None,
-    typer.Option("--lang", "-l", help="Language profile (bod, uig, kaz, mvf, demo, ...): models and defaults."),
-]
-Raw = Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the profile's template.")]
-Threads = Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")]
-NGpu = Annotated[
-    int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
-]
-
-
-SelectOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--select",
-        help="How TriMix picks (alpha, beta): fixed (--alpha/--beta), ppl (lowest fused perplexity of the "
-        "prompt) or ent (lowest entropy of the first generated token). Default: fixed when --alpha and "
-        "--beta are given, else ppl. Ties go to the smaller alpha, then the smaller beta.",
-    ),
-]
-GridAlpha = Annotated[str | None, typer.Option("--grid-alpha", help="Alpha values to try, e.g. 0.1,0.5,0.9.")]
-GridBeta = Annotated[
-    str | None, typer.Option("--grid-beta", help="Beta values to try (default 0.1,0.3,0.5,0.7,0.9,1).")
-]
-MaxLogits = Annotated[
-    float | None,
-    typer.Option("--max-logits-mib", help="Memory bound for perplexity selection's logits, in MiB (default 512)."),
-]
-
-
-def _selector(strategy: str, grid_alpha: str | None, grid_beta: str | None, max_logits_mib: float | None) -> Selector:
-    choice = MethodChoice(select=strategy, grid_alpha=grid_alpha, grid_beta=grid_beta, max_logits_mib=max_logits_mib)
-    fusion = resolve_fusion(choice)
-    assert isinstance(fusion, Selector)
-    return fusion
 
 
 @app.command()
+@grouped
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
-    large_ins: LargeIns = None,
-    small_cpt: SmallCpt = None,
-    small_base: SmallBase = None,
-    large_base: LargeBase = None,
-    lang: Lang = None,
-    method: Annotated[
-        str | None, typer.Option(help="trimix | trimix4 | proxy | contrastive | single (default: trimix)")
-    ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of the large instruction model.")] = None,
-    beta: Annotated[float | None, typer.Option(help="Weight of the small continued model.")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Scaling weight (trimix4).")] = None,
-    role: Annotated[str | None, typer.Option(help="The model used by --method single (default large_ins).")] = None,
-    select: SelectOpt = None,
-    grid_alpha: GridAlpha = None,
-    grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = None,
-    weights_from: Annotated[
-        Path | None, typer.Option("--weights-from", help="Use the (alpha, beta) saved by trimix calibrate.")
-    ] = None,
+    prompt: Prompt = None,
+    file: PromptFile = None,
+    setup: ModelSet = group(model_set, *tm.ROLES, "lang"),  # generate lists the files before --lang
+    choice: MethodChoice = FUSION,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", "--temp", help="Sampling temperature (default 0: greedy).")
-    ] = None,
-    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0: off).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1: off).")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min_p x the top probability.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same output (default 0).")] = None,
-    repeat_penalty: Annotated[
-        float | None, typer.Option(help="Penalise tokens seen in the last --repeat-last-n tokens (1: off).")
-    ] = None,
-    repeat_last_n: Annotated[
-        int | None, typer.Option(help="Tokens the penalties look back over, prompt included (default 64; -1: all).")
-    ] = None,
-    frequency_penalty: Annotated[
-        float | None, typer.Option(help="Subtracted from a token's logit per occurrence in the window (0: off).")
-    ] = None,
-    presence_penalty: Annotated[
-        float | None, typer.Option(help="Subtracted once from the logit of a token in the window (0: off).")
-    ] = None,
+    sampling: dict[str, Any] = SAMPLING,
     logprobs: Annotated[
         int | None,
         typer.Option(
@@ -244,9 +185,7 @@ def generate(
         int | None, typer.Option("--parallel", "-np", help="Sequences decoded together with --batch (default 4).")
     ] = None,
     raw: Raw = False,
-    n_ctx: NCtx = None,
-    threads: Threads = 0,
-    n_gpu_layers: NGpu = -1,
+    loading: EngineArgs = ENGINE,
     verbose: Verbose = False,
 ) -> None:
     """Generate text with fused logits, streaming whole characters to stdout.
@@ -256,7 +195,6 @@ def generate(
     refused.
     """
     with errors(verbose):
-        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base, large_base=large_base)
         if batch is not None and (prompt is not None or file is not None):
             raise tm.TrimixError("--batch reads the prompts from its file: drop the prompt argument and --file")
         if batch is None and parallel is not None:
@@ -268,56 +206,21 @@ def generate(
         if system is not None and not chat:
             raise tm.TrimixError("--system is the system prompt of --chat; add --chat")
         text = read_prompt(prompt, file) if batch is None else ""
-        choice = MethodChoice(
-            method=method,
-            alpha=alpha,
-            beta=beta,
-            gamma=gamma,
-            role=role,
-            select=select,
-            grid_alpha=grid_alpha,
-            grid_beta=grid_beta,
-            max_logits_mib=max_logits_mib,
-            weights_from=weights_from,
-        )
         fusion = resolve_fusion(choice, setup.profile, lambda roles: setup.paths(roles, "--weights-from"))
         method_name = fusion.method if isinstance(fusion, tm.FusionPlan) else "trimix"
         check_models_used(fusion, list(setup.explicit), method_name)
-        roles = fusion_roles(fusion)
-        paths = setup.paths(roles, f"method {method_name}")
-        penalties = dict(
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-        )
-        sampling = sampling_params(temperature, top_k, top_p, min_p, seed, **penalties)
+        paths = setup.paths(fusion_roles(fusion), f"method {method_name}")
+        params = sampling_params(**sampling)
         check_logprobs(logprobs)
-        stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
+        stops = tuple(setup.stops([unescape(s) for s in stop] if stop is not None else None))
+        spec = dict(max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard, draft=draft, logprobs=logprobs)
         if batch is not None:
-            defaults = BatchDefaults(
-                choice,
-                max_tokens,
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                seed,
-                tuple(stops),
-                utf8_guard,
-                draft,
-                logprobs=logprobs,
-                **penalties,
-            )
-            _generate_batch(
-                batch, setup, paths, defaults, raw, parallel, n_ctx, threads, n_gpu_layers, verbose, chat, system
-            )
+            defaults = BatchDefaults(choice, sampling, spec)
+            _generate_batch(batch, setup, paths, defaults, raw, parallel, loading, verbose, chat, system)
             return
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        with tm.Engine(paths, options) as engine:
+        with loading.open(setup, paths, verbose) as engine:
             prompt_ids = _prompt(setup, engine, text, raw, chat, system)
-            spec = tm.SeqSpec(fusion, sampling, max_tokens, tuple(stops), utf8_guard, draft, logprobs)
-            gen = engine.generate_many(prompt_ids, [spec])[0]
+            gen = engine.generate_many(prompt_ids, [tm.SeqSpec(fusion, params, **spec)])[0]
             if as_json:
                 gen.run()
             else:
@@ -360,9 +263,7 @@ def _generate_batch(
     defaults: BatchDefaults,
     raw: bool,
     parallel: int | None,
-    n_ctx: int | None,
-    threads: int,
-    n_gpu_layers: int,
+    loading: EngineArgs,
     verbose: bool,
     chat: bool = False,
     system: str | None = None,
@@ -373,9 +274,8 @@ def _generate_batch(
         lines = read_batch(Path("stdin"), _decode_utf8(sys.stdin.buffer.read(), "the batch on stdin"))
     else:
         lines = read_batch(batch)
-    options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=4 if parallel is None else parallel)
     failed = 0
-    with tm.Engine(paths, options) as engine:
+    with loading.open(setup, paths, verbose, n_seq=4 if parallel is None else parallel) as engine:
 
         def spec(settings):
             return line_spec(defaults, settings, setup.profile)
@@ -394,114 +294,72 @@ def _generate_batch(
 
 
 @app.command("select")
+@grouped
 def select_cmd(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads stdin.")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the prompt from this file.")] = None,
-    lang: Lang = None,
-    large_ins: LargeIns = None,
-    small_cpt: SmallCpt = None,
-    small_base: SmallBase = None,
+    prompt: Prompt = None,
+    file: PromptFile = None,
+    setup: ModelSet = MODELS_TRIO,
     raw: Raw = False,
-    strategy: Annotated[
-        str, typer.Option(help="ppl (perplexity of the prompt) or ent (entropy of the next token).")
-    ] = "ppl",
-    grid_alpha: GridAlpha = None,
-    grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    n_ctx: NCtx = None,
-    threads: Threads = 0,
-    n_gpu_layers: NGpu = -1,
+    grid: MethodChoice = group(selection, ("strategy", SelectStrategy, "ppl"), *GRID),
+    as_json: Json = False,
+    loading: EngineArgs = ENGINE,
     verbose: Verbose = False,
 ) -> None:
     """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
     with errors(verbose):
-        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         text = read_prompt(prompt, file)
         paths = setup.paths(SELECTION_ROLES, "selection")
-        selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        with tm.Engine(paths, options) as engine:
-            sel = engine.select(setup.prompt(engine, text, raw), selector)
+        chooser = selector(grid)
+        with loading.open(setup, paths, verbose) as engine:
+            sel = engine.select(setup.prompt(engine, text, raw), chooser)
         if as_json:
             sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
         else:
-            render.landscape(Console(), sel)
+            render.landscape(render.out, sel)
         if sel.note:
             err.print(f"[yellow]note:[/] {sel.note}", soft_wrap=True)
         err.print(f"[dim]{sel.n_tokens} prompt tokens, selection took {sel.seconds:.2f} s[/]", soft_wrap=True)
 
 
 @app.command()
+@grouped
 def calibrate(
     prompts: Annotated[Path, typer.Option("--prompts", help='JSONL file, one {"prompt": ...} object per line.')],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the weights JSON.")] = Path(
         "trimix-weights.json"
     ),
-    lang: Lang = None,
-    large_ins: LargeIns = None,
-    small_cpt: SmallCpt = None,
-    small_base: SmallBase = None,
+    setup: ModelSet = MODELS_TRIO,
     raw: Raw = False,
     n: Annotated[int, typer.Option("--n", help="How many prompts to sample.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
-    grid_alpha: GridAlpha = None,
-    grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = None,
-    strategy: Annotated[
-        str, typer.Option(help="ppl (mean perplexity of the prompts) or ent (entropy of their next token).")
-    ] = "ppl",
-    n_ctx: NCtx = None,
-    threads: Threads = 0,
-    n_gpu_layers: NGpu = -1,
+    grid: MethodChoice = group(selection, *GRID, ("strategy", CalibrateStrategy, "ppl")),
+    loading: EngineArgs = ENGINE,
     verbose: Verbose = False,
 ) -> None:
     """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
     with errors(verbose):
         check_output_path(output)
-        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
         paths = setup.paths(SELECTION_ROLES, "calibration")
         sample = sample_prompts(read_prompts(prompts), n, seed)
-        selector = _selector(strategy, grid_alpha, grid_beta, max_logits_mib)
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        with tm.Engine(paths, options) as engine, render.progress(err) as bar:
+        chooser = selector(grid)
+        with loading.open(setup, paths, verbose) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
             formatted = [setup.prompt(engine, p, raw) for p in sample]
-            cal = run_calibration(engine, formatted, selector, paths, lambda k: bar.update(task, completed=k))
-        cal = cal[selector.strategy]
+            cal = run_calibration(engine, formatted, chooser, paths, lambda k: bar.update(task, completed=k))
+        cal = cal[chooser.strategy]
         cal.save(output)
         a, b = cal.chosen
         left_out = [f"{cal.n_skipped} too long for the context"] if cal.n_skipped else []
         left_out += [f"{cal.n_short} of one token, which has no perplexity"] if cal.n_short else []
         skipped = f" (left out: {'; '.join(left_out)})" if left_out else ""
-        err.print(
-            f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True
-        )
-
-
-def parse_methods(spec: str) -> tuple[dict[str, tm.FusionPlan], bool]:
-    """``large-ins,small-cpt,proxy,contrastive,trimix@0.1:0.9,trimix-grid`` -> named plans, and whether
-    the whole TriMix grid is wanted. Method names are the evaluation's; only fixed-weight ones apply."""
-    items = [x.strip() for x in spec.split(",") if x.strip()]
-    grid = "trimix-grid" in items
-    rest = [x for x in items if x != "trimix-grid"]
-    plans: dict[str, tm.FusionPlan] = {}
-    for m in eval_methods(",".join(rest)) if rest else []:
-        if not isinstance(m.fusion, tm.FusionPlan):
-            raise tm.TrimixError(f"{m.name} picks weights per prompt or per task; for perplexity use trimix-grid")
-        plans[m.name] = m.fusion
-    if not plans and not grid:
-        raise tm.TrimixError("--methods is empty")
-    return plans, grid
+        err.print(f"chose alpha={a:g} beta={b:g} over {cal.n_prompts} prompts{skipped}; wrote {output}", soft_wrap=True)
 
 
 @app.command()
+@grouped
 def ppl(
     text_file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
-    lang: Lang = None,
-    large_ins: LargeIns = None,
-    small_cpt: SmallCpt = None,
-    small_base: SmallBase = None,
+    setup: ModelSet = MODELS_TRIO,
     methods: Annotated[
         str,
         typer.Option(
@@ -510,13 +368,9 @@ def ppl(
         ),
     ] = "large-ins,small-cpt,small-base,proxy,contrastive,trimix-grid",
     window: Annotated[int | None, typer.Option(help="Tokens per scoring window (default: the context).")] = None,
-    grid_alpha: GridAlpha = None,
-    grid_beta: GridBeta = None,
-    max_logits_mib: MaxLogits = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    n_ctx: NCtx = None,
-    threads: Threads = 0,
-    n_gpu_layers: NGpu = -1,
+    grid: MethodChoice = group(MethodChoice, *GRID),
+    as_json: Json = False,
+    loading: EngineArgs = ENGINE,
     verbose: Verbose = False,
 ) -> None:
     """Perplexity of a text file under each method (any length: overlapping windows)."""
@@ -524,36 +378,14 @@ def ppl(
         if not text_file.is_file():
             raise tm.TrimixError(f"text file not found: {text_file}")
         text = _decode_utf8(text_file.read_bytes(), f"text file {text_file}")
-        plans, want_grid = parse_methods(methods)
-        if not want_grid and (grid_alpha is not None or grid_beta is not None):
-            raise tm.TrimixError("--grid-alpha/--grid-beta apply to trimix-grid, which --methods does not list")
-        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
-        roles = {r for p in plans.values() for r in p.roles} | (set(SELECTION_ROLES) if want_grid else set())
-        paths = setup.paths(tuple(r for r in tm.ROLES if r in roles), "scoring")
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
-        grid = _selector("ppl", grid_alpha, grid_beta, max_logits_mib) if want_grid else None
-        with tm.Engine(paths, options) as engine:
-            budget = 512.0 if max_logits_mib is None else max_logits_mib
-            scores, grid_scores = engine.perplexity(text, plans, window=window, max_logits_mib=budget, grid=grid)
-        rows = [
-            {"method": name, "nll": s.nll, "ppl": s.ppl, "tokens": s.n_tokens, "masked": s.n_masked}
-            for name, s in scores.items()
-        ]
-        if grid_scores is not None:
-            mean = grid_scores.mean_nll
-            a, b = choose(grid_scores.alphas, grid_scores.betas, mean)
-            nll = float(mean[grid_scores.alphas.index(a), grid_scores.betas.index(b)])
-            rows.append(
-                {
-                    "method": f"trimix-ppl@{a:g}:{b:g}",
-                    "nll": nll,
-                    "ppl": finite.perplexity(nll),
-                    "tokens": grid_scores.n_rows,
-                    "masked": 0,
-                    "alpha": a,
-                    "beta": b,
-                }
+        plans, grid_selector = perplexity_methods(methods, grid)
+        paths = setup.paths(scoring_roles(plans.values(), grid_selector is not None), "scoring")
+        budget = DEFAULT_MAX_LOGITS_MIB if grid.max_logits_mib is None else grid.max_logits_mib
+        with loading.open(setup, paths, verbose) as engine:
+            scores, grid_scores = engine.perplexity(
+                text, plans, window=window, max_logits_mib=budget, grid=grid_selector
             )
+        rows = score_rows(scores, grid_scores)
         if as_json:
             report = finite.json_safe({"file": str(text_file), "methods": rows})  # JSON has no inf: null
             sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
@@ -563,12 +395,13 @@ def ppl(
                 table.add_column(col, justify="left" if col == "method" else "right")
             for r in rows:
                 table.add_row(r["method"], f"{r['ppl']:.3f}", f"{r['nll']:.4f}", str(r["tokens"]))
-            Console().print(table)
+            render.out.print(table)
             if any(r["masked"] for r in rows):
                 err.print("[dim]inf: the plausibility constraint ruled out some true tokens[/]", soft_wrap=True)
 
 
 @app.command("eval")
+@grouped
 def eval_cmd(
     tasks: Annotated[
         list[str],
@@ -580,10 +413,7 @@ def eval_cmd(
             "(the paper's LRL-G), ...:ug:ug-en Uyghur into English (ENG-G, the default)."
         ),
     ],
-    lang: Lang = None,
-    large_ins: LargeIns = None,
-    small_cpt: SmallCpt = None,
-    small_base: SmallBase = None,
+    setup: ModelSet = MODELS_TRIO,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = DEFAULT_METHODS,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; rerun the same command to resume.")] = Path(
         "trimix-eval"
@@ -611,9 +441,7 @@ def eval_cmd(
     draft: Annotated[
         int, typer.Option("--draft", help="Speculative decoding for the methods with a large model (same answers).")
     ] = 0,
-    n_ctx: NCtx = None,
-    threads: Threads = 0,
-    n_gpu_layers: NGpu = -1,
+    loading: EngineArgs = ENGINE,
     ray_address: Annotated[
         str | None,
         typer.Option(
@@ -639,11 +467,10 @@ def eval_cmd(
     generate together as one batch.
     """
     with errors(verbose):
-        backend = backend_for(ray_address, workers, threads)
+        backend = backend_for(ray_address, workers, loading.threads)
         if plot_file is not None:
             check_plot(plot_file)
-        setup = _model_set(lang, large_ins=large_ins, small_cpt=small_cpt, small_base=small_base)
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose)
+        options = loading.options(setup, verbose)
         cfg = EvalConfig(
             methods=methods,
             out=out,
@@ -677,7 +504,7 @@ def inspect(
     lang: Annotated[
         str | None, typer.Option("--lang", "-l", help="Inspect this profile's model files (those present).")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    as_json: Json = False,
     verbose: Verbose = False,
 ) -> None:
     """Show each model's architecture, vocabulary, quantization and context, and whether they fuse."""
@@ -711,9 +538,9 @@ def inspect(
             ]
             for label, get in props:
                 table.add_row(label, *(get(m) for m in check.models))
-            Console().print(table)
+            render.out.print(table)
             mark = "[green]fusable[/]" if check.fusable else "[red]not fusable[/]"
-            Console().print(f"{mark}: {check.reason}")
+            render.out.print(f"{mark}: {check.reason}")
         if not check.fusable:
             raise typer.Exit(1)
 

@@ -1,16 +1,33 @@
-"""Rich output for people: the perplexity landscape as a heat map, and progress bars."""
+"""Rich output for people: the perplexity landscape as a heat map, and progress bars.
+
+Where output goes: stdout carries a command's answer (the generated text, one JSON object with
+``--json``, or, without it, the table that is the answer of ``select``, ``ppl``, ``eval``,
+``inspect``, ``models`` and ``bench``), so ``> file`` keeps exactly that; stderr carries how the run
+went (progress bars, statistics, notes, warnings and errors). :data:`out` is stdout's console,
+:data:`trimix_cli.common.err` stderr's.
+"""
 
 from __future__ import annotations
 
 import math
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from trimix_cpp.finite import perplexity
 from trimix_cpp.selection import Selection
+
+out = Console()
 
 _ROLE_NAMES = {"large_ins": "large-ins", "small_cpt": "small-cpt", "small_base": "small-base"}
 
@@ -54,13 +71,16 @@ def landscape(console: Console, sel: Selection) -> None:
         console.print(f"single models' perplexity: {singles}", soft_wrap=True)
 
 
-def progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
+def progress(console: Console, *, counts: bool = True, rate: bool = False, transient: bool = False) -> Progress:
+    """A progress bar on ``console``: each task's description and bar, then with ``counts`` items done
+    of the total and the time left, with ``rate`` the task's ``rate`` field (text the caller updates);
+    ``transient`` clears it when done."""
+    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn()]
+    if counts:
+        columns.append(MofNCompleteColumn())
+    if rate:
+        columns.append(TextColumn("{task.fields[rate]}"))
+    columns.append(TimeElapsedColumn())
+    if counts:
+        columns += [TextColumn("left"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=transient)

@@ -5,21 +5,22 @@ Parsing and printing only; the server is :mod:`trimix_cpp.server`.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
 import trimix_cpp as tm
 from trimix_cpp import _llama
-from trimix_cpp.fusion import LARGE_BASE, ROLES
+from trimix_cpp.fusion import ROLES
 from trimix_cpp.modelset import ModelSet
-from trimix_cpp.selection import SELECTION_ROLES
 
 from .common import Verbose, err, errors
+from .options import EngineArgs, group, grouped, model_set
 
 SERVE_HELP = (
     "Serve the fused models: an OpenAI-compatible API and a chat page, offline.\n\n"
@@ -85,19 +86,37 @@ def _allowed_hosts(names: list[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def serve(
-    lang: Annotated[
+LargeBase = Annotated[
+    Path | None, typer.Option("--large-base", help="GGUF of the large base model (loaded for trimix4 requests).")
+]
+NCtx = Annotated[
+    int | None, typer.Option("--n-ctx", help="Context length of each request (prompt + reply); default 4096.")
+]
+# The request defaults serve sets (ServeDefaults's fields, see trimix_cpp.server.defaults), worded for a server.
+DEFAULTS = {
+    "method": Annotated[
         str | None,
-        typer.Option("--lang", "-l", help="Language profile (bod, uig, kaz, mvf, demo, ...): models and defaults."),
-    ] = None,
-    large_ins: Annotated[Path | None, typer.Option("--large-ins", help="GGUF of the large instruction model.")] = None,
-    small_cpt: Annotated[
-        Path | None, typer.Option("--small-cpt", help="GGUF of the small model continued on the language.")
-    ] = None,
-    small_base: Annotated[Path | None, typer.Option("--small-base", help="GGUF of the small base model.")] = None,
-    large_base: Annotated[
-        Path | None, typer.Option("--large-base", help="GGUF of the large base model (loaded for trimix4 requests).")
-    ] = None,
+        typer.Option("--method", "-m", help="Default method of requests that name none (default: the profile's)."),
+    ],
+    "alpha": Annotated[float | None, typer.Option(help="Default alpha (fixed weights for the default method).")],
+    "beta": Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")],
+    "gamma": Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")],
+    "select": Annotated[
+        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
+    ],
+    "temperature": Annotated[
+        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
+    ],
+    "page": Annotated[
+        str | None,
+        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
+    ],
+}
+
+
+@grouped
+def serve(
+    setup: ModelSet = group(model_set, "lang", *ROLES, own={"large_base": LargeBase}),
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every network; then set an API key).")
     ] = "127.0.0.1",
@@ -130,26 +149,8 @@ def serve(
     name: Annotated[
         str | None, typer.Option(help="Model name /v1/models lists (default: trimix-LANG, or trimix).")
     ] = None,
-    n_ctx: Annotated[
-        int | None, typer.Option("--n-ctx", help="Context length of each request (prompt + reply); default 4096.")
-    ] = None,
-    method: Annotated[
-        str | None,
-        typer.Option("--method", "-m", help="Default method of requests that name none (default: the profile's)."),
-    ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Default alpha (fixed weights for the default method).")] = None,
-    beta: Annotated[float | None, typer.Option(help="Default beta (fixed weights for the default method).")] = None,
-    gamma: Annotated[float | None, typer.Option(help="Default gamma (--method trimix4).")] = None,
-    select: Annotated[
-        str | None, typer.Option("--select", help="Default weight selection: ppl, ent or fixed (default: profile's).")
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Default temperature (0: greedy; default: profile's, or 0).")
-    ] = None,
-    page: Annotated[
-        str | None,
-        typer.Option(help="The chat page starts in 'chat' or 'complete' (text continuation) mode; default: profile's."),
-    ] = None,
+    n_ctx: NCtx = None,
+    request_defaults: dict[str, Any] = group(dict, *DEFAULTS, own=DEFAULTS),  # built once the server extra imports
     keep_conversations: Annotated[
         bool,
         typer.Option(
@@ -157,16 +158,13 @@ def serve(
             help="Keep each conversation in the KV cache so its next turn evaluates only the new tokens.",
         ),
     ] = True,
-    threads: Annotated[int, typer.Option("--threads", "-t", help="CPU threads per model (0: every core).")] = 0,
-    n_gpu_layers: Annotated[
-        int, typer.Option("--n-gpu-layers", "-ngl", help="Layers on the GPU (-1: all, if the build has a GPU).")
-    ] = -1,
+    loading: EngineArgs = group(EngineArgs, "threads", "n_gpu_layers"),
     verbose: Verbose = False,
 ) -> None:
     with errors(verbose):
         try:
             from trimix_cpp.server import Listen, ServerConfig, run_server, setup_logging
-            from trimix_cpp.server.defaults import ServeDefaults
+            from trimix_cpp.server.defaults import ServeDefaults, roles_to_load
         except ImportError as e:
             raise tm.TrimixError(
                 f"trimix serve needs the server extra ({e.name} is missing): pip install 'trimix[serve]'"
@@ -186,15 +184,8 @@ def serve(
             raise tm.TrimixError(f"--max-body must be at least 1024 bytes, got {max_body}")
         if not 0 <= port <= 65535:
             raise tm.TrimixError(f"--port must be from 0 to 65535, got {port}")
-        setup = ModelSet.make(
-            lang, {"large_ins": large_ins, "small_cpt": small_cpt, "small_base": small_base, "large_base": large_base}
-        )
-        defaults = ServeDefaults(method, alpha, beta, gamma, select, temperature, page).resolved(setup.profile)
-        wanted = [r for r in ROLES if r in setup.explicit or (r != LARGE_BASE and setup.profile is not None)]
-        if defaults.method == "trimix4":
-            wanted.append(LARGE_BASE)
-        roles = [r for r in ROLES if r in wanted] or list(SELECTION_ROLES)
-        paths = setup.paths(roles, "trimix serve")
+        defaults = ServeDefaults(**request_defaults).resolved(setup.profile)
+        paths = setup.paths(roles_to_load(setup, defaults.method), "trimix serve")
         for p in paths.values():
             _llama.check_gguf_file(Path(p))
         label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
@@ -207,6 +198,6 @@ def serve(
             defaults=defaults,
             keep_conversations=keep_conversations,
         )
-        options = setup.load_options(n_ctx, threads, n_gpu_layers, verbose, n_seq=parallel)
+        options = dataclasses.replace(loading, n_ctx=n_ctx).options(setup, verbose, n_seq=parallel)
         setup_logging(verbose)
         run_server(setup, paths, options, config, Listen(host, port, hosts))

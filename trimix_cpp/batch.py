@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 from .engine import Engine
 from .errors import TrimixError
 from .generation import Generation, SeqSpec, check_logprobs
-from .methods import MethodChoice, resolve_fusion, sampling_params
+from .methods import SAMPLING_FIELDS, MethodChoice, resolve_fusion, sampling_params
 
 SETTINGS = {
     "max_tokens": int,
@@ -112,54 +112,38 @@ def _parse_json_line(n: int, raw: str, path: Path) -> BatchLine:
     return BatchLine(n, prompt, settings)
 
 
+# What a line may set besides its fusion choice and sampling: the rest of a SeqSpec (utf8_guard is the
+# command's alone, and SETTINGS does not list it).
+SPEC_FIELDS = tuple(f.name for f in fields(SeqSpec) if f.name not in ("fusion", "sampling"))
+CHOICE_FIELDS = tuple(f.name for f in fields(MethodChoice))
+
+
 @dataclass(frozen=True)
 class BatchDefaults:
-    """The command's own settings, which each line may override."""
+    """The command's own settings, which each line may override: its fusion choice, its sampling
+    flags (named as :func:`sampling_params` takes them; absent or ``None``: not given) and the rest
+    of a :class:`SeqSpec` by field name (``max_tokens``, ``stop``, ``utf8_guard``, ``draft``,
+    ``logprobs``; absent: SeqSpec's default)."""
 
     choice: MethodChoice
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    utf8_guard: bool = True
-    draft: int = 0
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logprobs: int | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    spec: Mapping[str, Any] = field(default_factory=dict)
 
 
 def line_spec(defaults: BatchDefaults, settings: Mapping[str, Any], profile: object | None = None) -> SeqSpec:
     """The sequence a line asks for: the command's settings with the line's on top."""
     s = dict(settings)
-    choice_keys = ("method", "alpha", "beta", "gamma", "role", "select")
-    overrides = {k: s[k] for k in choice_keys if k in s}
+    overrides = {k: s[k] for k in CHOICE_FIELDS if k in s}
     choice = replace(defaults.choice, **overrides)
     if {"alpha", "beta"} & set(overrides) and "select" not in overrides:
         choice = replace(choice, select=None, grid_alpha=None, grid_beta=None, max_logits_mib=None)
     fusion = resolve_fusion(choice, profile)
-    sampling = sampling_params(
-        s.get("temperature", defaults.temperature),
-        s.get("top_k", defaults.top_k),
-        s.get("top_p", defaults.top_p),
-        s.get("min_p", defaults.min_p),
-        s.get("seed", defaults.seed),
-        s.get("repeat_penalty", defaults.repeat_penalty),
-        s.get("repeat_last_n", defaults.repeat_last_n),
-        s.get("frequency_penalty", defaults.frequency_penalty),
-        s.get("presence_penalty", defaults.presence_penalty),
-    )
-    stop = s.get("stop", list(defaults.stop))
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    max_tokens = s.get("max_tokens", defaults.max_tokens)
-    logprobs = s.get("logprobs", defaults.logprobs)
-    check_logprobs(logprobs)
-    draft = s.get("draft", defaults.draft)
-    return SeqSpec(fusion, sampling, max_tokens, stops, defaults.utf8_guard, draft, logprobs)
+    sampling = sampling_params(**(dict(defaults.sampling) | {k: s[k] for k in SAMPLING_FIELDS if k in s}))
+    spec = dict(defaults.spec) | {k: s[k] for k in SPEC_FIELDS if k in s}
+    if "stop" in spec:
+        spec["stop"] = (spec["stop"],) if isinstance(spec["stop"], str) else tuple(spec["stop"])
+    check_logprobs(spec.get("logprobs"))
+    return SeqSpec(fusion, sampling, **spec)
 
 
 @dataclass

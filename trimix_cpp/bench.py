@@ -155,8 +155,7 @@ def run_bench(
             t0 = time.perf_counter()
             sel = eng.select(prompt, Selector("ppl"))
             report.prompt_tokens_per_s["ppl_selection"] = prompt_tokens / (time.perf_counter() - t0)
-            a, b = sel.chosen
-            fusion = plan("trimix", alpha=a, beta=b)
+            fusion = sel.plan()
         report.fused_weights = dict(fusion.weights)
         for r in roles:
             if step(f"decode {r}"):

@@ -32,11 +32,11 @@ from .errors import ContextOverflowError, TrimixError, WeightError
 from .fusion import LARGE_INS, FusionPlan
 from .generation import Generation, SeqSpec, Session, Timings, check_max_tokens
 from .loading import SCORING_SEQS, LoadOptions, build_shared_vocab, load_models
-from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perplexity
+from .prefill import ChunkCallback, evaluate, evaluate_prompt, option_nlls, perplexity, scoring_roles
 from .sampling import SamplingParams
 from .scheduler import Scheduler, locked
 from .scoring import MethodScore
-from .selection import SELECTION_ROLES, GridScores, Selection, Selector
+from .selection import DEFAULT_MAX_LOGITS_MIB, SELECTION_ROLES, GridScores, Selection, Selector
 from .threads import ThreadGovernor
 from .utf8 import Utf8Guard
 
@@ -191,23 +191,13 @@ class Engine:
         toks = np.asarray(tokens, dtype=np.int32)
         evaluate(used, toks, seq, fold_roles=fold, on_chunk=on_chunk, chunk_rows=chunk_rows)
 
-    @locked
     def select(self, prompt: str | Sequence[int] | np.ndarray, selector: Selector) -> Selection:
         """Score the grid of (alpha, beta) on the prompt and choose a pair, without labels.
 
         The prompt is evaluated exactly once per model. A one-token prompt has no perplexity: a
         ``ppl`` selector then chooses by entropy, and the selection's ``note`` says so.
         """
-        self._need(SELECTION_ROLES, "weight selection")
-        tokens = self._as_tokens(prompt)
-        self.check_prompt(tokens)
-        seq = self._fresh_scratch()
-        try:
-            ev = evaluate_prompt(self.models, self.vocab.n_vocab, tokens, seq, SELECTION_ROLES, [selector])
-        finally:
-            for m in self.models.values():
-                m.seq_rm(seq)
-        return ev.selections[selector]
+        return self.select_many(prompt, [selector])[selector]
 
     @locked
     def select_many(
@@ -232,7 +222,7 @@ class Engine:
         plans: Mapping[str, FusionPlan],
         *,
         window: int | None = None,
-        max_logits_mib: float = 512.0,
+        max_logits_mib: float = DEFAULT_MAX_LOGITS_MIB,
         grid: Selector | None = None,
     ) -> tuple[dict[str, MethodScore], GridScores | None]:
         """NLL of ``text`` under every plan (and, with ``grid``, every pair of a TriMix grid).
@@ -240,8 +230,7 @@ class Engine:
         Each model evaluates each window of the text once; all methods are scored from the same
         logits. Windows of ``window`` tokens (default: the context) overlap by half.
         """
-        roles = {r for p in plans.values() for r in p.roles} | (set(SELECTION_ROLES) if grid else set())
-        self._need(sorted(roles), "scoring")
+        self._need(sorted(scoring_roles(plans.values(), grid is not None)), "scoring")
         ref = self.models[self.reference_role]
         tokens = ref.tokenize(text, add_bos=False)
         bos = [ref.bos_id] if ref.add_bos else []
@@ -253,9 +242,9 @@ class Engine:
             self._scratch_seq,
             self.n_ctx,
             plans,
-            window=window,
-            max_logits_mib=max_logits_mib,
-            grid=grid,
+            window,
+            max_logits_mib,
+            grid,
         )
 
     @locked
@@ -267,8 +256,7 @@ class Engine:
     ) -> tuple[dict[str, list[float]], dict[str, Selection]]:
         """Mean NLL per token of each option after the prompt under every plan (multiple choice by
         likelihood), from one evaluation of the prompt; selectors choose their pair on it."""
-        roles = {r for p in plans.values() for r in (SELECTION_ROLES if isinstance(p, Selector) else p.roles)}
-        self._need(sorted(roles), "scoring")
+        self._need(sorted(scoring_roles(plans.values())), "scoring")
         head = self._as_tokens(prompt)
         self.check_prompt(head)
         ref = self.models[self.reference_role]

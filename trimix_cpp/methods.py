@@ -13,6 +13,7 @@ maybe a selection strategy and its grid, a profile's defaults), so the rules liv
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from .errors import TrimixError, WeightError
 from .fusion import LARGE_BASE, LARGE_INS, METHODS, ROLES, FusionPlan, plan
 from .sampling import SamplingParams
-from .selection import SELECTION_ROLES, STRATEGIES, Selector, parse_grid
+from .selection import DEFAULT_MAX_LOGITS_MIB, SELECTION_ROLES, STRATEGIES, Selector, parse_grid
 
 # Which of alpha, beta, gamma each method takes (the others are refused).
 _METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {
@@ -119,7 +120,7 @@ def resolve_fusion(
         select,
         _grid(c.grid_alpha, "grid_alpha"),
         _grid(c.grid_beta, "grid_beta"),
-        512.0 if c.max_logits_mib is None else c.max_logits_mib,
+        DEFAULT_MAX_LOGITS_MIB if c.max_logits_mib is None else c.max_logits_mib,
     )
 
 
@@ -191,3 +192,7 @@ def sampling_params(
             "(add --repeat-penalty, --frequency-penalty or --presence-penalty)"
         )
     return params
+
+
+# The sampling settings by name, as the command line, a batch line and a chat take them.
+SAMPLING_FIELDS = tuple(inspect.signature(sampling_params).parameters)

@@ -16,16 +16,25 @@ The functions here take the models of an engine and one llama.cpp sequence id to
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._llama import LlamaModel
 from .errors import ContextOverflowError, TrimixError
-from .fusion import LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
+from .fusion import LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan
 from .scoring import MethodScore, PerplexityScorer, windows
-from .selection import SELECTION_ROLES, GridNLL, GridRows, GridScores, Selection, Selector, choose, entropy_grid
+from .selection import (
+    SELECTION_ROLES,
+    GridNLL,
+    GridRows,
+    GridScores,
+    Selection,
+    Selector,
+    choose,
+    entropy_grid,
+)
 
 ChunkCallback = Callable[[Mapping[str, np.ndarray], np.ndarray], None]
 
@@ -193,6 +202,15 @@ def _selection(
     )
 
 
+def scoring_roles(plans: Iterable[FusionPlan | Selector], grid: bool = False) -> tuple[str, ...]:
+    """The models that scoring under ``plans`` reads, in canonical order: each fixed plan's own, and
+    the selection trio for a selector (or, with ``grid``, for a whole TriMix grid)."""
+    plans = list(plans)
+    trio = grid or any(isinstance(p, Selector) for p in plans)
+    used = {r for p in plans if isinstance(p, FusionPlan) for r in p.roles} | (set(SELECTION_ROLES) if trio else set())
+    return tuple(r for r in ROLES if r in used)
+
+
 def perplexity(
     models: Mapping[str, LlamaModel],
     n_vocab: int,
@@ -201,17 +219,14 @@ def perplexity(
     seq: int,
     n_ctx: int,
     plans: Mapping[str, FusionPlan],
-    *,
-    window: int | None = None,
-    max_logits_mib: float = 512.0,
-    grid: Selector | None = None,
+    window: int | None,
+    max_logits_mib: float,
+    grid: Selector | None,
 ) -> tuple[dict[str, MethodScore], GridScores | None]:
-    """NLL of a text under every plan (and, with ``grid``, every pair of a TriMix grid).
-
-    Each model evaluates each window of the text once; all methods are scored from the same
-    logits. Windows of ``window`` tokens (default: the context) overlap by half.
-    """
-    roles = tuple(r for r in ROLES if any(r in p.roles for p in plans.values()) or (grid and r in SELECTION_ROLES))
+    """:meth:`Engine.perplexity` on sequence ``seq``: ``text_tokens`` (no BOS) are scored in windows
+    that each begin with ``bos``; a ``window`` of ``None`` is the context ``n_ctx``, and
+    ``max_logits_mib`` bounds the logits of one chunk of positions."""
+    roles = scoring_roles(plans.values(), grid is not None)
     tokens = text_tokens
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 8):
         raise TrimixError(f"--window must be a whole number of at least 8 tokens, got {window!r}")
@@ -282,17 +297,10 @@ def option_nlls(
             f"{n_ctx} (raise --n-ctx)"
         )
     selectors = [p for p in plans.values() if isinstance(p, Selector)]
-    fixed = [p for p in plans.values() if isinstance(p, FusionPlan)]
-    roles = sorted({r for p in fixed for r in p.roles} | (set(SELECTION_ROLES) if selectors else set()))
+    roles = sorted(scoring_roles(plans.values()))
     try:
         ev = evaluate_prompt(models, n_vocab, prompt, seq, roles, selectors)
-        resolved: dict[str, FusionPlan] = {}
-        for name, p in plans.items():
-            if isinstance(p, Selector):
-                a, b = ev.selections[p].chosen
-                resolved[name] = plan("trimix", alpha=a, beta=b)
-            else:
-                resolved[name] = p
+        resolved = {name: ev.selections[p].plan() if isinstance(p, Selector) else p for name, p in plans.items()}
         used = {r: models[r] for r in ROLES if r in roles}
         # the prompt's last row predicts each option's first token; the option decodes overwrite it
         last = {r: m.logits_row(-1)[:n_vocab].copy()[None, :] for r, m in used.items()}

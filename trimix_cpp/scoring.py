@@ -17,6 +17,7 @@ import numpy as np
 
 from .finite import perplexity
 from .fusion import Fuser, FusionPlan
+from .selection import GridScores
 
 
 @dataclass
@@ -35,6 +36,30 @@ class MethodScore:
     def ppl(self) -> float:
         nll = self.nll
         return perplexity(nll) if math.isfinite(nll) else math.inf
+
+
+def score_rows(scores: Mapping[str, MethodScore], grid: GridScores | None = None) -> list[dict[str, object]]:
+    """One row per method (``method``, ``nll``, ``ppl``, ``tokens``, ``masked``); with a grid's
+    scores, a last row for its best pair, chosen on this text (``trimix-ppl@A:B``, with ``alpha``
+    and ``beta``): the perplexity PPL selection would reach on it."""
+    rows: list[dict[str, object]] = [
+        {"method": name, "nll": s.nll, "ppl": s.ppl, "tokens": s.n_tokens, "masked": s.n_masked}
+        for name, s in scores.items()
+    ]
+    if grid is not None:
+        a, b, nll = grid.best()
+        rows.append(
+            {
+                "method": f"trimix-ppl@{a:g}:{b:g}",
+                "nll": nll,
+                "ppl": perplexity(nll),
+                "tokens": grid.n_rows,
+                "masked": 0,
+                "alpha": a,
+                "beta": b,
+            }
+        )
+    return rows
 
 
 @dataclass

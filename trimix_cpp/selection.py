@@ -49,9 +49,12 @@ import numpy as np
 
 from .errors import TrimixError, WeightError
 from .finite import json_number, perplexity
-from .fusion import LARGE_INS, MAX_WEIGHT, SMALL_BASE, SMALL_CPT
+from .fusion import LARGE_INS, MAX_WEIGHT, SMALL_BASE, SMALL_CPT, FusionPlan, plan
 
 DEFAULT_GRID = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+# What perplexity selection and scoring may hold at once in logits and scratch rows, in MiB
+# (``--max-logits-mib``); a prompt longer than that goes through in chunks.
+DEFAULT_MAX_LOGITS_MIB = 512.0
 STRATEGIES = ("fixed", "ppl", "ent")
 SELECTION_ROLES = (LARGE_INS, SMALL_CPT, SMALL_BASE)
 _MAX_POWER = 64  # largest integer multiple of the common step still worth a multiplication chain
@@ -213,6 +216,12 @@ class GridScores:
 
     def single_mean_nll(self) -> dict[str, float]:
         return {r: s / max(self.n_rows, 1) for r, s in self.single_sum.items()}
+
+    def best(self) -> tuple[float, float, float]:
+        """The pair with the lowest mean NLL (ties as :func:`choose` breaks them), and that NLL."""
+        mean = self.mean_nll
+        a, b = choose(self.alphas, self.betas, mean)
+        return a, b, float(mean[self.alphas.index(a), self.betas.index(b)])
 
 
 TIE_NATS = 1e-6
@@ -598,7 +607,7 @@ class Selector:
     strategy: str = "ppl"
     alphas: tuple[float, ...] = DEFAULT_GRID
     betas: tuple[float, ...] = DEFAULT_GRID
-    max_logits_mib: float = 512.0
+    max_logits_mib: float = DEFAULT_MAX_LOGITS_MIB
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -640,6 +649,11 @@ class Selection:
     dense_fallbacks: int = 0
     requested: str = ""  # the strategy asked for; differs from ``strategy`` when it could not apply
     note: str | None = None  # why, in one line
+
+    def plan(self) -> FusionPlan:
+        """TriMix with the chosen pair: what a selector's sequence runs once the choice is made."""
+        a, b = self.chosen
+        return plan("trimix", alpha=a, beta=b)
 
     def grid(self) -> list[dict[str, float | None]]:
         """Every pair's score; a perplexity past the largest float (or any non-finite value) is None."""

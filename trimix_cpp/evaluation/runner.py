@@ -33,6 +33,7 @@ from ..calibrate import calibrate as calibrate_prompts
 from ..engine import Engine, SeqSpec
 from ..errors import ContextOverflowError, TrimixError
 from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
+from ..methods import MethodChoice, resolve_fusion
 from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector
 from ..speculative import draft_plan
 from .metrics import ROUGE_TOKENIZERS, score_outputs
@@ -103,6 +104,33 @@ def parse_methods(spec: str, grid_alpha: Sequence[float] = DEFAULT_GRID, grid_be
     if not out:
         raise TrimixError("--methods is empty")
     return out
+
+
+def perplexity_methods(spec: str, grid: MethodChoice = MethodChoice()) -> tuple[dict[str, FusionPlan], Selector | None]:
+    """What ``trimix ppl --methods`` scores: ``large-ins,small-cpt,proxy,contrastive,trimix@0.1:0.9,
+    trimix-grid`` -> named fixed plans (the evaluation's method names; only fixed-weight ones apply),
+    and, for ``trimix-grid``, the grid whose every pair is scored (the best pair is chosen on the text):
+    ``grid``'s ``grid_alpha``, ``grid_beta`` and ``max_logits_mib``, as PPL selection takes them."""
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    want_grid = "trimix-grid" in items
+    rest = [x for x in items if x != "trimix-grid"]
+    plans: dict[str, FusionPlan] = {}
+    for m in parse_methods(",".join(rest)) if rest else []:
+        if not isinstance(m.fusion, FusionPlan):
+            raise TrimixError(f"{m.name} picks weights per prompt or per task; for perplexity use trimix-grid")
+        plans[m.name] = m.fusion
+    if not plans and not want_grid:
+        raise TrimixError("--methods is empty")
+    if not want_grid:
+        if grid.grid_alpha is not None or grid.grid_beta is not None:
+            raise TrimixError("--grid-alpha/--grid-beta apply to trimix-grid, which --methods does not list")
+        return plans, None
+    choice = MethodChoice(
+        select="ppl", grid_alpha=grid.grid_alpha, grid_beta=grid.grid_beta, max_logits_mib=grid.max_logits_mib
+    )
+    selector = resolve_fusion(choice)
+    assert isinstance(selector, Selector)
+    return plans, selector
 
 
 class PredictionLog:
@@ -379,7 +407,7 @@ class Runner:
             best = min(range(len(scores)), key=lambda k: (scores[k], k)) if scores else 0
             sel = selections.get(m.name)
             if sel is not None:
-                fusion = plan("trimix", alpha=sel.chosen[0], beta=sel.chosen[1])
+                fusion = sel.plan()
                 chosen = {"alpha": sel.chosen[0], "beta": sel.chosen[1]}
             else:
                 fusion, chosen = m.fusion, None

@@ -22,9 +22,11 @@ import secrets
 from dataclasses import dataclass
 
 from ..errors import TrimixError
-from ..fusion import METHODS, plan
+from ..fusion import LARGE_BASE, METHODS, ROLES, plan
 from ..methods import MethodChoice, resolve_fusion, sampling_params
+from ..modelset import ModelSet
 from ..profiles import PAGE_MODES
+from ..selection import SELECTION_ROLES
 
 # A fresh seed is below 2**32: it survives a JSON round trip through any client (JavaScript numbers
 # are exact only up to 2**53) and is what llama.cpp's own server uses.
@@ -32,14 +34,11 @@ SEED_LIMIT = 2**32
 
 
 @dataclass(frozen=True)
-class ServeDefaults:
-    """The server's defaults for requests and for the chat page; ``None``: the profile's, then trimix's."""
+class ServeDefaults(MethodChoice):
+    """The server's defaults for requests and for the chat page: a fusion choice as the command line
+    makes it (``serve`` sets method, alpha, beta, gamma and select), a temperature, and the page's
+    mode; ``None``: the profile's, then trimix's."""
 
-    method: str | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    select: str | None = None
     temperature: float | None = None
     page: str | None = None
 
@@ -49,8 +48,7 @@ class ServeDefaults:
         Raises :class:`TrimixError` (naming the flag) for a combination no request could use.
         """
         method = self.method or getattr(profile, "method", None) or "trimix"
-        choice = MethodChoice(method=method, alpha=self.alpha, beta=self.beta, gamma=self.gamma, select=self.select)
-        fusion = resolve_fusion(choice, profile)  # raises for --alpha with --method proxy and the like
+        fusion = resolve_fusion(dataclasses.replace(self, method=method), profile)  # --alpha with proxy and the like
         params = dict(getattr(fusion, "params", None) or {})
         select = None
         alpha, beta, gamma = self.alpha, self.beta, self.gamma
@@ -66,7 +64,9 @@ class ServeDefaults:
         page = self.page or getattr(profile, "page", None)
         if page is not None and page not in PAGE_MODES:
             raise TrimixError(f"--page must be {' or '.join(PAGE_MODES)}, got {page!r}")
-        return ServeDefaults(method, alpha, beta, gamma, select, temperature, page)
+        return dataclasses.replace(
+            self, method=method, alpha=alpha, beta=beta, gamma=gamma, select=select, temperature=temperature, page=page
+        )
 
     def apply(self, choice: MethodChoice) -> MethodChoice:
         """A request's fusion choice with these (resolved) defaults where it said nothing."""
@@ -92,6 +92,17 @@ class ServeDefaults:
         out["temperature"] = self.temperature or 0.0
         out["page"] = self.page
         return out
+
+
+def roles_to_load(setup: ModelSet, method: str | None) -> list[str]:
+    """The models a server loads, in canonical order: every file given explicitly and the profile's
+    own, except the large base model, which only trimix4 reads, so it is loaded when given
+    explicitly or when trimix4 is the default ``method``; with neither a file nor a profile, the
+    selection trio (whose missing files then fail with the flag to give)."""
+    wanted = [r for r in ROLES if r in setup.explicit or (r != LARGE_BASE and setup.profile is not None)]
+    if method == "trimix4":
+        wanted.append(LARGE_BASE)
+    return [r for r in ROLES if r in wanted] or list(SELECTION_ROLES)
 
 
 def available_methods(roles: tuple[str, ...] | list[str]) -> list[str]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from ..errors import TrimixError
 from ..generation import MAX_TOP_LOGPROBS, SeqSpec
@@ -36,19 +36,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class TrimixSettings(_Strict):
-    """How the logits are fused; every field defaults to the server's profile."""
-
-    method: str | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    role: str | None = None
-    select: str | None = None
-    grid_alpha: list[float] | str | None = None
-    grid_beta: list[float] | str | None = None
-    draft: int | None = None
-    utf8_guard: bool | None = None
+# A request's "trimix" object: the command line's fusion choice (MethodChoice's fields, with a grid as
+# a JSON list), less the settings that are the server's to make (a weights file on its disk, the memory
+# a selection may take), plus the sequence's own switches.
+_SERVER_ONLY = ("weights_from", "max_logits_mib")
+_REQUEST_TYPES: dict[str, Any] = {"grid_alpha": list[float] | str | None, "grid_beta": list[float] | str | None}
+CHOICE_FIELDS = tuple(f.name for f in dataclasses.fields(MethodChoice) if f.name not in _SERVER_ONLY)
+TrimixSettings = create_model(
+    "TrimixSettings",
+    __base__=_Strict,
+    __doc__="How the logits are fused; every field defaults to the server's profile.",
+    **{name: (_REQUEST_TYPES.get(name, get_type_hints(MethodChoice)[name]), None) for name in CHOICE_FIELDS},
+    draft=(int | None, None),
+    utf8_guard=(bool | None, None),
+)
 
 
 class StreamOptions(_Strict):
@@ -275,16 +276,7 @@ def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
             param="trimix.draft",
             code="unsupported",
         )
-    choice = MethodChoice(
-        method=t.method,
-        alpha=t.alpha,
-        beta=t.beta,
-        gamma=t.gamma,
-        role=t.role,
-        select=t.select,
-        grid_alpha=t.grid_alpha,
-        grid_beta=t.grid_beta,
-    )
+    choice = MethodChoice(**{name: getattr(t, name) for name in CHOICE_FIELDS})
     if limits.defaults is not None:
         choice = limits.defaults.apply(choice)
     max_tokens = req.max_tokens
