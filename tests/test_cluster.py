@@ -238,7 +238,7 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
 def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     """The driver's manifest names one small-cpt file; the worker's file at that path is another."""
     from trimix_cpp.evaluation.cluster import ClusterError, ClusterOptions, RayBackend
-    from trimix_cpp.evaluation.run import RunnerSettings
+    from trimix_cpp.evaluation.run import BackendSpec, RunnerSettings
     from trimix_cpp.evaluation.runner import GenerationSettings
     from trimix_cpp.loading import LoadOptions
 
@@ -247,7 +247,10 @@ def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     manifest["small_cpt"] = model_identity(tiny_trio["large_base"])  # what the run was made with
     settings = RunnerSettings(GenerationSettings(max_tokens=4), (0.1, 1.0), (0.1, 1.0), 2, 0, 0)
     with pytest.raises(ClusterError) as info:
-        RayBackend(paths, LoadOptions(n_ctx=256, n_gpu_layers=0), manifest, settings, ClusterOptions(cluster, 1, 1))
+        RayBackend(
+            BackendSpec(paths, LoadOptions(n_ctx=256, n_gpu_layers=0), manifest, settings),
+            ClusterOptions(cluster, 1, 1),
+        )
     msg = str(info.value)
     assert "\n" not in msg
     assert "refuses" in msg and "127.0.0.1" in msg and str(Path(paths["small_cpt"]).resolve()) in msg, msg
