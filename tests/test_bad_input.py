@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 from tinygguf import write_tiny_llama
 
 import trimix_cpp as tm

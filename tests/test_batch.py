@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_errors import trimix
+from commands import trimix
 
 FAST = ["--prompt-tokens", "32", "--tokens", "8", "--drafts", "2", "--parallel", "1,2"]
 

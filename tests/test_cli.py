@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 from trimix_cli.main import unescape
 

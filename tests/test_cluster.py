@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 from trimix_cpp.evaluation.cluster import worker_name
 from trimix_cpp.evaluation.rundir import MANIFEST, PREDICTIONS, RunDir, file_sha256, model_identity

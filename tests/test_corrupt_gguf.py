@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from test_errors import trimix
+from commands import trimix
 from tinygguf import RawGGUF, RawKV, RawTensor, V, tiny_raw, write_tiny_llama
 
 from trimix_cpp import ModelFileError

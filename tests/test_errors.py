@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
+from commands import trimix
 from tinygguf import write_tiny_llama
 
 import trimix_cpp as tm
 
 OPTS = tm.LoadOptions(n_ctx=64, n_gpu_layers=0)
-
-
-def trimix(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trimix_cli.main", *args], input=stdin, capture_output=True, timeout=300
-    )
 
 
 def test_missing_file(tmp_path, tiny_trio):

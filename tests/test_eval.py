@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import models, run_eval
 from reference import log_softmax
 
 import trimix_cpp as tm
@@ -20,10 +21,6 @@ from trimix_cpp.evaluation.runner import PredictionLog
 
 TRIO = ("large_ins", "small_cpt", "small_base")
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]
-
-
-def models(trio) -> list[str]:
-    return [f"--{r.replace('_', '-')}={trio[r]}" for r in TRIO]
 
 
 def milic(root: Path) -> Path:
@@ -57,12 +54,6 @@ def milic(root: Path) -> Path:
     (rc / "train_1.json").write_text(json.dumps(q[:2]), encoding="utf-8")
     (rc / "test.json").write_text(json.dumps(q[2:]), encoding="utf-8")
     return root
-
-
-def run_eval(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trimix_cli.main", "eval", *args], capture_output=True, timeout=600, **kw
-    )
 
 
 def test_milic_layout_all_methods(tiny_trio, tmp_path):

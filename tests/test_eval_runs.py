@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_errors import trimix
-from test_eval import models, run_eval
+from commands import models, run_eval, trimix
 
 import trimix_cpp as tm
 from trimix_cpp.evaluation.items import Item

@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from test_errors import trimix
-from test_serve import UG, post, start_server
+from commands import trimix
+from serving import UG, post, start_server
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import MAX_SEQ, MIN_N_CTX

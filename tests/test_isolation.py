@@ -16,7 +16,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp.engine import SeqSpec
@@ -93,7 +93,7 @@ def test_batch_command_lines_equal_each_alone(tmp_path):
 
 
 def test_server_request_that_ends_beside_another(tmp_path):
-    from test_serve import start_server
+    from serving import start_server
 
     server = start_server("--lang", "demo", "--parallel", "4")
     try:

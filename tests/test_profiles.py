@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import trimix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp.profiles import (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 

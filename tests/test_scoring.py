@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from commands import trimix
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import log_softmax
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel

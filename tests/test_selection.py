@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from commands import trimix
 from reference import single_logits
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp import selection

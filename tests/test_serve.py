@@ -9,16 +9,12 @@ a shared machine's other work from stalling its decode.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -27,68 +23,12 @@ for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx", "openai"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-from test_errors import trimix  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import CHROMIUM_FLAGS, UG, ServerProcess, health, post, start_server, wait_idle  # noqa: E402
 
 from trimix_cpp.server.schema import HAS_DRAFT  # noqa: E402
 
-# the servers are local: never through a proxy the environment may name
-os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
-
-UG = "ئالاقەداشنى ئۆچۈرۈش"
 LONG = {"max_tokens": 1000, "stop": []}  # the demo trio repeats itself rather than end: a long stream
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(timeout)
-
-
-def start_server(*args: str, wait_ready: bool = True) -> Server:
-    cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--port", "0", "--threads", "1", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    server = Server(proc)
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            server.lines.append(line.rstrip("\n"))
-            m = re.search(r"listening on (http://\S+)", line)
-            if m and not server.url:
-                server.url = m.group(1)
-                found.set()
-        found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    found.wait(120)
-    if not server.url:
-        server.stop(10)
-        pytest.fail(f"trimix serve did not start:\n{server.log()}")
-    deadline = time.monotonic() + 300
-    while wait_ready and time.monotonic() < deadline:
-        try:
-            if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    if wait_ready:
-        server.stop(10)
-        pytest.fail(f"trimix serve never became ready:\n{server.log()}")
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -104,27 +44,6 @@ def demo():
 @pytest.fixture(scope="module")
 def client(demo):
     return openai.OpenAI(base_url=demo.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
-
-
-def post(server: Server, path: str, body: object, **kw) -> httpx.Response:
-    data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
-    return httpx.post(server.url + path, content=data, headers=headers, timeout=300, **kw)
-
-
-def health(server: Server) -> dict:
-    return httpx.get(server.url + "/health", timeout=10).json()
-
-
-def wait_idle(server: Server, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        h = health(server)
-        if h["in_flight"] == h["active"] == h["queued"] == 0 and h["kv_cells_free"] == h["kv_cells"]:
-            return h
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server still holds requests: {h}")
-        time.sleep(0.05)
 
 
 # -- the routes -----------------------------------------------------------------------------------
@@ -327,7 +246,7 @@ def test_the_server_survives_bad_requests_and_logs_each(demo, client):
 # -- concurrency: the queue limit, disconnects -----------------------------------------------------
 
 
-def _open_stream(server: Server, body: dict) -> tuple[httpx.Client, httpx.Response]:
+def _open_stream(server: ServerProcess, body: dict) -> tuple[httpx.Client, httpx.Response]:
     c = httpx.Client(timeout=120)
     resp = c.send(c.build_request("POST", server.url + C, json={**body, "stream": True}), stream=True)
     assert resp.status_code == 200, resp.read()
@@ -367,19 +286,6 @@ def test_a_waiting_non_streaming_client_that_leaves_is_cancelled(demo):
 
 
 # -- the chat page in a real browser ---------------------------------------------------------------
-
-
-# headless chromium on a machine with no network: no background connections, no sandbox (root)
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def _chromium() -> str | None:

@@ -24,8 +24,8 @@ import pytest
 for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
-from test_errors import trimix  # noqa: E402
-from test_serve import CHROMIUM_FLAGS, UG, start_server  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import CHROMIUM_FLAGS, UG, start_server  # noqa: E402
 
 from trimix_cpp.server.defaults import ServeDefaults, available_methods  # noqa: E402
 

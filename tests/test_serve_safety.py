@@ -26,8 +26,8 @@ for _mod in ("starlette", "uvicorn", "pydantic", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
 import httpx  # noqa: E402
-from test_errors import trimix  # noqa: E402
-from test_serve import Server, post, start_server  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import ServerProcess, post, start_server  # noqa: E402
 
 from trimix_cpp.methods import sampling_params  # noqa: E402
 
@@ -57,7 +57,7 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def _alive(server: Server) -> None:
+def _alive(server: ServerProcess) -> None:
     assert server.proc.poll() is None, f"the server exited:\n{server.log()}"
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
@@ -178,7 +178,7 @@ def test_lone_surrogates_are_a_400_naming_the_field(tiny, path, body, param):
         assert err["param"] == "messages[0].content[0].text"
 
 
-def _host_port(server: Server) -> tuple[str, int]:
+def _host_port(server: ServerProcess) -> tuple[str, int]:
     u = urlsplit(server.url)
     return u.hostname or "127.0.0.1", u.port or 80
 
@@ -276,7 +276,7 @@ def test_post_bodies_must_be_declared_json(tiny):
     assert ok.status_code == 200, ok.text
 
 
-def _raw_get(server: Server, path: str, host_header: str) -> tuple[int, bytes]:
+def _raw_get(server: ServerProcess, path: str, host_header: str) -> tuple[int, bytes]:
     host, port = _host_port(server)
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
