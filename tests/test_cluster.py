@@ -89,6 +89,7 @@ def test_a_folder_made_before_the_whole_file_hash_resumes_and_gains_it(tmp_path,
         run.check(settings={"shots": 1}, models={"large_ins": other})
 
 
+@pytest.mark.slow
 def test_workers_without_ray_is_an_error(tmp_path, tiny_trio):
     r = trimix("eval", str(tmp_path / "t.jsonl"), "--workers", "2", "--large-ins", str(tiny_trio["large_ins"]))
     err = r.stderr.decode()
@@ -150,6 +151,7 @@ def wait_for_lines(out: Path, n: int, proc: subprocess.Popen, timeout: float = 3
     raise AssertionError(f"fewer than {n} predictions after {timeout} s")
 
 
+@pytest.mark.slow
 @needs_ray
 def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_trio):
     task = tmp_path / "t.jsonl"
@@ -234,6 +236,7 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
     assert scores(out) == scores(local_run)
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     """The driver's manifest names one small-cpt file; the worker's file at that path is another."""

@@ -56,6 +56,7 @@ def milic(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_milic_layout_all_methods(tiny_trio, tmp_path):
     root = milic(tmp_path / "data")
     out = tmp_path / "run"
@@ -104,6 +105,7 @@ def test_milic_layout_all_methods(tiny_trio, tmp_path):
     log.close()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_neither_redoes_nor_loses(tiny_trio, tmp_path):
     task = tmp_path / "task.jsonl"
     lines = [json.dumps({"id": f"t{i}", "input": f"the cat {i}:", "gold": "the dog"}) for i in range(12)]
@@ -151,6 +153,7 @@ def test_multiple_choice_by_likelihood_matches_reference(tiny_trio):
             assert value == pytest.approx(ref, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_unknown_task_and_method_are_one_line(tiny_trio, tmp_path):
     r = run_eval(["nonsense.txt", *models(tiny_trio)])
     assert r.returncode == 1 and "unknown task" in r.stderr.decode()

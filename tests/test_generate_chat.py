@@ -12,6 +12,8 @@ pytest.importorskip("httpx")
 from commands import trimix
 from serving import UG, post, start_server
 
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
+
 
 @pytest.fixture(scope="module")
 def demo():

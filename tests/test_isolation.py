@@ -22,6 +22,8 @@ import trimix_cpp as tm
 from trimix_cpp.engine import SeqSpec
 from trimix_cpp.profiles import find_profile
 
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
+
 A = "The capital of France is"
 OTHERS = (  # prompts of other lengths, ending after 2, 6 and 13 tokens while A goes on
     ("Once upon a time, in a small village by the sea, there lived an old fisherman who", 2),

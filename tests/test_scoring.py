@@ -60,6 +60,7 @@ def test_windowed_perplexity_scores_the_same_tokens(tiny_trio):
     assert abs(whole["li"].nll - small["li"].nll) < 1.0  # less context, same tokens
 
 
+@pytest.mark.slow
 def test_cli_ppl_json(tiny_trio, tmp_path):
     f = tmp_path / "held.txt"
     f.write_text(TEXT, encoding="utf-8")

@@ -49,6 +49,7 @@ def client(demo):
 # -- the routes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_health_models_and_page(demo, client):
     h = health(demo)
     assert h["status"] == "ok" and h["model"] == "trimix-demo" and h["sequences"] == 2
@@ -80,6 +81,7 @@ def _stream_completion(client: openai.OpenAI, **kw) -> tuple[list[str], object, 
     return pieces, usage, extra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [None, (0.3, 0.6)], ids=["ppl-selection", "fixed-weights"])
 def test_streamed_completion_equals_trimix_generate(demo, client, weights):
     args = ["--alpha", str(weights[0]), "--beta", str(weights[1])] if weights else []
@@ -102,6 +104,7 @@ def test_streamed_completion_equals_trimix_generate(demo, client, weights):
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_chat_streamed_and_whole_agree(demo, client):
     messages = [{"role": "user", "content": UG}]
     whole = client.chat.completions.create(model="trimix-demo", messages=messages, max_tokens=16)
@@ -120,6 +123,7 @@ def test_chat_streamed_and_whole_agree(demo, client):
     assert last.trimix["weights"] == whole.trimix["weights"]
 
 
+@pytest.mark.slow
 def test_per_request_methods_and_sampling(demo, client):
     def run(**trimix):
         r = client.completions.create(model="m", prompt=UG, max_tokens=4, extra_body={"trimix": trimix})
@@ -253,6 +257,7 @@ def _open_stream(server: ServerProcess, body: dict) -> tuple[httpx.Client, httpx
     return c, resp
 
 
+@pytest.mark.slow
 def test_queue_limit_disconnects_free_sequences(demo):
     wait_idle(demo)
     streams = [_open_stream(demo, {"prompt": UG, **LONG}) for _ in range(4)]  # 2 decoding, 2 waiting
@@ -278,6 +283,7 @@ def test_queue_limit_disconnects_free_sequences(demo):
     assert sum("client disconnected" in line for line in demo.lines) >= 4
 
 
+@pytest.mark.slow
 def test_a_waiting_non_streaming_client_that_leaves_is_cancelled(demo):
     wait_idle(demo)
     with pytest.raises(httpx.ReadTimeout):
@@ -296,6 +302,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_chat_page_streams_in_a_headless_browser(demo, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
     browser_path = _chromium()
@@ -339,6 +346,7 @@ def test_chat_page_streams_in_a_headless_browser(demo, tmp_path):
 # -- the API key, the command line, Ctrl-C ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_key_and_ctrl_c(tiny_trio, tmp_path):
     key_file = tmp_path / "key.txt"
     key_file.write_text("s3cret-key\n", encoding="utf-8")
@@ -373,6 +381,7 @@ def test_api_key_and_ctrl_c(tiny_trio, tmp_path):
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_setups(tiny_trio, tmp_path):
     missing = tmp_path / "missing.gguf"
     r = trimix("serve", "--host", "0.0.0.0", "--large-ins", str(missing))

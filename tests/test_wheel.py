@@ -53,6 +53,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
         yield zf
 
 
+@pytest.mark.slow
 def test_wheel_ships_profiles_and_demo_models(wheel):
     names = set(wheel.namelist())
     profiles = {f"trimix_models/{p.name}" for p in (ROOT / "models").glob("*.toml")}
