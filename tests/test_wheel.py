@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here uses the wheel the module builds (about 6 s)
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "trimix_cpp", "cli", "models")
 # pip's words when a build requirement cannot be downloaded: no index, no network, no proxy.
@@ -53,7 +55,6 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
         yield zf
 
 
-@pytest.mark.slow
 def test_wheel_ships_profiles_and_demo_models(wheel):
     names = set(wheel.namelist())
     profiles = {f"trimix_models/{p.name}" for p in (ROOT / "models").glob("*.toml")}
