@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 PROMPT = "ئالاقەداشنى ئۆچۈرۈش"
@@ -71,24 +69,15 @@ def generate(cmd: list[str], env: dict[str, str], tokens: int, single: bool) -> 
 def serve_once(cmd: list[str], env: dict[str, str], tokens: int) -> float:
     import httpx
 
+    from trimix_cpp.server.launch import start_server
+
     cmd, threads = split_threads(cmd)
-    args = ["serve", "--lang", "demo", "--port", "0", *threads]
-    proc = subprocess.Popen([*cmd, *args], stderr=subprocess.PIPE, text=True, env=clean_env(env))
-    url = ""
+    server = start_server(["--lang", "demo", *threads], command=cmd, env=clean_env(env))
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        while httpx.get(url + "/health", timeout=10).status_code != 200:
-            time.sleep(0.2)
         body = {"prompt": PROMPT, "max_tokens": tokens, "stop": [], "stream": True}
         first = None
         n = 0
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=900) as r:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=900) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     if first is None:
@@ -97,8 +86,7 @@ def serve_once(cmd: list[str], env: dict[str, str], tokens: int) -> float:
         end = time.perf_counter()
         return (n - 1) / (end - first) if first is not None and n > 1 else float("nan")
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
 
 def busy_loop() -> subprocess.Popen:

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import PROMPTS, Server
+from bench_serve import PROMPTS, start_demo
 
 
 def cpu_seconds(pid: int) -> float:
@@ -80,7 +80,7 @@ def main() -> None:
     results = {}
     for keep in (True, False):
         extra = [] if keep else ["--no-keep-conversations"]
-        server = Server(2, 4, args.threads, extra)
+        server = start_demo(2, 4, args.threads, extra)
         try:
             warm = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
             httpx.post(server.url + "/v1/chat/completions", json=warm, timeout=600, trust_env=False)  # first-use costs

@@ -21,18 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from trimix_cpp.server.launch import ServerProcess, ServerStartError, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,57 +59,31 @@ class Result:
     disconnected: bool = False
 
 
-class Server:
-    def __init__(self, parallel: int, queue: int, threads: int, extra: list[str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--lang", "demo", "--port", "0"]
-        cmd += ["--parallel", str(parallel), "--queue", str(queue), "--threads", str(threads), *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.url = ""
-        self.lines: list[str] = []
-        found = threading.Event()
+def start_demo(parallel: int, queue: int, threads: int, extra: list[str] | None = None) -> ServerProcess:
+    """``trimix serve --lang demo`` with these settings, once its models are loaded."""
+    args = ["--lang", "demo", "--parallel", str(parallel), "--queue", str(queue), "--threads", str(threads)]
+    try:
+        return start_server([*args, *(extra or [])])
+    except ServerStartError as e:
+        raise SystemExit(f"{e}:\n{e.log}") from None
 
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.lines.append(line.rstrip())
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and not self.url:
-                    self.url = m.group(1)
-                    found.set()
-            found.set()
 
-        threading.Thread(target=read, daemon=True).start()
-        found.wait(120)
-        if not self.url:
-            raise SystemExit("trimix serve did not start:\n" + "\n".join(self.lines))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=5, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit("trimix serve did not load the models:\n" + "\n".join(self.lines))
+def rss_mib(server: ServerProcess) -> float:
+    """The server's resident memory."""
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
 
-    def wait_idle(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = httpx.get(self.url + "/health", timeout=5, trust_env=False).json()
-            if h["in_flight"] == h["active"] == h["queued"] == 0:
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"the server did not go idle: {h}")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(60)
+def wait_idle(server: ServerProcess, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = httpx.get(server.url + "/health", timeout=5, trust_env=False).json()
+        if h["in_flight"] == h["active"] == h["queued"] == 0:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"the server did not go idle: {h}")
 
 
 TRIMIX: dict[str, object] = {}  # the requests' "trimix" settings (--weights), else the profile's PPL selection
@@ -193,7 +165,9 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def concurrency(server: Server, clients: int, requests: int, tokens: int, rng: random.Random) -> dict[str, float]:
+def concurrency(
+    server: ServerProcess, clients: int, requests: int, tokens: int, rng: random.Random
+) -> dict[str, float]:
     prompts = [rng.choice(PROMPTS) for _ in range(clients * requests)]
 
     def client(k: int) -> list[Result]:
@@ -219,7 +193,7 @@ def concurrency(server: Server, clients: int, requests: int, tokens: int, rng: r
     }
 
 
-def soak(server: Server, n: int, rng: random.Random) -> dict[str, float]:
+def soak(server: ServerProcess, n: int, rng: random.Random) -> dict[str, float]:
     plans = []
     for _ in range(n):
         kind = rng.random()
@@ -269,7 +243,7 @@ def main() -> None:
         TRIMIX.update(alpha=a, beta=b)
     rng = random.Random(args.seed)
     levels = [int(x) for x in args.clients.split(",")]
-    server = Server(args.parallel, 4 * args.parallel, args.threads)
+    server = start_demo(args.parallel, 4 * args.parallel, args.threads)
     try:
         for _ in range(2):  # warm-up: the first requests build the UTF-8 guard tables and page in the models
             stream_once(server.url, PROMPTS[0], 8)
@@ -295,12 +269,12 @@ def main() -> None:
             for r in rows:
                 print(f"  {r['clients']} clients: {r['aggregate'] / base:.2f}x the aggregate of 1 client")
         if args.soak:
-            server.wait_idle()
-            before = server.rss_mib()
+            wait_idle(server)
+            before = rss_mib(server)
             s = soak(server, args.soak, rng)
-            server.wait_idle()
+            wait_idle(server)
             time.sleep(1.0)
-            after = server.rss_mib()
+            after = rss_mib(server)
             print(
                 f"soak: {s['requests']} requests in {s['wall']:.0f} s, {s['completed']} completed and checked, "
                 f"{s['hung_up']} hung up mid-stream, {s['errors']} errors; server RSS {before:.0f} MiB before, "

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 from tinygguf import write_tiny_llama
 
 import trimix_cpp as tm
@@ -34,6 +34,7 @@ def one_line_error(r, needle: str) -> None:
 # -- flags that the chosen mode would ignore ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,needle",
     [
@@ -58,6 +59,7 @@ def test_flags_the_mode_ignores_are_refused(tiny_trio, flags, needle):
     one_line_error(trimix("generate", *trio_args(tiny_trio), *flags, "-n", "2", "the cat"), needle)
 
 
+@pytest.mark.slow
 def test_a_model_the_method_does_not_use_is_refused(tiny_trio):
     r = trimix("generate", *trio_args(tiny_trio), "--method", "contrastive", "-n", "2", "the cat")
     one_line_error(r, "--method contrastive does not use --large-ins")
@@ -84,6 +86,7 @@ def test_library_resolution_matches_the_cli_rules():
 # -- out-of-range numbers -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags,needle",
     [
@@ -122,6 +125,7 @@ def test_tiny_temperature_means_the_top_token(tiny_trio):
 # -- contexts smaller than llama.cpp's batch (llama.cpp used to abort) ----------------------------------
 
 
+@pytest.mark.slow
 def test_context_smaller_than_the_batch_is_a_clean_error(smollm2):
     three = [f"--{r.replace('_', '-')}={smollm2}" for r in TRIO]
     r = trimix("generate", *three, "--alpha", "0.3", "--beta", "0.3", "--n-ctx", "2", "Hello there friend")
@@ -131,6 +135,7 @@ def test_context_smaller_than_the_batch_is_a_clean_error(smollm2):
     one_line_error(r, "but the context holds 100")
 
 
+@pytest.mark.slow
 def test_scoring_with_a_context_that_is_not_a_multiple_of_256(smollm2, tmp_path):
     text = tmp_path / "long.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 80, encoding="utf-8")
@@ -140,6 +145,7 @@ def test_scoring_with_a_context_that_is_not_a_multiple_of_256(smollm2, tmp_path)
     assert row["tokens"] > 300 and 1.0 < row["ppl"] < 100.0
 
 
+@pytest.mark.slow
 def test_window_and_one_token_texts(smollm2, tmp_path):
     text = tmp_path / "one.txt"
     text.write_text("Hello", encoding="utf-8")
@@ -153,6 +159,7 @@ def test_window_and_one_token_texts(smollm2, tmp_path):
 # -- non-finite logits --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_logits_fail_with_a_clear_message(tmp_path, tiny_trio):
     nan_model = write_tiny_llama(tmp_path / "nan.gguf", seed=9, logit_scale=math.nan)
     paths = {"large_ins": nan_model, "small_cpt": tiny_trio["small_cpt"], "small_base": tiny_trio["small_base"]}
@@ -166,6 +173,7 @@ def test_nan_logits_fail_with_a_clear_message(tmp_path, tiny_trio):
 # -- one-token prompts with perplexity selection ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_token_prompt_selects_by_entropy_instead():
     r = trimix("generate", "--lang", "demo", "-n", "4", "--json", "Hello")
     assert r.returncode == 0, r.stderr.decode()

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
@@ -102,6 +102,7 @@ def _margin_limited(tokens: list[int], margins: list[float]) -> int:
     return len(tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])
 def test_greedy_batch_equals_one_at_a_time(which, tiny_trio, smollm2):
     paths = {r: tiny_trio[r] for r in TRIO} if which == "tiny" else {r: smollm2 for r in TRIO}
@@ -191,6 +192,7 @@ def test_more_sequences_than_parallel_and_a_full_cache(tiny_trio):
         assert gens[1].timings.queued_s > 0
 
 
+@pytest.mark.slow
 def test_cli_batch_file(tiny_trio, tmp_path):
     args = [f"--{r.replace('_', '-')}={tiny_trio[r]}" for r in TRIO] + ["--alpha", "0.3", "--beta", "0.6"]
     prompts = ["the cat", "ཀག་", "a dog sat", "the end"]
@@ -248,6 +250,7 @@ def test_equal_settings_share_one_sequence(tiny_trio):
     assert gens[0].token_ids == gens[1].token_ids == alone.token_ids and gens[1].text == alone.text
 
 
+@pytest.mark.slow
 def test_eval_all_methods_in_one_batch_equal_one_method_at_a_time(tiny_trio, tmp_path):
     task = tmp_path / "task.jsonl"
     rows = [{"id": f"q{i}", "input": f"the cat {w}:", "gold": w} for i, w in enumerate(["sat", "ran", "ཀག"])]

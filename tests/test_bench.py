@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
-from test_errors import trimix
+import pytest
+from commands import trimix
+
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
 
 FAST = ["--prompt-tokens", "32", "--tokens", "8", "--drafts", "2", "--parallel", "1,2"]
 

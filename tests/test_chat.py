@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
+
 pexpect = pytest.importorskip("pexpect")
 
 SUMMARY = re.compile(r"tok/s \| prompt (\d+) tok(?:, (\d+) cached)? [\d.]+ s \| stop: (\w[\w-]*)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 from trimix_cli.main import unescape
 
@@ -21,6 +21,7 @@ def _trio_args(trio) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_json_contract(tiny_trio):
     r = trimix(
         "generate",
@@ -48,6 +49,7 @@ def test_json_contract(tiny_trio):
     assert len(out["token_ids"]) == 12
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_json_text(tiny_trio):
     common = [
         *_trio_args(tiny_trio),
@@ -69,6 +71,7 @@ def test_streamed_text_equals_json_text(tiny_trio):
     assert "tok/s" in plain.stderr.decode()
 
 
+@pytest.mark.slow
 def test_stop_string_from_the_command_line(tiny_trio):
     base = [*_trio_args(tiny_trio), "--alpha", "0.3", "--beta", "0.6", "-n", "40", "--n-ctx", "128", "--json"]
     full = json.loads(trimix("generate", *base, "the").stdout)["text"]
@@ -83,6 +86,7 @@ def test_unescape_reads_backslash_sequences():
     assert unescape("་\\n") == "་\n"
 
 
+@pytest.mark.slow
 def test_prompt_from_file_and_stdin(tiny_trio, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("the cat", encoding="utf-8")
@@ -93,6 +97,7 @@ def test_prompt_from_file_and_stdin(tiny_trio, tmp_path):
     assert a["token_ids"] == b["token_ids"] == c["token_ids"]
 
 
+@pytest.mark.slow
 def test_inspect(tiny_trio, smollm2):
     r = trimix("inspect", "--json", str(tiny_trio["large_ins"]), str(tiny_trio["small_cpt"]))
     out = json.loads(r.stdout)

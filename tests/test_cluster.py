@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 from trimix_cpp.evaluation.cluster import worker_name
 from trimix_cpp.evaluation.rundir import MANIFEST, PREDICTIONS, RunDir, file_sha256, model_identity
@@ -89,6 +89,7 @@ def test_a_folder_made_before_the_whole_file_hash_resumes_and_gains_it(tmp_path,
         run.check(settings={"shots": 1}, models={"large_ins": other})
 
 
+@pytest.mark.slow
 def test_workers_without_ray_is_an_error(tmp_path, tiny_trio):
     r = trimix("eval", str(tmp_path / "t.jsonl"), "--workers", "2", "--large-ins", str(tiny_trio["large_ins"]))
     err = r.stderr.decode()
@@ -150,6 +151,7 @@ def wait_for_lines(out: Path, n: int, proc: subprocess.Popen, timeout: float = 3
     raise AssertionError(f"fewer than {n} predictions after {timeout} s")
 
 
+@pytest.mark.slow
 @needs_ray
 def test_an_address_where_nothing_answers_is_one_line(tmp_path, tiny_trio):
     task = tmp_path / "t.jsonl"
@@ -234,11 +236,12 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
     assert scores(out) == scores(local_run)
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     """The driver's manifest names one small-cpt file; the worker's file at that path is another."""
     from trimix_cpp.evaluation.cluster import ClusterError, ClusterOptions, RayBackend
-    from trimix_cpp.evaluation.run import RunnerSettings
+    from trimix_cpp.evaluation.run import BackendSpec, RunnerSettings
     from trimix_cpp.evaluation.runner import GenerationSettings
     from trimix_cpp.loading import LoadOptions
 
@@ -247,7 +250,10 @@ def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     manifest["small_cpt"] = model_identity(tiny_trio["large_base"])  # what the run was made with
     settings = RunnerSettings(GenerationSettings(max_tokens=4), (0.1, 1.0), (0.1, 1.0), 2, 0, 0)
     with pytest.raises(ClusterError) as info:
-        RayBackend(paths, LoadOptions(n_ctx=256, n_gpu_layers=0), manifest, settings, ClusterOptions(cluster, 1, 1))
+        RayBackend(
+            BackendSpec(paths, LoadOptions(n_ctx=256, n_gpu_layers=0), manifest, settings),
+            ClusterOptions(cluster, 1, 1),
+        )
     msg = str(info.value)
     assert "\n" not in msg
     assert "refuses" in msg and "127.0.0.1" in msg and str(Path(paths["small_cpt"]).resolve()) in msg, msg

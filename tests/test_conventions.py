@@ -13,6 +13,8 @@ import pytest
 
 import trimix_cpp as tm
 
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
+
 BOX = set("╭╮╰╯│─")
 
 

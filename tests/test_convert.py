@@ -149,6 +149,7 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", tinyckpt.FAMILIES)
 def test_q8_0_and_q4_k_m_stay_close_to_the_reference(wide: dict[str, Path], tmp_path: Path, family: str) -> None:
     """Bounds on the root-mean-square logit error relative to the logits' standard deviation, from what
@@ -193,6 +194,7 @@ def test_quantize_reports_tensor_progress_and_writes_beside(wide: dict[str, Path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-f16.gguf", "m-q5.gguf"]
 
 
+@pytest.mark.slow
 def test_every_listed_type_converts(wide: dict[str, Path], tmp_path: Path) -> None:
     f16 = convert_checkpoint(wide["llama3"], tmp_path / "source-f16.gguf", out_type="f16")
     for qtype in CONVERT_TYPES:
@@ -223,6 +225,7 @@ def big_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinyckpt.write_checkpoint(root / "big", "llama3", hidden=1024, layers=2, tied=False, extra_rows=46_000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out_type", ["f16", "q8_0"])
 def test_peak_memory_is_a_few_slabs_not_the_model(big_ckpt: Path, tmp_path: Path, out_type: str) -> None:
     """A checkpoint of 200 MB (a 96 MB embedding among its tensors) converts in a few tens of MB above
@@ -249,6 +252,7 @@ def test_supported_architectures_are_the_papers_families() -> None:
     assert {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"} <= set(CONVERT_TYPES)
 
 
+@pytest.mark.slow
 def test_no_torch_or_transformers_at_run_time(converted: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     """The conversion (a K-quant, so the quantizer too) runs with torch, transformers and the reference
     tokenizer packages made unimportable: it needs none of them."""

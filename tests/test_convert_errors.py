@@ -52,6 +52,7 @@ def out(tmp_path: Path) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_a_good_checkpoint_converts(ckpt: Path, out: Path) -> None:
     res = trimix("models", "convert", str(ckpt), "-o", str(out / "m.gguf"), "--type", "q8_0")
     assert res.returncode == 0, res.stderr
@@ -59,12 +60,14 @@ def test_a_good_checkpoint_converts(ckpt: Path, out: Path) -> None:
     only(out, "m.gguf")
 
 
+@pytest.mark.slow
 def test_missing_weights(ckpt: Path, out: Path) -> None:
     (ckpt / "model.safetensors").unlink()
     one_line_error(trimix("models", "convert", str(ckpt), "-o", str(out / "m.gguf")), "no *.safetensors")
     only(out)
 
 
+@pytest.mark.slow
 def test_truncated_safetensors(ckpt: Path, out: Path) -> None:
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
@@ -86,6 +89,7 @@ def test_shard_index_naming_a_missing_file(tmp_path: Path, out: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_unsupported_architecture(ckpt: Path, out: Path) -> None:
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["architectures"] = ["MistralForCausalLM"]
@@ -102,6 +106,7 @@ def test_unsupported_architecture(ckpt: Path, out: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_wrong_tensor_shape(ckpt: Path, out: Path) -> None:
     w = tinyckpt.read_safetensors(ckpt / "model.safetensors")
     w["model.layers.1.self_attn.k_proj.weight"] = w["model.layers.1.self_attn.k_proj.weight"][:-8]
@@ -115,6 +120,7 @@ def test_wrong_tensor_shape(ckpt: Path, out: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_a_tensor_the_family_does_not_have(ckpt: Path, out: Path) -> None:
     w = tinyckpt.read_safetensors(ckpt / "model.safetensors")
     w["model.layers.0.mlp.experts.0.weight"] = np.zeros((4, 4))
@@ -123,6 +129,7 @@ def test_a_tensor_the_family_does_not_have(ckpt: Path, out: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_nan_weights_are_named_and_leave_nothing(ckpt: Path, out: Path) -> None:
     """The NaN sits in the last layer, so it is found while writing: the partial file must go."""
     w = tinyckpt.read_safetensors(ckpt / "model.safetensors")
@@ -136,6 +143,7 @@ def test_nan_weights_are_named_and_leave_nothing(ckpt: Path, out: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_values_beyond_f16_suggest_bf16(ckpt: Path, out: Path) -> None:
     w = tinyckpt.read_safetensors(ckpt / "model.safetensors")
     w["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6
@@ -145,6 +153,7 @@ def test_values_beyond_f16_suggest_bf16(ckpt: Path, out: Path) -> None:
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_config_problems(ckpt: Path, out: Path, tmp_path: Path) -> None:
     one_line_error(trimix("models", "convert", str(tmp_path / "nope"), "-o", str(out / "m.gguf")), "not found")
     (ckpt / "config.json").write_text("{not json")
@@ -154,12 +163,14 @@ def test_config_problems(ckpt: Path, out: Path, tmp_path: Path) -> None:
     only(out)
 
 
+@pytest.mark.slow
 def test_missing_tokenizer(ckpt: Path, out: Path) -> None:
     (ckpt / "tokenizer.json").unlink()
     one_line_error(trimix("models", "convert", str(ckpt), "-o", str(out / "m.gguf")), "tokenizer")
     only(out)
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_unless_forced(ckpt: Path, out: Path) -> None:
     target = out / "m.gguf"
     target.write_bytes(b"keep me")
@@ -171,12 +182,14 @@ def test_existing_output_is_refused_unless_forced(ckpt: Path, out: Path) -> None
     only(out, "m.gguf")
 
 
+@pytest.mark.slow
 def test_unknown_type_and_missing_output_folder(ckpt: Path, out: Path, tmp_path: Path) -> None:
     one_line_error(trimix("models", "convert", str(ckpt), "-o", str(out / "m.gguf"), "-t", "q3_x"), "q4_k_m", "q8_0")
     one_line_error(trimix("models", "convert", str(ckpt), "-o", str(tmp_path / "no" / "m.gguf")), "does not exist")
     only(out)
 
 
+@pytest.mark.slow
 def test_not_enough_disk_is_found_before_writing(ckpt: Path, tmp_path: Path) -> None:
     """A real 256 KiB file system (tmpfs, mounted in a private mount namespace) for a 330 KB model."""
     if shutil.which("unshare") is None:
@@ -202,6 +215,7 @@ def test_not_enough_disk_is_found_before_writing(ckpt: Path, tmp_path: Path) -> 
     assert res.stdout.strip().endswith("rc=1"), res.stdout  # ls printed nothing: the folder is empty
 
 
+@pytest.mark.slow
 def test_quantize_refuses_bad_input(ckpt: Path, out: Path, tmp_path: Path) -> None:
     res = trimix("models", "convert", str(ckpt), "-o", str(out / "m-q8.gguf"), "-t", "q8_0")
     assert res.returncode == 0, res.stderr
@@ -260,6 +274,7 @@ def _interrupt_when_partial_appears(args: list[str], folder: Path, pattern: str)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_converting_leaves_no_partial_file(big: Path, out: Path) -> None:
     res = _interrupt_when_partial_appears(["models", "convert", str(big), "-o", str(out / "m.gguf")], out, ".*partial")
     assert res.returncode == 130, res.stderr
@@ -267,6 +282,7 @@ def test_ctrl_c_while_converting_leaves_no_partial_file(big: Path, out: Path) ->
     only(out)
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_quantizing_leaves_no_partial_file(big: Path, out: Path) -> None:
     """Interrupted in llama.cpp's quantizer (a child process), after the f16 scratch file was written."""
     res = _interrupt_when_partial_appears(

@@ -10,10 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tinyckpt
 from hf_forward import forward
 
 from trimix_cpp._llama import LlamaModel
+
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
 
 TRIMIX = [sys.executable, "-m", "trimix_cli.main"]
 ALPHA, BETA, N = 0.3, 0.5, 6

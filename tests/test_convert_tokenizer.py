@@ -416,6 +416,7 @@ def smollm2_tokenizer_json(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_smollm2_real_vocabulary_round_trips(tmp_path: Path) -> None:
     """A real 49,152-token vocabulary: tokenizer.json -> GGUF gives back the packaged GGUF's tokens, types,
     merges and special ids, and llama.cpp tokenizes like ``tokenizers`` and like the original file."""
@@ -843,6 +844,7 @@ def gemma3_tokenizer_model(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_gemma3_real_vocabulary(tmp_path: Path) -> None:
     """A real 262,144-piece SentencePiece vocabulary: Gemma 3's, as a tokenizer.model. llama.cpp tokenizes the
     converted file as sentencepiece does and as the original GGUF does, and the vocabulary round-trips."""

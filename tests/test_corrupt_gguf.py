@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from test_errors import trimix
+from commands import trimix
 from tinygguf import RawGGUF, RawKV, RawTensor, V, tiny_raw, write_tiny_llama
 
 from trimix_cpp import ModelFileError
@@ -394,6 +394,7 @@ def check_outcome(name: str, cmd: str, code: int, out: str, err: str, expect: st
     return "ok"
 
 
+@pytest.mark.slow
 def test_no_variant_crashes_the_cli(variants):
     assert len(variants) >= 100
     jobs = []
@@ -436,6 +437,7 @@ def test_no_variant_crashes_the_cli(variants):
     assert time.perf_counter() - t0 < 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["valid", "hp-block_count-UINT32-0", "hp-attention.layer_norm_rms_epsilon-FLOAT32-nan", "token-duplicate"]
 )

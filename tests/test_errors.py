@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
+from commands import trimix
 from tinygguf import write_tiny_llama
 
 import trimix_cpp as tm
 
 OPTS = tm.LoadOptions(n_ctx=64, n_gpu_layers=0)
-
-
-def trimix(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trimix_cli.main", *args], input=stdin, capture_output=True, timeout=300
-    )
 
 
 def test_missing_file(tmp_path, tiny_trio):
@@ -89,6 +82,7 @@ def test_unknown_method():
         tm.plan("bogus")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -119,6 +113,7 @@ def test_cli_errors_are_one_line(tiny_trio, args, needle):
     assert r.stdout == b""
 
 
+@pytest.mark.slow
 def test_cli_missing_model_and_invalid_utf8(tmp_path, tiny_trio):
     r = trimix("generate", "--method", "single", "--large-ins", str(tmp_path / "x.gguf"), "hi")
     assert r.returncode == 1 and "model file not found" in r.stderr.decode()
@@ -127,6 +122,7 @@ def test_cli_missing_model_and_invalid_utf8(tmp_path, tiny_trio):
     assert r.returncode == 1 and "not valid UTF-8 (byte 0xff at offset 2)" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_verbose_shows_traceback(tmp_path):
     r = trimix("generate", "--method", "single", "--large-ins", str(tmp_path / "x.gguf"), "--verbose", "hi")
     assert r.returncode == 1 and "Traceback" in r.stderr.decode()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import models, run_eval
 from reference import log_softmax
 
 import trimix_cpp as tm
@@ -20,10 +21,6 @@ from trimix_cpp.evaluation.runner import PredictionLog
 
 TRIO = ("large_ins", "small_cpt", "small_base")
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]
-
-
-def models(trio) -> list[str]:
-    return [f"--{r.replace('_', '-')}={trio[r]}" for r in TRIO]
 
 
 def milic(root: Path) -> Path:
@@ -59,12 +56,7 @@ def milic(root: Path) -> Path:
     return root
 
 
-def run_eval(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trimix_cli.main", "eval", *args], capture_output=True, timeout=600, **kw
-    )
-
-
+@pytest.mark.slow
 def test_milic_layout_all_methods(tiny_trio, tmp_path):
     root = milic(tmp_path / "data")
     out = tmp_path / "run"
@@ -113,6 +105,7 @@ def test_milic_layout_all_methods(tiny_trio, tmp_path):
     log.close()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_neither_redoes_nor_loses(tiny_trio, tmp_path):
     task = tmp_path / "task.jsonl"
     lines = [json.dumps({"id": f"t{i}", "input": f"the cat {i}:", "gold": "the dog"}) for i in range(12)]
@@ -160,6 +153,7 @@ def test_multiple_choice_by_likelihood_matches_reference(tiny_trio):
             assert value == pytest.approx(ref, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_unknown_task_and_method_are_one_line(tiny_trio, tmp_path):
     r = run_eval(["nonsense.txt", *models(tiny_trio)])
     assert r.returncode == 1 and "unknown task" in r.stderr.decode()

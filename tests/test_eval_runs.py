@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_errors import trimix
-from test_eval import models, run_eval
+from commands import models, run_eval, trimix
 
 import trimix_cpp as tm
 from trimix_cpp.evaluation.items import Item
@@ -57,6 +56,7 @@ def replace_option(args: list[str], flag: str, value: str) -> list[str]:
     return [*args[: i + 1], value, *args[i + 2 :]]
 
 
+@pytest.mark.slow
 def test_resume_refuses_each_kind_of_change(started, tiny_trio, tmp_path):
     task, out, base = started
     before = (out / PREDICTIONS).read_bytes()
@@ -112,6 +112,7 @@ def test_resume_refuses_each_kind_of_change(started, tiny_trio, tmp_path):
     assert "small-cpt" in json.loads((out / MANIFEST).read_text())["methods"]
 
 
+@pytest.mark.slow
 def test_raising_the_limit_extends_the_run_as_a_fresh_run_would(started, tmp_path):
     _, out, base = started
     first = (out / PREDICTIONS).read_bytes().splitlines()
@@ -130,6 +131,7 @@ def test_raising_the_limit_extends_the_run_as_a_fresh_run_would(started, tmp_pat
     assert json.loads((fresh / "results.json").read_text())["tasks"] == resumed
 
 
+@pytest.mark.slow
 def test_a_second_eval_on_the_folder_fails_at_once(tiny_trio, tmp_path):
     task = task_file(tmp_path / "task.jsonl", n=40)
     out = tmp_path / "run"
@@ -167,6 +169,7 @@ def test_a_second_eval_on_the_folder_fails_at_once(tiny_trio, tmp_path):
         assert "is in use by another trimix eval" in one_line_error(run_eval(args))
 
 
+@pytest.mark.slow
 def test_out_problems_and_foreign_lines_are_one_line(tiny_trio, tmp_path):
     task = task_file(tmp_path / "task.jsonl", n=2)
     common = [str(task), *models(tiny_trio), "-n", "4", "--n-ctx", "256", "--methods", "large-ins"]
@@ -185,6 +188,7 @@ def test_out_problems_and_foreign_lines_are_one_line(tiny_trio, tmp_path):
     assert "line 2 is not valid JSON and is not the last line" in one_line_error(run_eval([*common, "--out", str(out)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra,needle",
     [
@@ -216,6 +220,7 @@ def test_numbers_are_checked_by_the_library(tiny_trio, tmp_path):
             Runner(eng, tmp_path, calibration_n=0)
 
 
+@pytest.mark.slow
 def test_calibrate_output_is_checked_before_models_load(tiny_trio, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "the cat"}\n')
@@ -245,6 +250,7 @@ def test_likelihood_scoring_past_eight_options(tiny_trio, tmp_path):
     assert rec["output"] == "ABCDEFGHIJ"[nll.index(min(nll))]
 
 
+@pytest.mark.slow
 def test_an_item_too_long_for_the_context_does_not_stop_the_run(tiny_trio, tmp_path):
     task = tmp_path / "task.jsonl"
     records = [

@@ -9,8 +9,10 @@ import pytest
 
 pytest.importorskip("httpx")
 
-from test_errors import trimix
-from test_serve import UG, post, start_server
+from commands import trimix
+from serving import UG, post, start_server
+
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
 
 
 @pytest.fixture(scope="module")

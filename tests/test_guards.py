@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import MAX_SEQ, MIN_N_CTX
@@ -87,6 +87,7 @@ with tm.Engine(find_profile("demo").paths(), tm.LoadOptions(n_ctx=256, n_seq=2, 
 """
 
 
+@pytest.mark.slow
 def test_one_engine_used_from_two_threads():
     """Two threads generate and select on one Engine at once: the lock makes them take turns, so the
     process survives (it used to die with a signal) and each gets what it gets alone."""
@@ -105,6 +106,7 @@ def test_the_engine_lock_is_documented_and_reentrant(tiny_trio):
 # -- the smallest context ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_n_ctx_1_is_refused_before_llama_cpp_sees_it(tiny_trio):
     assert MIN_N_CTX == 2
     r = trimix("generate", *trio_args(tiny_trio), "--alpha", "0.1", "--beta", "0.9", "--n-ctx", "1", "the")
@@ -113,6 +115,7 @@ def test_n_ctx_1_is_refused_before_llama_cpp_sees_it(tiny_trio):
         tm.LoadOptions(n_ctx=1)
 
 
+@pytest.mark.slow
 def test_n_ctx_2_is_the_measured_minimum():
     """One prompt token and one generated token: the smallest context that works, end to end (the
     demo trio adds no BOS, so "The" is one token)."""
@@ -144,12 +147,14 @@ def test_a_cache_with_fewer_cells_than_sequences_is_an_error_not_an_abort(tiny_t
     assert "refused: a KV cache of 2 cells cannot hold 3 sequences" in r.stdout and "loaded 3" in r.stdout
 
 
+@pytest.mark.slow
 def test_serve_refuses_n_ctx_1_before_listening(tiny_trio):
     r = trimix("serve", *trio_args(tiny_trio), "--port", "0", "--n-ctx", "1")
     line = one_line_error(r, "--n-ctx must be a whole number from 2")
     assert "listening" not in r.stderr.decode() + line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["-1", "0", "1"])
 def test_models_check_refuses_a_context_out_of_range(value):
     r = trimix("models", "check", "--lang", "demo", "--n-ctx", value)
@@ -160,6 +165,7 @@ def test_models_check_refuses_a_context_out_of_range(value):
 # -- --parallel's range ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parallel_messages_give_the_real_range(tiny_trio, tmp_path):
     batch = tmp_path / "p.txt"
     batch.write_text("the\n", encoding="utf-8")
@@ -196,6 +202,7 @@ def test_calibration_of_only_one_token_prompts_says_so(tiny_trio):
             calibrate(eng, [one, one], tm.Selector("ppl", (0.1, 1.0), (0.1, 1.0)), tiny_trio)
 
 
+@pytest.mark.slow
 def test_calibrate_command_counts_one_token_prompts(tmp_path):
     """The demo trio adds no BOS: "The" is a one-token prompt (the prompts file starts with a BOM too)."""
     prompts = tmp_path / "p.jsonl"
@@ -214,6 +221,7 @@ def test_calibrate_command_counts_one_token_prompts(tmp_path):
 # -- batch files --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_deeply_nested_batch_line_fails_alone(tiny_trio, tmp_path):
     batch = tmp_path / "b.jsonl"
     lines = [json.dumps({"prompt": "the cat"}), "[" * 100_000, json.dumps({"prompt": "of the"})]
@@ -266,6 +274,7 @@ def _task(tmp_path: Path) -> Path:
     return task
 
 
+@pytest.mark.slow
 def test_eval_plot_into_a_missing_folder_is_refused_before_the_run(tiny_trio, tmp_path):
     out = tmp_path / "run"
     r = trimix(
@@ -276,6 +285,7 @@ def test_eval_plot_into_a_missing_folder_is_refused_before_the_run(tiny_trio, tm
     assert "--plot" in r.stderr.decode() and not out.exists()  # nothing ran
 
 
+@pytest.mark.slow
 def test_eval_without_sacrebleu_names_the_extra_before_the_run(tiny_trio, tmp_path):
     out = tmp_path / "run"
     args = [

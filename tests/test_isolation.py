@@ -16,11 +16,13 @@ import json
 import httpx
 import numpy as np
 import pytest
-from test_errors import trimix
+from commands import trimix
 
 import trimix_cpp as tm
 from trimix_cpp.engine import SeqSpec
 from trimix_cpp.profiles import find_profile
+
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
 
 A = "The capital of France is"
 OTHERS = (  # prompts of other lengths, ending after 2, 6 and 13 tokens while A goes on
@@ -93,7 +95,7 @@ def test_batch_command_lines_equal_each_alone(tmp_path):
 
 
 def test_server_request_that_ends_beside_another(tmp_path):
-    from test_serve import start_server
+    from serving import start_server
 
     server = start_server("--lang", "demo", "--parallel", "4")
     try:

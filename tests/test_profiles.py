@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import trimix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp.profiles import (
@@ -107,6 +107,7 @@ def test_unknown_language(dirs):
         find_profile("zzz")
 
 
+@pytest.mark.slow
 def test_cli_lang_generates_with_profile_defaults(dirs, tiny_trio):
     env, _, _ = dirs
     models = {r: str(tiny_trio[r]) for r in TRIO}
@@ -138,6 +139,7 @@ def test_cli_lang_generates_with_profile_defaults(dirs, tiny_trio):
     assert json.loads(o.stdout)["weights"]["small_cpt"] == 0.9
 
 
+@pytest.mark.slow
 def test_cli_models_add_check_and_list(dirs, tiny_trio):
     r = trimix("models", "add", "--lang", "mine", *[f"--{x.replace('_', '-')}={tiny_trio[x]}" for x in TRIO])
     assert r.returncode == 0, r.stderr.decode()
@@ -178,6 +180,7 @@ def test_template_markup_becomes_control_tokens_but_user_text_does_not(dirs, tin
         assert setup.prompt(eng, "the cat", raw=True) == "the cat"
 
 
+@pytest.mark.slow
 def test_demo_trio_is_fusable_and_writes_uyghur_script(monkeypatch):
     for var in ("TRIMIX_PROFILES", "TRIMIX_MODELS"):
         monkeypatch.delenv(var, raising=False)
@@ -290,6 +293,7 @@ def test_cli_models_add_writes_a_name_that_reads_back(dirs, tiny_trio):
 _FILE_CHARS = st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.one_of(st.none(), st.text(max_size=40)),

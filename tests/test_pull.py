@@ -131,6 +131,7 @@ def tokens(machine: Machine, *args: str) -> list[int]:
     return json.loads(r.stdout)["token_ids"]
 
 
+@pytest.mark.slow
 def test_full_pull_then_generate_and_idempotent_offline(machine: Machine, hub: HubStandIn, ggufs, tmp_path: Path):
     machine.write_profile()
     r = machine("models", "pull", "--lang", "tiny")
@@ -172,6 +173,7 @@ def test_full_pull_then_generate_and_idempotent_offline(machine: Machine, hub: H
     assert "pulled, verified" in row
 
 
+@pytest.mark.slow
 def test_dry_run_fetches_nothing(machine: Machine, hub: HubStandIn, ggufs):
     machine.write_profile()
     r = machine("models", "pull", "--lang", "tiny", "--dry-run")
@@ -182,6 +184,7 @@ def test_dry_run_fetches_nothing(machine: Machine, hub: HubStandIn, ggufs):
     assert machine.installed() == []
 
 
+@pytest.mark.slow
 def test_role_limits_the_pull(machine: Machine, hub: HubStandIn):
     machine.write_profile()
     r = machine("models", "pull", "--lang", "tiny", "--role", "small-cpt")
@@ -191,6 +194,7 @@ def test_role_limits_the_pull(machine: Machine, hub: HubStandIn):
     assert "no such role" in one_error_line(machine("models", "pull", "--lang", "tiny", "--role", "large-base"))
 
 
+@pytest.mark.slow
 def test_dropped_connection_resumes_with_a_range_request(machine: Machine, hub: HubStandIn, ggufs):
     machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
     hub.faults.drop["big-q8_0.gguf"] = 1
@@ -203,6 +207,7 @@ def test_dropped_connection_resumes_with_a_range_request(machine: Machine, hub: 
     assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["big"]
 
 
+@pytest.mark.slow
 def test_interrupted_download_resumes_in_the_next_run(machine: Machine, hub: HubStandIn, ggufs):
     machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
     name = "big-q8_0.gguf"
@@ -225,6 +230,7 @@ def test_interrupted_download_resumes_in_the_next_run(machine: Machine, hub: Hub
     assert not (machine.models / ".pull").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_download_installs_nothing_and_the_next_run_resumes(machine: Machine, hub, ggufs):
     machine.write_profile(small_cpt=source_table("small_cpt", "tiny/big-GGUF"))
     hub.faults.stall.add("big-q8_0.gguf")
@@ -255,6 +261,7 @@ def test_ctrl_c_during_a_download_installs_nothing_and_the_next_run_resumes(mach
     assert (machine.models / "tiny-small-cpt.gguf").read_bytes() == ggufs["big"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "env", "expect"),
     [
@@ -273,12 +280,14 @@ def test_hub_errors_are_one_line_naming_the_repository(machine: Machine, overrid
     assert machine.installed() == []
 
 
+@pytest.mark.slow
 def test_private_repository_with_hf_token(machine: Machine):
     machine.write_profile(small_cpt=source_table("small_cpt", "tiny/private-GGUF"))
     r = machine("models", "pull", "--lang", "tiny", "--no-check", HF_TOKEN="hf_secret")
     assert r.returncode == 0, r.stderr.decode()
 
 
+@pytest.mark.slow
 def test_content_not_matching_its_published_sha256_is_refused(machine: Machine, hub: HubStandIn):
     machine.write_profile()
     hub.faults.corrupt.add("small_cpt-q8_0.gguf")
@@ -288,6 +297,7 @@ def test_content_not_matching_its_published_sha256_is_refused(machine: Machine, 
     assert not any(p.endswith((".gguf", ".lock.json")) and "/" not in p for p in machine.installed())
 
 
+@pytest.mark.slow
 def test_offline_with_nothing_installed_is_a_clear_error(machine: Machine, hub: HubStandIn):
     machine.write_profile()
     r = machine("models", "pull", "--lang", "tiny", HF_HUB_OFFLINE="1")
@@ -296,6 +306,7 @@ def test_offline_with_nothing_installed_is_a_clear_error(machine: Machine, hub: 
     assert hub.requests == [] and machine.installed() == []
 
 
+@pytest.mark.slow
 def test_verify_names_the_file_that_differs(machine: Machine):
     machine.write_profile()
     assert machine("models", "pull", "--lang", "tiny", "--no-check").returncode == 0
@@ -317,6 +328,7 @@ def test_verify_names_the_file_that_differs(machine: Machine):
     assert not list(machine.root.glob(".tiny.trimix.tar*"))
 
 
+@pytest.mark.slow
 def test_files_placed_by_hand_are_listed_as_such(tmp_path: Path, ggufs):
     m = Machine(tmp_path / "hand", None)
     m.models.mkdir(parents=True)
@@ -355,6 +367,7 @@ def nothing_installed(m: Machine) -> None:
     assert not (m.root / "config" / "trimix" / "profiles" / "tiny.toml").exists()
 
 
+@pytest.mark.slow
 def test_bundle_then_install_on_a_fresh_machine_gives_the_same_tokens(machine, bundle, offline):
     r = offline("models", "install", str(bundle))
     assert r.returncode == 0, r.stderr.decode()
@@ -395,6 +408,7 @@ def _extra(name: str, **kw) -> tuple[tarfile.TarInfo, bytes | None]:
     return info, data
 
 
+@pytest.mark.slow
 def test_a_truncated_bundle_installs_nothing(bundle, offline, tmp_path):
     data = bundle.read_bytes()
     cut = tmp_path / "cut.tar"
@@ -404,6 +418,7 @@ def test_a_truncated_bundle_installs_nothing(bundle, offline, tmp_path):
     nothing_installed(offline)
 
 
+@pytest.mark.slow
 def test_one_changed_byte_in_a_gguf_installs_nothing(bundle, offline, tmp_path):
     members = _members(bundle)
     info, data = members[-1]
@@ -417,6 +432,7 @@ def test_one_changed_byte_in_a_gguf_installs_nothing(bundle, offline, tmp_path):
     nothing_installed(offline)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("member", "expect"),
     [
@@ -438,6 +454,7 @@ def test_bad_members_are_refused_and_nothing_installed(bundle, offline, tmp_path
     nothing_installed(offline)
 
 
+@pytest.mark.slow
 def test_a_lock_naming_a_path_is_refused(bundle, offline, tmp_path):
     members = _members(bundle)
     info, data = members[0]
@@ -451,6 +468,7 @@ def test_a_lock_naming_a_path_is_refused(bundle, offline, tmp_path):
     nothing_installed(offline)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_install_leaves_nothing(bundle, offline, tmp_path):
     """A real SIGINT while the install is copying: the bundle comes through a pipe that the test
     feeds half-way, so the process is surely mid-copy when the signal arrives."""
@@ -480,6 +498,7 @@ def test_ctrl_c_during_install_leaves_nothing(bundle, offline, tmp_path):
 # Checkpoints: converted on the way in ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_path: Path):
     """Three tiny Qwen2 checkpoints as the Hub serves them (safetensors in bfloat16, config and
     tokenizer files): pull converts each to the profile's type; the installed files generate the
@@ -538,6 +557,7 @@ def test_checkpoint_sources_are_converted_and_installed(hub: HubStandIn, tmp_pat
 # Split GGUF files --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_split_gguf_is_pulled_bundled_and_installed_as_its_parts(hub: HubStandIn, ggufs, tmp_path: Path):
     published = tmp_path / "published"
     published.mkdir()
@@ -641,6 +661,7 @@ def test_a_short_disk_stops_the_pull_before_any_download(machine: Machine, hub: 
     assert machine.installed() == []
 
 
+@pytest.mark.slow
 def test_a_small_file_not_matching_its_git_blob_id_is_refused(hub: HubStandIn, tmp_path: Path):
     """config.json and the tokenizer files are not LFS files: the Hub publishes only their git blob
     id, and that is checked too."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
-from test_errors import trimix
+import pytest
+from commands import trimix
 
 import trimix_cpp as tm
+
+pytestmark = pytest.mark.slow  # every test here takes over a second (see README, Tests)
 
 PROMPT = "The capital of France is"
 

@@ -23,6 +23,7 @@ def probe(**env: str) -> list[str]:
     return r.stdout.split()
 
 
+@pytest.mark.slow
 def test_extra_buffers_follow_the_build_and_the_override():
     from trimix_cpp._llama import system_info
 

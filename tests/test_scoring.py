@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from commands import trimix
 from hypothesis import given
 from hypothesis import strategies as st
 from reference import log_softmax
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
@@ -60,6 +60,7 @@ def test_windowed_perplexity_scores_the_same_tokens(tiny_trio):
     assert abs(whole["li"].nll - small["li"].nll) < 1.0  # less context, same tokens
 
 
+@pytest.mark.slow
 def test_cli_ppl_json(tiny_trio, tmp_path):
     f = tmp_path / "held.txt"
     f.write_text(TEXT, encoding="utf-8")

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from commands import trimix
 from reference import single_logits
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp import selection
@@ -282,6 +282,7 @@ def test_ties_break_to_smaller_alpha_then_beta():
     assert choose((0.1, 0.2), (0.1, 0.2, 0.3), scores) == (0.1, 0.2)
 
 
+@pytest.mark.slow
 def test_identical_smollm2_trio_reports_the_single_perplexity_everywhere(smollm2):
     with tm.Engine({r: smollm2 for r in TRIO}, tm.LoadOptions(n_ctx=256)) as eng:
         sel = eng.select("The quick brown fox jumps over the lazy dog. " * 3, Selector("ppl"))
@@ -292,6 +293,7 @@ def test_identical_smollm2_trio_reports_the_single_perplexity_everywhere(smollm2
         assert 1.0 < math.exp(single) < 100.0
 
 
+@pytest.mark.slow
 def test_gemma_selection_matches_dense_reference(gemma):
     """The 262,144-token vocabulary, including the factorised sums and their threads."""
     with tm.Engine({r: gemma for r in TRIO}, tm.LoadOptions(n_ctx=256)) as eng:
@@ -317,6 +319,7 @@ def _trio_args(trio):
     return [f"--{r.replace('_', '-')}={trio[r]}" for r in TRIO]
 
 
+@pytest.mark.slow
 def test_cli_select_json_contract(tiny_trio):
     r = trimix("select", "--json", *_trio_args(tiny_trio), "--n-ctx", "256", PROMPT)
     assert r.returncode == 0, r.stderr.decode()
@@ -331,6 +334,7 @@ def test_cli_select_json_contract(tiny_trio):
     assert "alpha" in table and "*" in table and "single models' perplexity" in table
 
 
+@pytest.mark.slow
 def test_cli_generate_with_ppl_selection(tiny_trio):
     r = trimix("generate", "--json", *_trio_args(tiny_trio), "--n-ctx", "256", "-n", "6", PROMPT)
     out = json.loads(r.stdout)
@@ -338,6 +342,7 @@ def test_cli_generate_with_ppl_selection(tiny_trio):
     assert out["weights"]["large_ins"] == chosen["alpha"] and out["weights"]["small_cpt"] == chosen["beta"]
 
 
+@pytest.mark.slow
 def test_calibration_writes_reloads_and_rejects_other_models(tiny_trio, tmp_path):
     prompts = tmp_path / "task.jsonl"
     lines = [json.dumps({"prompt": f"the cat {i} and the dog", "id": i}) for i in range(12)]

@@ -9,16 +9,12 @@ a shared machine's other work from stalling its decode.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -27,68 +23,12 @@ for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx", "openai"):
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-from test_errors import trimix  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import CHROMIUM_FLAGS, UG, ServerProcess, health, post, start_server, wait_idle  # noqa: E402
 
 from trimix_cpp.server.schema import HAS_DRAFT  # noqa: E402
 
-# the servers are local: never through a proxy the environment may name
-os.environ["NO_PROXY"] = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
-
-UG = "ئالاقەداشنى ئۆچۈرۈش"
 LONG = {"max_tokens": 1000, "stop": []}  # the demo trio repeats itself rather than end: a long stream
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str = ""
-    lines: list[str] = field(default_factory=list)
-
-    def log(self) -> str:
-        return "\n".join(self.lines)
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(timeout)
-
-
-def start_server(*args: str, wait_ready: bool = True) -> Server:
-    cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--port", "0", "--threads", "1", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    server = Server(proc)
-    found = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            server.lines.append(line.rstrip("\n"))
-            m = re.search(r"listening on (http://\S+)", line)
-            if m and not server.url:
-                server.url = m.group(1)
-                found.set()
-        found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    found.wait(120)
-    if not server.url:
-        server.stop(10)
-        pytest.fail(f"trimix serve did not start:\n{server.log()}")
-    deadline = time.monotonic() + 300
-    while wait_ready and time.monotonic() < deadline:
-        try:
-            if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    if wait_ready:
-        server.stop(10)
-        pytest.fail(f"trimix serve never became ready:\n{server.log()}")
-    return server
 
 
 @pytest.fixture(scope="module")
@@ -106,30 +46,10 @@ def client(demo):
     return openai.OpenAI(base_url=demo.url + "/v1", api_key="not-needed", max_retries=0, timeout=300)
 
 
-def post(server: Server, path: str, body: object, **kw) -> httpx.Response:
-    data = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
-    return httpx.post(server.url + path, content=data, headers=headers, timeout=300, **kw)
-
-
-def health(server: Server) -> dict:
-    return httpx.get(server.url + "/health", timeout=10).json()
-
-
-def wait_idle(server: Server, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        h = health(server)
-        if h["in_flight"] == h["active"] == h["queued"] == 0 and h["kv_cells_free"] == h["kv_cells"]:
-            return h
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server still holds requests: {h}")
-        time.sleep(0.05)
-
-
 # -- the routes -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_health_models_and_page(demo, client):
     h = health(demo)
     assert h["status"] == "ok" and h["model"] == "trimix-demo" and h["sequences"] == 2
@@ -161,6 +81,7 @@ def _stream_completion(client: openai.OpenAI, **kw) -> tuple[list[str], object, 
     return pieces, usage, extra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", [None, (0.3, 0.6)], ids=["ppl-selection", "fixed-weights"])
 def test_streamed_completion_equals_trimix_generate(demo, client, weights):
     args = ["--alpha", str(weights[0]), "--beta", str(weights[1])] if weights else []
@@ -183,6 +104,7 @@ def test_streamed_completion_equals_trimix_generate(demo, client, weights):
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
 
+@pytest.mark.slow
 def test_chat_streamed_and_whole_agree(demo, client):
     messages = [{"role": "user", "content": UG}]
     whole = client.chat.completions.create(model="trimix-demo", messages=messages, max_tokens=16)
@@ -201,6 +123,7 @@ def test_chat_streamed_and_whole_agree(demo, client):
     assert last.trimix["weights"] == whole.trimix["weights"]
 
 
+@pytest.mark.slow
 def test_per_request_methods_and_sampling(demo, client):
     def run(**trimix):
         r = client.completions.create(model="m", prompt=UG, max_tokens=4, extra_body={"trimix": trimix})
@@ -327,13 +250,14 @@ def test_the_server_survives_bad_requests_and_logs_each(demo, client):
 # -- concurrency: the queue limit, disconnects -----------------------------------------------------
 
 
-def _open_stream(server: Server, body: dict) -> tuple[httpx.Client, httpx.Response]:
+def _open_stream(server: ServerProcess, body: dict) -> tuple[httpx.Client, httpx.Response]:
     c = httpx.Client(timeout=120)
     resp = c.send(c.build_request("POST", server.url + C, json={**body, "stream": True}), stream=True)
     assert resp.status_code == 200, resp.read()
     return c, resp
 
 
+@pytest.mark.slow
 def test_queue_limit_disconnects_free_sequences(demo):
     wait_idle(demo)
     streams = [_open_stream(demo, {"prompt": UG, **LONG}) for _ in range(4)]  # 2 decoding, 2 waiting
@@ -359,6 +283,7 @@ def test_queue_limit_disconnects_free_sequences(demo):
     assert sum("client disconnected" in line for line in demo.lines) >= 4
 
 
+@pytest.mark.slow
 def test_a_waiting_non_streaming_client_that_leaves_is_cancelled(demo):
     wait_idle(demo)
     with pytest.raises(httpx.ReadTimeout):
@@ -369,19 +294,6 @@ def test_a_waiting_non_streaming_client_that_leaves_is_cancelled(demo):
 # -- the chat page in a real browser ---------------------------------------------------------------
 
 
-# headless chromium on a machine with no network: no background connections, no sandbox (root)
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         path = shutil.which(name)
@@ -390,6 +302,7 @@ def _chromium() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_chat_page_streams_in_a_headless_browser(demo, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs the playwright package")
     browser_path = _chromium()
@@ -433,6 +346,7 @@ def test_chat_page_streams_in_a_headless_browser(demo, tmp_path):
 # -- the API key, the command line, Ctrl-C ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_key_and_ctrl_c(tiny_trio, tmp_path):
     key_file = tmp_path / "key.txt"
     key_file.write_text("s3cret-key\n", encoding="utf-8")
@@ -467,6 +381,7 @@ def test_api_key_and_ctrl_c(tiny_trio, tmp_path):
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_setups(tiny_trio, tmp_path):
     missing = tmp_path / "missing.gguf"
     r = trimix("serve", "--host", "0.0.0.0", "--large-ins", str(missing))

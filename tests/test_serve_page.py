@@ -24,8 +24,8 @@ import pytest
 for _mod in ("starlette", "uvicorn", "pydantic", "jinja2", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
-from test_errors import trimix  # noqa: E402
-from test_serve import CHROMIUM_FLAGS, UG, start_server  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import CHROMIUM_FLAGS, UG, start_server  # noqa: E402
 
 from trimix_cpp.server.defaults import ServeDefaults, available_methods  # noqa: E402
 
@@ -174,6 +174,7 @@ def test_defaults_are_checked_like_the_command_line():
     assert "trimix4" in available_methods(("large_ins", "small_cpt", "small_base", "large_base"))
 
 
+@pytest.mark.slow
 def test_serve_refuses_bad_defaults_in_one_line(tiny_trio):
     roles = [f"--{r.replace('_', '-')}={tiny_trio[r]}" for r in ("large_ins", "small_cpt", "small_base")]
     for args, needle in (
@@ -314,6 +315,7 @@ def check_controls(page, scope: str, viewport: dict) -> int:
     return n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["phone", "desktop"])
 def test_layout_controls_and_only_loaded_methods(browser, demo3, shots, size):
     pg = Page(browser, demo3.url, size)
@@ -373,6 +375,7 @@ def _sse_final(body: bytes) -> dict:
     raise AssertionError("no trimix object in the stream")
 
 
+@pytest.mark.slow
 def test_conversations_seeds_heatmap_and_compare(browser, demo3, shots):
     pg = Page(browser, demo3.url, "desktop")
     page = pg.page
@@ -470,6 +473,7 @@ def test_conversations_seeds_heatmap_and_compare(browser, demo3, shots):
     assert not pg.problems, pg.problems
 
 
+@pytest.mark.slow
 def test_stop_keeps_what_is_shown_and_sends_it(browser, demo3):
     pg = Page(browser, demo3.url, "phone")
     page = pg.page
@@ -501,6 +505,7 @@ def test_stop_keeps_what_is_shown_and_sends_it(browser, demo3):
     assert not pg.problems, pg.problems
 
 
+@pytest.mark.slow
 def test_api_key_flow_then_server_stopped(browser, tiny_trio, tmp_path, shots):
     key_file = tmp_path / "key.txt"
     key_file.write_text("page-key-123\n", encoding="utf-8")
@@ -553,6 +558,7 @@ def test_api_key_flow_then_server_stopped(browser, tiny_trio, tmp_path, shots):
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.slow
 def test_a_busy_server_says_when_to_try_again(browser):
     """With every place taken, the page says the server is busy and when to try again."""
     import threading
@@ -611,6 +617,7 @@ def _fontconfig_without_noto(tmp_path: Path) -> Path:
     return conf
 
 
+@pytest.mark.slow
 def test_font_note_names_the_font_to_install(playwright, browser_path, browser, demo3, tmp_path, shots):
     conf = _fontconfig_without_noto(tmp_path)
     bare = playwright.chromium.launch(
@@ -666,6 +673,7 @@ def _axe_source() -> str:
     return script.read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["phone", "desktop"])
 def test_accessibility_has_no_serious_problems(browser, demo3, size):
     axe = _axe_source()

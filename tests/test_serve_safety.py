@@ -26,8 +26,8 @@ for _mod in ("starlette", "uvicorn", "pydantic", "httpx"):
     pytest.importorskip(_mod, reason="trimix serve's tests need the [serve] extra and httpx ([test])")
 
 import httpx  # noqa: E402
-from test_errors import trimix  # noqa: E402
-from test_serve import Server, post, start_server  # noqa: E402
+from commands import trimix  # noqa: E402
+from serving import ServerProcess, post, start_server  # noqa: E402
 
 from trimix_cpp.methods import sampling_params  # noqa: E402
 
@@ -57,7 +57,7 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def _alive(server: Server) -> None:
+def _alive(server: ServerProcess) -> None:
     assert server.proc.poll() is None, f"the server exited:\n{server.log()}"
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
 
@@ -65,6 +65,7 @@ def _alive(server: Server) -> None:
 # -- 2. no report value overflows, no reply stops the engine ---------------------------------------
 
 
+@pytest.mark.slow
 def test_extreme_grid_weights_get_a_reply_and_the_server_goes_on(tiny):
     r = post(tiny, C, {"prompt": "the cat sat on the mat", "max_tokens": 3, "trimix": EXTREME})
     assert r.status_code == 200, r.text
@@ -126,6 +127,7 @@ def test_a_reply_that_cannot_be_built_fails_its_request_alone(tiny_trio, monkeyp
         w.stop()
 
 
+@pytest.mark.slow
 def test_cli_reports_write_null_for_perplexities_past_the_largest_float(tiny_trio, tmp_path):
     roles = _roles(tiny_trio)
     grid = ["--grid-alpha", "1000", "--grid-beta=-1000"]
@@ -178,7 +180,7 @@ def test_lone_surrogates_are_a_400_naming_the_field(tiny, path, body, param):
         assert err["param"] == "messages[0].content[0].text"
 
 
-def _host_port(server: Server) -> tuple[str, int]:
+def _host_port(server: ServerProcess) -> tuple[str, int]:
     u = urlsplit(server.url)
     return u.hostname or "127.0.0.1", u.port or 80
 
@@ -198,6 +200,7 @@ def test_a_client_that_leaves_mid_upload_is_a_logged_disconnect(tiny):
     _alive(tiny)
 
 
+@pytest.mark.slow
 def test_idle_and_half_open_connections_are_closed(tiny):
     """A connection that sends nothing, or half a request head, is closed by the server (within the
     header timeout) instead of holding a socket for ever."""
@@ -219,6 +222,7 @@ def test_idle_and_half_open_connections_are_closed(tiny):
     _alive(tiny)
 
 
+@pytest.mark.slow
 def test_a_body_that_stops_arriving_gets_a_408_and_the_connection_closes(monkeypatch):
     """The body deadline, shortened for the test, on the server's own uvicorn setup (no models are
     needed: the body is read before anything asks for them)."""
@@ -276,7 +280,7 @@ def test_post_bodies_must_be_declared_json(tiny):
     assert ok.status_code == 200, ok.text
 
 
-def _raw_get(server: Server, path: str, host_header: str) -> tuple[int, bytes]:
+def _raw_get(server: ServerProcess, path: str, host_header: str) -> tuple[int, bytes]:
     host, port = _host_port(server)
     with socket.create_connection((host, port), timeout=30) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n".encode())
@@ -307,6 +311,7 @@ def test_only_allowed_host_names_are_answered(tiny):
 # -- 3. the API key kept out of ps ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_key_from_the_environment(tiny_trio):
     os.environ["TRIMIX_API_KEY"] = "env-s3cret"
     try:
@@ -322,6 +327,7 @@ def test_api_key_from_the_environment(tiny_trio):
         assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_api_key_on_the_command_line_is_warned_and_an_empty_variable_refused(tmp_path):
     missing = str(tmp_path / "missing.gguf")
     r = trimix("serve", "--api-key", "k123", "--large-ins", missing)
@@ -357,6 +363,7 @@ def test_grid_errors_name_the_grid_field(tiny, trimix_field, param):
     assert err["param"] == param and param in err["message"] and "--" not in err["message"]
 
 
+@pytest.mark.slow
 def test_sampling_values_that_ask_for_nothing_pass_with_greedy_decoding(tiny, tiny_trio, tmp_path):
     assert sampling_params(top_p=1.0, top_k=0, min_p=0.0).greedy
     for kw in ({"top_p": 0.9}, {"top_k": 5}, {"min_p": 0.1}, {"seed": 1}):
@@ -379,6 +386,7 @@ def test_sampling_values_that_ask_for_nothing_pass_with_greedy_decoding(tiny, ti
 # -- the rule: no generated request stops the server or leaves a traceback ----------------------------
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_stop_the_server(tiny):
     """A few hundred generated requests (fixed seed, bounded count): after each, /health answers
     and the log holds no traceback. Most fields get plausible values, one in twenty anything at all,

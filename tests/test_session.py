@@ -115,6 +115,7 @@ def test_sessions_hold_a_sequence_until_closed(eng):
     assert all(g.finish_reason in ("length", "eog") for g in gens)
 
 
+@pytest.mark.slow
 def test_a_chat_on_the_demo_trio_selects_as_a_full_evaluation():
     """Real quantized models through the chat template. llama.cpp computes the logits of a decode of
     64 tokens or more with other kernels than a smaller one (SmolLM2 Q4_1: up to 0.74 apart for the

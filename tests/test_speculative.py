@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 import pytest
+from commands import trimix
 from reference import single_logits
-from test_errors import trimix
 
 import trimix_cpp as tm
 from trimix_cpp import speculative
@@ -56,6 +56,7 @@ def test_draft_plan_moves_the_large_weight_onto_small_cpt():
     assert draft_plan(tm.plan("single")) is None  # no small model to draft with
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny", "demo"])
 def test_greedy_draft_equals_plain_for_every_k(which, tiny_trio, smollm2):
     if which == "tiny":
@@ -76,6 +77,7 @@ def test_greedy_draft_equals_plain_for_every_k(which, tiny_trio, smollm2):
                 assert spec.timings.draft_tokens >= spec.timings.accepted_tokens >= 0
 
 
+@pytest.mark.slow
 def test_drafts_stop_where_plain_decoding_stops(smollm2):
     paths = {"large_ins": smollm2, **DEMO}
     fusion = tm.plan("trimix", alpha=0.1, beta=1.0)
@@ -157,6 +159,7 @@ def _chi2(paths, prompt, fusion, params, counts) -> tuple[float, int]:
 PARAMS = {"temperature": 1.3, "top_k": 0, "top_p": 0.95, "min_p": 0.0}
 
 
+@pytest.mark.slow
 def test_sampled_drafts_keep_the_fused_distribution(tiny_trio):
     paths = {r: tiny_trio[r] for r in TRIO}
     fusion = tm.plan("trimix", alpha=0.4, beta=0.5)
@@ -166,6 +169,7 @@ def test_sampled_drafts_keep_the_fused_distribution(tiny_trio):
     assert stat < _chi2_crit(df), (stat, df)
 
 
+@pytest.mark.slow
 def test_the_distribution_test_catches_a_broken_acceptance_rule(tiny_trio, monkeypatch):
     """Control: accepting every drafted token (the drafter's distribution, not the fused one) fails."""
     original = speculative._verify
@@ -182,6 +186,7 @@ def test_the_distribution_test_catches_a_broken_acceptance_rule(tiny_trio, monke
     assert stat > _chi2_crit(df), (stat, df)
 
 
+@pytest.mark.slow
 def test_cli_draft_flag_and_json_counts(tiny_trio):
     args = [f"--{r.replace('_', '-')}={tiny_trio[r]}" for r in TRIO] + ["--alpha", "0.2", "--beta", "0.8"]
 

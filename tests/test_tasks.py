@@ -491,6 +491,7 @@ def test_passage_is_cut_to_fit_when_no_examples_are_left(tmp_path: Path) -> None
     assert "over the budget of 200" in w.message
 
 
+@pytest.mark.slow
 def test_candidate_labels_are_sorted_and_the_same_in_every_process(tmp_path: Path) -> None:
     labels = ["travel", "health", "sports", "livelihood", "science/technology", "entertainment", "politics"]
     train = [{"id": str(i), "text": f"t{i}", "label": {"en": label}} for i, label in enumerate(labels)]

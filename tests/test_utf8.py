@@ -146,6 +146,7 @@ def test_same_seed_same_output_and_streamed_pieces_join(engine):
     assert c.token_ids != a.token_ids
 
 
+@pytest.mark.slow
 def test_gemma_tibetan_sampling_is_valid_utf8(gemma):
     """Gemma 3 spells Mongolian script partly in byte-fallback tokens: the guard keeps hot sampling valid."""
     roles = ("large_ins", "small_cpt", "small_base")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here uses the wheel the module builds (about 6 s)
+
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("pyproject.toml", "README.md", "trimix_cpp", "cli", "models")
 # pip's words when a build requirement cannot be downloaded: no index, no network, no proxy.

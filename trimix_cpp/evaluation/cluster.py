@@ -43,7 +43,7 @@ from ..errors import TrimixError
 from ..fusion import ROLES
 from ..loading import LoadOptions
 from ..selection import Selector
-from .run import LocalBackend, OpenBackend, Reporter, RunnerSettings
+from .run import BackendSpec, LocalBackend, OpenBackend, RunnerSettings
 from .rundir import file_sha256
 from .runner import MethodSpec, Runner, Task
 
@@ -232,17 +232,9 @@ class RayBackend:
 
     engine = None
 
-    def __init__(
-        self,
-        paths: Mapping[str, Path],
-        options: LoadOptions,
-        models: Mapping[str, dict],
-        settings: RunnerSettings,
-        cluster: ClusterOptions,
-        report: Reporter | None = None,
-    ) -> None:
+    def __init__(self, spec: BackendSpec, cluster: ClusterOptions) -> None:
         self.cluster = cluster
-        self.report = report
+        self.report = spec.report
         self.actors: list[Any] = []
         self.nodes: list[str] = []
         if cluster.address is None:
@@ -254,8 +246,8 @@ class RayBackend:
         self._tokenizer: _llama.LlamaModel | None = None
         try:
             self._connect()
-            self._spawn(paths, replace(options, n_threads=cluster.threads), models, settings)
-            ref = _reference(paths)
+            self._spawn(replace(spec, options=replace(spec.options, n_threads=cluster.threads)))
+            ref = _reference(spec.paths)
             _llama.check_gguf_file(ref)
             self._tokenizer = _llama.LlamaModel(ref, vocab_only=True)
         except BaseException:
@@ -298,12 +290,10 @@ class RayBackend:
                 "lower --workers or --threads, or add nodes"
             )
 
-    def _spawn(
-        self, paths: Mapping[str, Path], options: LoadOptions, models: Mapping[str, dict], settings: RunnerSettings
-    ) -> None:
+    def _spawn(self, spec: BackendSpec) -> None:
         ray, c = self._ray, self.cluster
         actor = ray.remote(concurrency_groups={PROBE: 1})(Worker)  # pid() answers while an item runs
-        strpaths = {r: str(Path(p).resolve()) for r, p in paths.items()}
+        strpaths = {r: str(Path(p).resolve()) for r, p in spec.paths.items()}
         for k in range(c.workers):
             self.actors.append(
                 actor.options(
@@ -312,7 +302,7 @@ class RayBackend:
                     num_cpus=c.threads,
                     max_restarts=MAX_RESTARTS,
                     max_task_retries=0,  # the driver reschedules lost items itself (and drops duplicates)
-                ).remote(strpaths, options, dict(models), settings)
+                ).remote(strpaths, spec.options, dict(spec.models), spec.settings)
             )
         try:
             answers = self._wait_all([a.start.remote() for a in self.actors])
@@ -365,14 +355,14 @@ class RayBackend:
         to ``runner.log`` (dropping any it already holds) and yield it."""
         ray = self._ray
         log = runner.log
-        queue = deque(i for i, it in enumerate(task.items) if _todo(log, task, it, methods))
+        queue = deque(i for i, it in enumerate(task.items) if runner.todo(task, it, methods))
         attempts = [0] * len(task.items)
         held: dict[Any, tuple[int, int]] = {}  # object ref -> (worker, item index)
         while queue or held:
             for k, actor in enumerate(self.actors):
                 while self._alive[k] and queue and sum(1 for w, _ in held.values() if w == k) < IN_FLIGHT:
                     i = queue.popleft()
-                    todo = _todo(log, task, task.items[i], methods)
+                    todo = runner.todo(task, task.items[i], methods)
                     if todo:
                         held[actor.predict.remote(task.name, task.items[i], todo)] = (k, i)
             if not held:
@@ -496,26 +486,16 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
         ) from None
 
 
-def _todo(log: Any, task: Task, item: Any, methods: Sequence[MethodSpec]) -> list[MethodSpec]:
-    return [m for m in methods if not log.done(task.name, item.id, m.name)]
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def ray_backend(cluster: ClusterOptions):
+def ray_backend(cluster: ClusterOptions) -> OpenBackend:
     """The ``backend`` argument of :func:`~trimix_cpp.evaluation.run.run_evaluation` for a cluster run."""
 
-    def open_backend(
-        paths: Mapping[str, Path],
-        options: LoadOptions,
-        models: Mapping[str, dict],
-        settings: RunnerSettings,
-        report: Reporter,
-    ) -> RayBackend:
-        return RayBackend(paths, options, models, settings, cluster, report)
+    def open_backend(spec: BackendSpec) -> RayBackend:
+        return RayBackend(spec, cluster)
 
     return open_backend
 

@@ -121,12 +121,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-# How a backend is opened: (model paths by role, load options, the manifest's model entries,
-# the runner's settings, the reporter for what a person should know) -> an open backend.
-# ``LocalBackend`` is the default.
-OpenBackend = Callable[[Mapping[str, Path], LoadOptions, Mapping[str, dict], "RunnerSettings", "Reporter"], Backend]
-
-
 @dataclass(frozen=True)
 class RunnerSettings:
     """What a runner predicts with besides its models: a cluster worker builds its own runner from it."""
@@ -152,20 +146,31 @@ class RunnerSettings:
         )
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """What every backend is opened with, whichever it is: the run's model files by role, the load
+    options, the manifest's model entries (a remote worker checks its files against them), the
+    runner's settings (a remote worker builds its own runner) and the reporter for what a person
+    should know."""
+
+    paths: Mapping[str, Path]
+    options: LoadOptions
+    models: Mapping[str, dict]
+    settings: RunnerSettings
+    report: Reporter | None = None
+
+
+# How a backend is opened; ``LocalBackend`` is the default, :func:`.cluster.ray_backend` makes another.
+OpenBackend = Callable[[BackendSpec], Backend]
+
+
 class LocalBackend:
     """The models loaded in this process: items are predicted one after another, here."""
 
     calibrator = None
 
-    def __init__(
-        self,
-        paths: Mapping[str, Path],
-        options: LoadOptions,
-        models: Mapping[str, dict],
-        settings: RunnerSettings,
-        report: Reporter,
-    ) -> None:
-        self.engine: Engine | None = Engine(paths, options)
+    def __init__(self, spec: BackendSpec) -> None:
+        self.engine: Engine | None = Engine(spec.paths, spec.options)
         self.n_ctx = self.engine.n_ctx
 
     def count_tokens(self, text: str) -> int:
@@ -271,7 +276,7 @@ def run_evaluation(
         )
         run.save()
         rs = RunnerSettings(settings, tuple(ga), tuple(gb), cfg.calibration_n, cfg.calibration_seed, cfg.draft)
-        where = backend(paths, options, models, rs, report)
+        where = backend(BackendSpec(paths, options, models, rs, report))
         try:
             room = where.n_ctx - settings.max_tokens - 8
             if room < 16:
@@ -352,6 +357,7 @@ def _run_task(
 
 __all__ = [
     "Backend",
+    "BackendSpec",
     "EvalConfig",
     "LocalBackend",
     "QuietReporter",

@@ -324,13 +324,18 @@ class Runner:
 
     # -- running ----------------------------------------------------------------------------------
 
+    def todo(self, task: Task, item: EvalItem, methods: Sequence[MethodSpec]) -> list[MethodSpec]:
+        """The methods whose prediction for ``item`` the log does not hold yet (what a resumed run,
+        local or on a cluster, still has to do)."""
+        return [m for m in methods if not self.log.done(task.name, item.id, m.name)]
+
     def pending(self, task: Task, methods: Sequence[MethodSpec]) -> int:
-        return sum(1 for m in methods for it in task.items if not self.log.done(task.name, it.id, m.name))
+        return sum(len(self.todo(task, it, methods)) for it in task.items)
 
     def run(self, task: Task, methods: Sequence[MethodSpec]) -> Iterator[dict]:
         """Predict every (item, method) not yet in the log, item by item; yields each new record."""
         for it in task.items:
-            todo = [m for m in methods if not self.log.done(task.name, it.id, m.name)]
+            todo = self.todo(task, it, methods)
             if not todo:
                 continue
             for rec in self.item_records(task, it, todo):

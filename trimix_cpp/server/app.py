@@ -22,10 +22,10 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -34,18 +34,22 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import TrimixError
 from ..generation import SeqSpec
 from ..modelset import ModelSet
+from .accesslog import RequestLog, RequestNote, note_of
 from .chat import ChatFormat, ChatTemplateError, NoChat, chat_format, messages_from_request, prompt_tokens
 from .defaults import ServeDefaults, available_methods
 from .errors import APIError, from_trimix, server_error, still_loading
 from .guard import HostGuard, refuse_surrogates, require_json
-from .responses import Outcome, Reply
+from .responses import Reply
 from .schema import ChatRequest, CompletionRequest, Limits, StreamOptions, completion_prompt, parse, seq_spec
-from .worker import EngineWorker, Job, PromptMaker
+from .worker import Accepted, Done, EngineWorker, Event, Failed, Job, Pieces, PromptMaker
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger("trimix.server")
 
@@ -55,7 +59,11 @@ PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
-_LOG_KEY = "trimix.log"
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The client went away before the job's next event (the job is cancelled)."""
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,9 @@ class TrimixServer:
             Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-        self.app: ASGIApp = RequestLog(HostGuard(app, config.allowed_hosts, _LOG_KEY))
+        self.app: ASGIApp = RequestLog(HostGuard(app, config.allowed_hosts))
 
-    def on_loaded(self, engine: Any) -> None:
+    def on_loaded(self, engine: Engine) -> None:
         """Runs on the engine's thread once the models are loaded: read the chat template."""
         profile = self.setup.profile
         self.chat = chat_format(engine, profile.template if profile is not None else None)
@@ -153,7 +161,7 @@ class TrimixServer:
         prompt = completion_prompt(req)
         setup = self.setup
 
-        def make(engine: Any) -> np.ndarray:
+        def make(engine: Engine) -> np.ndarray:
             if isinstance(prompt, str):
                 p = setup.prompt(engine, prompt)
                 return engine.tokenize(p) if isinstance(p, str) else p
@@ -199,63 +207,65 @@ class TrimixServer:
         *,
         chat: bool,
     ) -> Response:
-        note = request.scope.get(_LOG_KEY, {})
+        note = note_of(request.scope)
         self._admit()
         job = Job(make, spec, asyncio.get_running_loop(), bool(stream), "messages" if chat else "prompt")
         self.worker.submit(job)
         self.in_flight += 1
         started = time.perf_counter()
         reply = Reply(chat, self.config.model_name)
-        note["stream"] = bool(stream)
+        note.stream = bool(stream)
 
         def finish() -> None:
-            if not note.get("ended"):
-                note["disconnected"] = True
+            if not note.ended:
+                note.disconnected = True
             job.cancel()  # a no-op when the generation is done; frees the sequence otherwise
             self.in_flight -= 1
             self._recent_s = 0.8 * self._recent_s + 0.2 * (time.perf_counter() - started)
 
         if not stream:
             try:
-                kind, payload = await _next_event(request, job)
-                note["ended"] = kind != "gone"
-                if kind == "error":
-                    raise payload
-                if kind == "done":
-                    _note_outcome(note, payload)
-                    return JSONResponse(reply.full(payload))
-                return Response(status_code=204)  # nobody is there to read it
+                event = await _next_event(request, job)
+                note.ended = not isinstance(event, Gone)
+                match event:
+                    case Failed(error):
+                        raise error
+                    case Done(outcome):
+                        note.outcome = outcome
+                        return JSONResponse(reply.full(outcome))
+                    case _:
+                        return Response(status_code=204)  # nobody is there to read it
             finally:
                 finish()
-        kind, payload = await _next_event(request, job)
-        if kind != "accepted":
-            note["ended"] = kind != "gone"
+        event = await _next_event(request, job)
+        if not isinstance(event, Accepted):
+            note.ended = not isinstance(event, Gone)
             finish()
-            if kind == "error":
-                raise payload
+            if isinstance(event, Failed):
+                raise event.error
             return Response(status_code=204)
         include_usage = bool(options is not None and options.include_usage)
         return EventStream(self._events(job, reply, include_usage, note), on_close=finish)
 
-    async def _events(self, job: Job, reply: Reply, include_usage: bool, note: dict[str, Any]) -> Any:
+    async def _events(self, job: Job, reply: Reply, include_usage: bool, note: RequestNote) -> AsyncIterator[bytes]:
         """The stream's bytes: the chat role chunk, one chunk per step's text, the last chunks."""
         first = reply.first()
         if first is not None:
             yield first
         while True:
-            kind, payload = await job.events.get()
-            if kind == "pieces":
-                yield reply.piece("".join(payload))
-            elif kind == "done":
-                note["ended"] = True
-                _note_outcome(note, payload)
-                yield reply.last(payload, include_usage)
-                return
-            elif kind == "error":
-                note["ended"] = True
-                _note_error(note, payload)
-                yield b"data: " + json.dumps(payload.body(), ensure_ascii=False).encode() + b"\n\n"
-                return
+            match await job.events.get():
+                case Pieces(text):
+                    yield reply.piece(text)
+                case Done(outcome):
+                    note.ended = True
+                    note.outcome = outcome
+                    yield reply.last(outcome, include_usage)
+                    return
+                case Failed(error):
+                    note.ended = True
+                    note.error = error
+                    yield b"data: " + json.dumps(error.body(), ensure_ascii=False).encode() + b"\n\n"
+                    return
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -328,8 +338,8 @@ class EventStream(StreamingResponse):
                 await aclose()
 
 
-async def _next_event(request: Request, job: Job) -> tuple[str, Any]:
-    """The job's next event, or ``("gone", None)`` (and the job cancelled) if the client leaves first."""
+async def _next_event(request: Request, job: Job) -> Event | Gone:
+    """The job's next event, or :class:`Gone` (and the job cancelled) if the client leaves first."""
     get = asyncio.ensure_future(job.events.get())
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -341,7 +351,7 @@ async def _next_event(request: Request, job: Job) -> tuple[str, Any]:
     if get in done:
         return get.result()
     job.cancel()
-    return "gone", None
+    return Gone()
 
 
 async def _disconnected(request: Request) -> None:
@@ -397,18 +407,18 @@ async def read_json(request: Request, limit: int, timeout: float = 60.0) -> dict
 
 async def _guard(request: Request, handler: Callable[[Request], Awaitable[Response]]) -> Response:
     """Run a handler; any failure becomes an OpenAI-style error response (and one log entry)."""
-    note = request.scope.get(_LOG_KEY, {})
+    note = note_of(request.scope)
     try:
         return await handler(request)
     except APIError as e:
-        _note_error(note, e)
+        note.error = e
         return error_response(e)
     except TrimixError as e:
         err = from_trimix(e)
-        _note_error(note, err)
+        note.error = err
         return error_response(err)
     except ClientDisconnect:  # the client left while sending its body: nobody will read an answer
-        note["disconnected"] = True
+        note.disconnected = True
         return Response(status_code=499)
     except Exception as e:
         log.error(
@@ -420,7 +430,7 @@ async def _guard(request: Request, handler: Callable[[Request], Awaitable[Respon
             traceback.format_exc().rstrip(),
         )
         err = server_error()
-        _note_error(note, err)
+        note.error = err
         return error_response(err)
 
 
@@ -435,65 +445,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     message = f"{words.get(exc.status_code, exc.detail)}: {request.method} {request.url.path}"
     err = APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else "method_not_allowed")
     return JSONResponse(err.body(), status_code=exc.status_code, headers=dict(exc.headers or {}))
-
-
-def _note_outcome(note: dict[str, Any], o: Outcome) -> None:
-    note["outcome"] = o
-
-
-def _note_error(note: dict[str, Any], e: APIError) -> None:
-    note["error"] = e
-
-
-class RequestLog:
-    """One line per request on the server's log: who, what, status, time, and for generations the
-    method, weights, selection, token counts and why it stopped. Polls of ``/health`` are not logged
-    (a monitor polls it every few seconds), nor the page's static files unless they fail."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        note: dict[str, Any] = {}
-        scope[_LOG_KEY] = note
-        status = [0]
-        t0 = time.perf_counter()
-
-        async def send_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("path", "")
-            if path != "/health" and not (path.startswith("/static/") and 0 < status[0] < 400):
-                log.info("%s", request_line(scope, status[0], time.perf_counter() - t0, note))
-
-
-def request_line(scope: Scope, status: int, seconds: float, note: dict[str, Any]) -> str:
-    client = scope.get("client") or ("-", 0)
-    head = f'{client[0]} "{scope.get("method", "")} {scope.get("path", "")}" {status or "-"} {seconds:.2f}s'
-    bits: list[str] = []
-    if note.get("stream"):
-        bits.append("stream")
-    o: Outcome | None = note.get("outcome")
-    if o is not None:
-        weights = " ".join(f"{r}={w:g}" for r, w in o.weights.items())
-        chosen = f" ({o.selection['strategy']})" if o.selection else ""
-        t = o.timings
-        rate = t.get("gen_tokens_per_s", 0.0)
-        bits.append(
-            f"{o.method} {weights}{chosen} | prompt {o.prompt_tokens} tok, generated {o.completion_tokens} tok "
-            f"{rate:.1f} tok/s | {o.finish_reason}"
-        )
-    e: APIError | None = note.get("error")
-    if e is not None:
-        bits.append(f"{e.code or e.type}: {e.message}")
-    if note.get("disconnected"):
-        bits.append("client disconnected")
-    return head + (" | " + " | ".join(bits) if bits else "")

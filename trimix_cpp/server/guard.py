@@ -26,6 +26,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .accesslog import note_of
 from .errors import APIError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -53,11 +54,10 @@ def _is_address(name: str) -> bool:
 
 class HostGuard:
     """Refuses (403) every request whose ``Host`` is a name not on the allow-list; the refusal goes
-    into the request log's note (the scope entry ``log_key``), if there is one."""
+    into the request log's note (see :mod:`.accesslog`)."""
 
-    def __init__(self, app: ASGIApp, allowed: Iterable[str], log_key: str = "") -> None:
+    def __init__(self, app: ASGIApp, allowed: Iterable[str]) -> None:
         self.app = app
-        self.log_key = log_key
         self.allowed = frozenset(host_name(h) for h in (*LOOPBACK_NAMES, *allowed) if host_name(h))
 
     def allows(self, host: str | None) -> bool:
@@ -81,9 +81,7 @@ class HostGuard:
                 type="invalid_request_error",
                 code="host_not_allowed",
             )
-            note = scope.get(self.log_key) if self.log_key else None
-            if isinstance(note, dict):
-                note["error"] = err
+            note_of(scope).error = err
             await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -7,9 +7,10 @@ in one batch), reading each generation's new text with ``take()``, and finally c
 Request handlers live on the asyncio loop; they talk to this thread only through
 
 * :meth:`EngineWorker.submit`, which appends a :class:`Job` to an inbox under a lock, and
-* each job's asyncio queue, which this thread fills with ``loop.call_soon_threadsafe``, one event
-  per step at most: ``("accepted", n_prompt_tokens)``, ``("pieces", [text, ...])``, then
-  ``("done", Outcome)`` or ``("error", APIError)``.
+* each job's asyncio queue, which this thread fills with ``loop.call_soon_threadsafe``: an
+  :class:`Accepted` once the prompt is queued (streams only), a :class:`Pieces` for each step that
+  produced text (streams only), then one :class:`Done` or :class:`Failed`. The handler reads them
+  with a ``match``.
 
 A job is cancelled from the loop with :meth:`Job.cancel` (a flag read here, and
 ``Generation.cancel()``); the next step frees its sequence and KV cells. While nothing is queued or
@@ -24,7 +25,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +45,38 @@ log = logging.getLogger("trimix.server")
 PromptMaker = Callable[["Engine"], np.ndarray]
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """The prompt is tokenized and queued on the engine: a stream may send its headers now."""
+
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The text one step of the generation added."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The generation finished: what it reports, copied out of the engine."""
+
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ends with this error (its generation, if it had one, is gone)."""
+
+    error: APIError
+
+
+# What the engine thread tells a request's handler, in this order: Accepted?, Pieces*, Done | Failed.
+Event = Accepted | Pieces | Done | Failed
+
+
 @dataclass(eq=False)
 class Job:
     """One request's generation, shared by its handler (on the loop) and the worker thread."""
@@ -53,7 +86,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     stream: bool
     prompt_param: str = "prompt"  # the request field a too-long prompt came from
-    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     gen: Generation | None = None
     cancelled: bool = False
 
@@ -64,10 +97,10 @@ class Job:
         if gen is not None:
             gen.cancel()
 
-    def send(self, kind: str, payload: Any) -> None:
+    def send(self, event: Event) -> None:
         """Hand an event to the request's handler on its event loop (from the worker thread)."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
@@ -178,7 +211,7 @@ class EngineWorker:
                 left, self._inbox = self._inbox, []
             for job in live + left:
                 job.cancel()
-                job.send("error", shutting_down())
+                job.send(Failed(shutting_down()))
             if self._cache is not None:
                 self._cache.close()
             engine.close()
@@ -197,7 +230,7 @@ class EngineWorker:
             if self.draining:
                 for job in live + new:
                     job.cancel()
-                    job.send("error", shutting_down())
+                    job.send(Failed(shutting_down()))
                 live.clear()
                 new = []
             for job in new:
@@ -212,7 +245,7 @@ class EngineWorker:
                     log.debug("%s", traceback.format_exc())
                     for job in live:
                         job.cancel()
-                        job.send("error", server_error())
+                        job.send(Failed(server_error()))
                     live.clear()
                     try:
                         sched.reap()
@@ -240,25 +273,25 @@ class EngineWorker:
                 session = self._cache.pick(np.asarray(tokens, dtype=np.int32))
             gen = engine.generate_many(tokens, [job.spec], session=session)[0]
         except APIError as e:
-            job.send("error", e)
+            job.send(Failed(e))
             return
         except TrimixError as e:
             err = from_trimix(e)
             if err.code == "context_length_exceeded":
                 err.param = job.prompt_param
-            job.send("error", err)
+            job.send(Failed(err))
             return
         except Exception as e:
             log.error("starting a request failed: %s: %s", type(e).__name__, e)
             log.debug("%s", traceback.format_exc())
-            job.send("error", server_error())
+            job.send(Failed(server_error()))
             return
         job.gen = gen
         if job.cancelled:  # cancelled while it was being queued
             gen.cancel()
         live.append(job)
         if job.stream:
-            job.send("accepted", len(tokens))
+            job.send(Accepted(len(tokens)))
 
     def _deliver(self, live: list[Job]) -> None:
         """Hand each job the text its generation produced in this step, and the outcome when done.
@@ -274,14 +307,14 @@ class EngineWorker:
                 if job in live:
                     live.remove(job)
                 job.cancel()
-                job.send("error", server_error())
+                job.send(Failed(server_error()))
 
     def _deliver_one(self, job: Job, live: list[Job]) -> None:
         gen = job.gen
         assert gen is not None
         pieces = gen.take()
         if pieces and job.stream:
-            job.send("pieces", pieces)
+            job.send(Pieces("".join(pieces)))
         if gen.finish_reason is None:
             return
         live.remove(job)
@@ -290,13 +323,13 @@ class EngineWorker:
         if gen.error is not None:
             err = gen.error
             if isinstance(err, NonFiniteLogitsError):
-                job.send("error", from_trimix(err))
+                job.send(Failed(from_trimix(err)))
             else:
                 log.error("generation failed: %s: %s", type(err).__name__, err)
                 message = f"generation failed: {err}" if isinstance(err, TrimixError) else None
-                job.send("error", server_error(message) if message else server_error())
+                job.send(Failed(server_error(message) if message else server_error()))
             return
-        job.send("done", outcome(gen))
+        job.send(Done(outcome(gen)))
 
     def _publish(self, engine: Engine) -> None:
         s = engine.scheduler
