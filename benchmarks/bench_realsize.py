@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -53,6 +50,7 @@ from trimix_cpp.fusion import plan
 from trimix_cpp.loading import LoadOptions
 from trimix_cpp.profiles import find_profile
 from trimix_cpp.selection import Selector
+from trimix_cpp.server.launch import ServerProcess, start_server
 
 ALPHA, BETA = 0.3, 0.6
 SHORT = "The river runs"
@@ -157,74 +155,44 @@ def project(costs: dict[int, float], small_ms: float, r: float, k: int) -> float
     return 1000 * expected / round_ms
 
 
-class Server:
-    """``trimix serve`` on the trio, on a free port, until :meth:`stop`."""
-
-    def __init__(self, paths: dict[str, Path], parallel: int) -> None:
-        cmd = [sys.executable, "-m", "trimix_cli.main", "serve", "--port", "0", "--parallel", str(parallel)]
-        for role, p in paths.items():
-            cmd += [f"--{role.replace('_', '-')}", str(p)]
-        cmd += ["--method", "trimix", "--alpha", str(ALPHA), "--beta", str(BETA)]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        self.url, lines, found = "", [], threading.Event()
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                lines.append(line.rstrip())
-                m = re.search(r"listening on (http://\S+)", line)
-                if m and not self.url:
-                    self.url = m.group(1)
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        found.wait(600)
-        deadline = time.monotonic() + 600
-        while self.url and time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=5, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.proc.kill()
-        raise SystemExit("trimix serve did not start:\n" + "\n".join(lines[-20:]))
-
-    def complete(self, prompt: str, tokens: int) -> int:
-        """Tokens generated for one streamed completion (the usage the stream ends with)."""
-        body = {"prompt": prompt, "max_tokens": tokens, "stop": [], "stream": True}
-        body["stream_options"] = {"include_usage": True}
-        n = 0
-        with (
-            httpx.Client(timeout=900, trust_env=False) as c,
-            c.stream("POST", self.url + "/v1/completions", json=body) as r,
-        ):
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
-        return n
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(120)
+def complete(url: str, prompt: str, tokens: int) -> int:
+    """Tokens generated for one streamed completion (the usage the stream ends with)."""
+    body = {"prompt": prompt, "max_tokens": tokens, "stop": [], "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    n = 0
+    with (
+        httpx.Client(timeout=900, trust_env=False) as c,
+        c.stream("POST", url + "/v1/completions", json=body) as r,
+    ):
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
+    return n
 
 
-def serve_rates(srv: Server, clients: list[int], tokens: int) -> dict[int, float]:
+def start(paths: dict[str, Path], parallel: int) -> ServerProcess:
+    """``trimix serve`` on the trio with fixed weights, ``--parallel`` sequences."""
+    args = ["--parallel", str(parallel), "--method", "trimix", "--alpha", str(ALPHA), "--beta", str(BETA)]
+    for role, p in paths.items():
+        args += [f"--{role.replace('_', '-')}", str(p)]
+    return start_server(args, start_timeout=600, ready_timeout=600)
+
+
+def serve_rates(url: str, clients: list[int], tokens: int) -> dict[int, float]:
     """Aggregate generated tokens/s (all requests' tokens over the wall time) with C concurrent clients.
 
     The prompts are short (a few words, each client's own), so the figure is decoding's: a 7B
     evaluates about a dozen prompt tokens per second on two cores."""
     out = {}
-    srv.complete(SHORT, 4)  # warm-up
+    complete(url, SHORT, 4)  # warm-up
     for c in clients:
         counts = [0] * c
         per_client = 2 if c == 1 else 1
 
         def client(i: int, counts: list[int], repeat: int) -> None:
             for j in range(repeat):
-                counts[i] += srv.complete(f"{i}.{j} {SHORT}", tokens)
+                counts[i] += complete(url, f"{i}.{j} {SHORT}", tokens)
 
         threads = [threading.Thread(target=client, args=(i, counts, per_client)) for i in range(c)]
         t0 = time.perf_counter()
@@ -297,9 +265,9 @@ def main() -> None:
     if "serve" in only:
         print("serve ...", file=sys.stderr)
         clients = [int(c) for c in args.clients.split(",")]
-        srv = Server(paths, parallel=max(clients))
+        srv = start(paths, parallel=max(clients))
         try:
-            report["serve_tokens_per_s"] = sr = serve_rates(srv, clients, args.tokens)
+            report["serve_tokens_per_s"] = sr = serve_rates(srv.url, clients, args.tokens)
             report["rss_server_mib"] = rss_mib(srv.proc.pid)
         finally:
             srv.stop()
