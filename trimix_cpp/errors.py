@@ -3,16 +3,82 @@
 Every failure a user can cause (a wrong path, a model that will not fuse, a prompt that does not fit)
 is raised as :class:`TrimixError` with a message of one line that names the problem and the fix, so
 the command line can print it as it is and exit non-zero without a traceback.
+
+The same parameter has a different name for each kind of caller: ``max_tokens`` in Python,
+``--max-tokens`` on the command line, the request field ``max_tokens`` (or ``trimix.alpha``) on the
+server. So an error about a parameter carries it as data, not as text: its message is a template in
+which ``{name}`` stands for the parameter ``name``, ``param`` is the parameter at fault, and
+:meth:`TrimixError.render` writes the names as one caller knows them::
+
+    raise TrimixError("{max_tokens} must be a whole number >= 0, got {got!r}", param="max_tokens", got=n)
+
+``str(e)`` names the Python argument (``max_tokens must be ...``); the command line renders with
+:func:`flag` (``--max-tokens must be ...``); the server with its request fields. Values given as
+keywords (``got=n``) fill the fields that are not parameters; they are formatted, never parsed, so
+braces in them are safe (braces in the template itself are written ``{{`` and ``}}``). A value that
+is itself a :class:`TrimixError` is rendered with the same names, so wrapping an error keeps them.
+A message given without ``param`` or values is plain text and is shown as it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
+# How a caller names parameters: a table or a function from the Python name to the shown name.
+Naming = Mapping[str, str] | Callable[[str], str]
+
+# Parameters whose command-line flag is not their Python name with dashes for underscores.
+FLAGS: dict[str, str] = {
+    "budget_s": "--time",
+    "n_seq": "--parallel",
+    "allowed_hosts": "--allowed-host",
+    "types": "--type",
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a library parameter: ``max_tokens`` -> ``--max-tokens``."""
+    return FLAGS.get(name) or "--" + name.replace("_", "-")
+
+
+class _Fields(dict):
+    """The values of a template's fields; a field without a value is a parameter, shown by its name."""
+
+    def __init__(self, values: Mapping[str, object], name: Callable[[str], str], naming: Naming | None) -> None:
+        super().__init__({k: v.render(naming) if isinstance(v, TrimixError) else v for k, v in values.items()})
+        self._name = name
+
+    def __missing__(self, key: str) -> str:
+        return self._name(key)
+
 
 class TrimixError(Exception):
-    """A user-facing error whose message is a single line: what is wrong, then what to do."""
+    """A user-facing error whose message is a single line: what is wrong, then what to do.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))
+    ``param`` is the parameter at fault (``None`` if no single one is); ``template`` the message
+    before names are filled in; ``values`` the keyword values it was raised with.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None, **values: object) -> None:
+        self.template = message
+        self.param = param
+        self.values = values
+        super().__init__(self.render())
+
+    def render(self, naming: Naming | None = None) -> str:
+        """The message on one line, each parameter named by ``naming`` (its Python name if ``None``)."""
+        if self.param is None and not self.values:
+            text = self.template
+        else:
+            if naming is None:
+                name: Callable[[str], str] = str
+            elif isinstance(naming, Mapping):
+                table = naming
+                name = lambda key: table.get(key, key)  # noqa: E731
+            else:
+                name = naming
+            text = self.template.format_map(_Fields(self.values, name, naming))
+        return " ".join(text.split())
 
 
 class ModelFileError(TrimixError):
