@@ -17,6 +17,7 @@ which ``{name}`` stands for the parameter ``name``, ``param`` is the parameter a
 keywords (``got=n``) fill the fields that are not parameters; they are formatted, never parsed, so
 braces in them are safe (braces in the template itself are written ``{{`` and ``}}``). A value that
 is itself a :class:`TrimixError` is rendered with the same names, so wrapping an error keeps them.
+The field ``{param}`` names the parameter at fault, for messages where that is chosen at run time.
 A message given without ``param`` or values is plain text and is shown as it is.
 """
 
@@ -33,6 +34,8 @@ FLAGS: dict[str, str] = {
     "n_seq": "--parallel",
     "allowed_hosts": "--allowed-host",
     "types": "--type",
+    "n_threads": "--threads",
+    "gen_tokens": "--tokens",
 }
 
 
@@ -44,12 +47,13 @@ def flag(name: str) -> str:
 class _Fields(dict):
     """The values of a template's fields; a field without a value is a parameter, shown by its name."""
 
-    def __init__(self, values: Mapping[str, object], name: Callable[[str], str], naming: Naming | None) -> None:
-        super().__init__({k: v.render(naming) if isinstance(v, TrimixError) else v for k, v in values.items()})
+    def __init__(self, e: TrimixError, name: Callable[[str], str], naming: Naming | None) -> None:
+        super().__init__({k: v.render(naming) if isinstance(v, TrimixError) else v for k, v in e.values.items()})
         self._name = name
+        self._param = e.param
 
     def __missing__(self, key: str) -> str:
-        return self._name(key)
+        return self._name(self._param if key == "param" and self._param is not None else key)
 
 
 class TrimixError(Exception):
@@ -77,7 +81,7 @@ class TrimixError(Exception):
                 name = lambda key: table.get(key, key)  # noqa: E731
             else:
                 name = naming
-            text = self.template.format_map(_Fields(self.values, name, naming))
+            text = self.template.format_map(_Fields(self, name, naming))
         return " ".join(text.split())
 
 

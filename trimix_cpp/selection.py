@@ -607,7 +607,9 @@ class Selector:
         if self.strategy not in ("ppl", "ent"):
             raise WeightError(f"unknown selection strategy {self.strategy!r} (choose fixed, ppl or ent)")
         if not (self.max_logits_mib > 0 and math.isfinite(self.max_logits_mib)):
-            raise WeightError(f"--max-logits-mib must be a positive number, got {self.max_logits_mib}")
+            raise WeightError(
+                "{max_logits_mib} must be a positive number, got {got}", param="max_logits_mib", got=self.max_logits_mib
+            )
 
     def scratch_bytes(self, n_vocab: int) -> int:
         blk = min(n_vocab, BLOCK)
