@@ -36,6 +36,9 @@ FLAGS: dict[str, str] = {
     "types": "--type",
     "n_threads": "--threads",
     "gen_tokens": "--tokens",
+    "address": "--ray",
+    "out_type": "--type",
+    "roles": "--role",
 }
 
 

@@ -46,7 +46,7 @@ class ServeDefaults:
     def resolved(self, profile: object | None) -> ServeDefaults:
         """These defaults with the profile's filled in, checked as the command line checks them.
 
-        Raises :class:`TrimixError` (naming the flag) for a combination no request could use.
+        Raises :class:`TrimixError` (about the parameter) for a combination no request could use.
         """
         method = self.method or getattr(profile, "method", None) or "trimix"
         choice = MethodChoice(method=method, alpha=self.alpha, beta=self.beta, gamma=self.gamma, select=self.select)
@@ -65,7 +65,9 @@ class ServeDefaults:
         sampling_params(temperature)  # raises for a negative or non-finite temperature
         page = self.page or getattr(profile, "page", None)
         if page is not None and page not in PAGE_MODES:
-            raise TrimixError(f"--page must be {' or '.join(PAGE_MODES)}, got {page!r}")
+            raise TrimixError(
+                "{page} must be {choices}, got {got!r}", param="page", choices=" or ".join(PAGE_MODES), got=page
+            )
         return ServeDefaults(method, alpha, beta, gamma, select, temperature, page)
 
     def apply(self, choice: MethodChoice) -> MethodChoice:
