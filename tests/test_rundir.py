@@ -193,7 +193,7 @@ def test_foreign_lines_are_one_line_errors(tmp_path: Path, lines: list[str], nee
 def test_out_that_is_a_file(tmp_path: Path) -> None:
     out = tmp_path / "results.txt"
     out.write_text("x")
-    with pytest.raises(RunDirError, match=r"--out .*results\.txt is a file, not a folder"):
+    with pytest.raises(RunDirError, match=r"^out .*results\.txt is a file, not a folder"):
         RunDir(out).open()
     with pytest.raises(RunDirError, match="cannot create the run folder"):
         RunDir(out / "sub").open()

@@ -307,6 +307,29 @@ def test_bad_requests_get_openai_errors(demo, path, body, status, param, code):
     assert "--" not in err["message"].replace("--n-ctx", "")  # request fields, not command-line flags
 
 
+@pytest.mark.parametrize(
+    "body,message,param",
+    [
+        (
+            {"prompt": "x", "temperature": 1, "top_k": -1},
+            "top_k must be a whole number >= 0 (0 turns it off), got -1",
+            "top_k",
+        ),
+        ({"prompt": "x", "seed": 3}, "seed applies to sampling, but decoding is greedy: set temperature > 0", "seed"),
+        (
+            {"prompt": "x", "trimix": {"method": "proxy", "alpha": 0.5}},
+            "trimix.method proxy takes no trimix.alpha: Proxy Tuning weighs the large model by 1 and the small pair "
+            "by trimix.beta",
+            "trimix.method",
+        ),
+    ],
+)
+def test_library_errors_name_the_request_fields(demo, body, message, param):
+    """The library raises with the parameter; the server names it by the field the request set."""
+    err = post(demo, C, body).json()["error"]
+    assert (err["message"], err["param"]) == (message, param)
+
+
 def test_routes_and_methods_that_do_not_exist(demo):
     for method, path, status in (("GET", C, 405), ("GET", "/nope", 404), ("POST", "/v1/models", 405)):
         r = httpx.request(method, demo.url + path, timeout=10)

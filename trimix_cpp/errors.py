@@ -32,7 +32,6 @@ Naming = Mapping[str, str] | Callable[[str], str]
 FLAGS: dict[str, str] = {
     "budget_s": "--time",
     "n_seq": "--parallel",
-    "allowed_hosts": "--allowed-host",
     "types": "--type",
     "n_threads": "--threads",
     "gen_tokens": "--tokens",
