@@ -47,15 +47,20 @@ def flag(name: str) -> str:
 
 
 class _Fields(dict):
-    """The values of a template's fields; a field without a value is a parameter, shown by its name."""
+    """The values of a template's fields; a field without a value is a parameter, shown as ``naming`` names it."""
 
-    def __init__(self, e: TrimixError, name: Callable[[str], str], naming: Naming | None) -> None:
+    def __init__(self, e: TrimixError, naming: Naming | None) -> None:
         super().__init__({k: v.render(naming) if isinstance(v, TrimixError) else v for k, v in e.values.items()})
-        self._name = name
+        self._naming = naming
         self._param = e.param
 
     def __missing__(self, key: str) -> str:
-        return self._name(self._param if key == "param" and self._param is not None else key)
+        name = self._param if key == "param" and self._param is not None else key
+        if self._naming is None:
+            return name
+        if isinstance(self._naming, Mapping):
+            return self._naming.get(name, name)
+        return self._naming(name)
 
 
 class TrimixError(Exception):
@@ -73,17 +78,8 @@ class TrimixError(Exception):
 
     def render(self, naming: Naming | None = None) -> str:
         """The message on one line, each parameter named by ``naming`` (its Python name if ``None``)."""
-        if self.param is None and not self.values:
-            text = self.template
-        else:
-            if naming is None:
-                name: Callable[[str], str] = str
-            elif isinstance(naming, Mapping):
-                table = naming
-                name = lambda key: table.get(key, key)  # noqa: E731
-            else:
-                name = naming
-            text = self.template.format_map(_Fields(self, name, naming))
+        plain = self.param is None and not self.values
+        text = self.template if plain else self.template.format_map(_Fields(self, naming))
         return " ".join(text.split())
 
 
