@@ -253,6 +253,7 @@ BAD = [
     (C, HUGE, 400, "trimix.alpha", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"alpha": 5000, "beta": 0.5}}, 400, "trimix.alpha", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "best"}}, 400, "trimix.method", "invalid_value"),
+    (C, {"prompt": "x", "trimix": {"method": "single", "role": "bogus"}}, 400, "trimix.role", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "proxy", "alpha": 0.5}}, 400, "trimix.method", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"select": "ppl", "alpha": 0.5}}, 400, "trimix.select", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "trimix4"}}, 400, "trimix.alpha", "invalid_value"),

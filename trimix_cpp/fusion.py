@@ -111,9 +111,13 @@ def plan(
         return FusionPlan(method, {SMALL_CPT: 1.0 + b, SMALL_BASE: -b}, plausibility_role=SMALL_CPT, params={"beta": b})
     if method == "single":
         if role not in ROLES:
-            raise WeightError(f"unknown role {role!r} (choose one of {', '.join(ROLES)})")
+            raise WeightError(
+                "unknown role {got!r} (choose one of {choices})", param="role", got=role, choices=", ".join(ROLES)
+            )
         return FusionPlan(method, {role: 1.0})
-    raise WeightError(f"unknown method {method!r} (choose one of {', '.join(METHODS)})")
+    raise WeightError(
+        "unknown method {got!r} (choose one of {choices})", param="method", got=method, choices=", ".join(METHODS)
+    )
 
 
 class Fuser:

@@ -73,7 +73,9 @@ def resolve_fusion(
     c = choice
     method = c.method or getattr(profile, "method", None) or "trimix"
     if method not in METHODS:
-        raise WeightError(f"unknown method {method!r} (choose one of {', '.join(METHODS)})")
+        raise WeightError(
+            "unknown method {got!r} (choose one of {choices})", param="method", got=method, choices=", ".join(METHODS)
+        )
     given = {k: v for k, v in (("alpha", c.alpha), ("beta", c.beta), ("gamma", c.gamma)) if v is not None}
     for name in given:
         if name not in _METHOD_WEIGHTS[method]:
@@ -85,7 +87,7 @@ def resolve_fusion(
             "{role} chooses the model of {method} single; {method} {chosen} uses several", param="role", chosen=method
         )
     if c.select is not None and c.select not in STRATEGIES:
-        raise WeightError(f"unknown selection strategy {c.select!r} (choose fixed, ppl or ent)")
+        raise WeightError("unknown selection strategy {got!r} (choose fixed, ppl or ent)", param="select", got=c.select)
     if method != "trimix":
         if c.select not in (None, "fixed"):
             raise WeightError(
