@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import trimix_cpp as tm
-from trimix_cpp.errors import flag as flag_of
+from trimix_cpp.errors import flag
 
 err = Console(stderr=True, highlight=False)
 
@@ -45,8 +45,4 @@ def errors(verbose: bool) -> Iterator[None]:
 
 def message(e: tm.TrimixError) -> str:
     """A library error as the command line says it: parameters named by their flags."""
-    return e.render(flag_of)
-
-
-def flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
+    return e.render(flag)
