@@ -24,7 +24,7 @@ from trimix_cpp.conversation import ChatSettings, Conversation, Turn
 from trimix_cpp.methods import SAMPLING_FIELDS, MethodChoice, check_models_used, fusion_roles, resolve_fusion
 from trimix_cpp.modelset import ModelSet
 
-from .common import Verbose, err, errors
+from .common import Verbose, err, errors, message
 from .options import MODELS, EngineArgs, group, grouped
 
 PROMPT = ">>> "
@@ -259,7 +259,7 @@ def chat_loop(conv: Conversation, lines: Lines) -> None:
         except KeyboardInterrupt:  # a second Ctrl-C while a reply stopped
             raise
         except tm.TrimixError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(message(e))}", soft_wrap=True)
 
 
 # chat's own wording of options other commands share

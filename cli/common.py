@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import trimix_cpp as tm
+from trimix_cpp.errors import flag
 
 err = Console(stderr=True, highlight=False)
 
@@ -33,7 +34,7 @@ def errors(verbose: bool) -> Iterator[None]:
     except tm.TrimixError as e:
         if verbose:
             traceback.print_exc()
-        fail(str(e))
+        fail(message(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as e:  # a bug, not a user error: still one line unless --verbose
@@ -42,5 +43,6 @@ def errors(verbose: bool) -> Iterator[None]:
         fail(f"{type(e).__name__}: {e} (rerun with --verbose for the traceback)")
 
 
-def flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
+def message(e: tm.TrimixError) -> str:
+    """A library error as the command line says it: parameters named by their flags."""
+    return e.render(flag)

@@ -93,7 +93,7 @@ def check(
     with errors(verbose):
         tm._llama.set_verbose(verbose)
         profile = find_profile(lang)
-        ctx = profile.n_ctx if n_ctx is None else check_n_ctx(n_ctx, "--n-ctx")
+        ctx = profile.n_ctx if n_ctx is None else check_n_ctx(n_ctx, "n_ctx")
         absent = [r for r in profile.models if profile.is_optional(r) and not profile.present(r)]
         paths = profile.paths(tuple(r for r in profile.models if r not in absent))
         fusion = tm.inspect_models(list(paths.values()))

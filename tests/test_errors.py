@@ -66,7 +66,7 @@ def test_padded_vocabulary_fuses_over_shared_ids_and_never_emits_padding(tmp_pat
 def test_prompt_longer_than_context(tiny_trio):
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, OPTS) as eng:
         with pytest.raises(
-            tm.ContextOverflowError, match=r"prompt is \d+ tokens but the context holds \d+ \(raise --n-ctx"
+            tm.ContextOverflowError, match=r"prompt is \d+ tokens but the context holds \d+ \(raise n_ctx"
         ):
             eng.generate("the cat " * 100, tm.plan("single")).run()
 

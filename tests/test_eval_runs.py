@@ -211,12 +211,12 @@ def test_out_of_range_numbers_are_one_line(tiny_trio, tmp_path, extra, needle):
 
 
 def test_numbers_are_checked_by_the_library(tiny_trio, tmp_path):
-    with pytest.raises(SettingsError, match="--max-tokens"):
+    with pytest.raises(SettingsError, match=r"^max_tokens"):
         GenerationSettings(max_tokens=-5)
-    with pytest.raises(SettingsError, match="--mc-mode"):
+    with pytest.raises(SettingsError, match=r"^mc_mode"):
         GenerationSettings(mc_mode="vote")
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, tm.LoadOptions(n_ctx=128, n_gpu_layers=0)) as eng:
-        with pytest.raises(SettingsError, match="--calibration-n must be a whole number, 1 or more, got 0"):
+        with pytest.raises(SettingsError, match=r"^calibration_n must be a whole number, 1 or more, got 0"):
             Runner(eng, tmp_path, calibration_n=0)
 
 

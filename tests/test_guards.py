@@ -111,7 +111,7 @@ def test_n_ctx_1_is_refused_before_llama_cpp_sees_it(tiny_trio):
     assert MIN_N_CTX == 2
     r = trimix("generate", *trio_args(tiny_trio), "--alpha", "0.1", "--beta", "0.9", "--n-ctx", "1", "the")
     one_line_error(r, "--n-ctx must be a whole number from 2")
-    with pytest.raises(tm.TrimixError, match="--n-ctx must be a whole number from 2"):
+    with pytest.raises(tm.TrimixError, match=r"^n_ctx must be a whole number from 2"):
         tm.LoadOptions(n_ctx=1)
 
 

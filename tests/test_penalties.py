@@ -104,11 +104,11 @@ def test_logprobs_are_the_fused_log_softmax(trio_engine):
 @pytest.mark.parametrize(
     "kw,msg",
     [
-        (dict(repeat_penalty=0.0), "--repeat-penalty"),
-        (dict(repeat_penalty=float("inf")), "--repeat-penalty"),
-        (dict(repeat_penalty=1.1, repeat_last_n=-2), "--repeat-last-n"),
-        (dict(frequency_penalty=float("nan")), "--frequency-penalty"),
-        (dict(presence_penalty=1e9), "--presence-penalty"),
+        (dict(repeat_penalty=0.0), "^repeat_penalty"),
+        (dict(repeat_penalty=float("inf")), "^repeat_penalty"),
+        (dict(repeat_penalty=1.1, repeat_last_n=-2), "^repeat_last_n"),
+        (dict(frequency_penalty=float("nan")), "^frequency_penalty"),
+        (dict(presence_penalty=1e9), "^presence_penalty"),
         (dict(repeat_last_n=32), "none is given"),
     ],
 )

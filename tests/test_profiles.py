@@ -103,7 +103,7 @@ def test_bad_profiles_are_one_line_errors(dirs, text, needle):
 
 
 def test_unknown_language(dirs):
-    with pytest.raises(tm.TrimixError, match=r"no profile for --lang zzz .*known: .*bod"):
+    with pytest.raises(tm.TrimixError, match=r"no profile for lang zzz .*known: .*bod"):
         find_profile("zzz")
 
 

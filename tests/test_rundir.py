@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from trimix_cpp.calibrate import check_output_path, read_calibration
-from trimix_cpp.errors import TrimixError
+from trimix_cpp.errors import TrimixError, flag
 from trimix_cpp.evaluation.rundir import (
     LOCK,
     MANIFEST,
@@ -79,7 +79,8 @@ def test_a_change_is_one_line_naming_old_and_new(tmp_path: Path, change: dict, n
         run.check(**parts)
     msg = str(info.value)
     assert needle in msg and "\n" not in msg
-    assert f"Use another --out for a new run, or delete {out} to start over" in msg
+    assert f"Use another out for a new run, or delete {out} to start over" in msg
+    assert f"Use another --out for a new run, or delete {out} to start over" in info.value.render(flag)
 
 
 def test_a_folder_without_work_takes_the_new_manifest(tmp_path: Path) -> None:
@@ -193,7 +194,7 @@ def test_foreign_lines_are_one_line_errors(tmp_path: Path, lines: list[str], nee
 def test_out_that_is_a_file(tmp_path: Path) -> None:
     out = tmp_path / "results.txt"
     out.write_text("x")
-    with pytest.raises(RunDirError, match=r"--out .*results\.txt is a file, not a folder"):
+    with pytest.raises(RunDirError, match=r"^out .*results\.txt is a file, not a folder"):
         RunDir(out).open()
     with pytest.raises(RunDirError, match="cannot create the run folder"):
         RunDir(out / "sub").open()

@@ -176,6 +176,7 @@ BAD = [
     (C, HUGE, 400, "trimix.alpha", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"alpha": 5000, "beta": 0.5}}, 400, "trimix.alpha", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "best"}}, 400, "trimix.method", "invalid_value"),
+    (C, {"prompt": "x", "trimix": {"method": "single", "role": "bogus"}}, 400, "trimix.role", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "proxy", "alpha": 0.5}}, 400, "trimix.method", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"select": "ppl", "alpha": 0.5}}, 400, "trimix.select", "invalid_value"),
     (C, {"prompt": "x", "trimix": {"method": "trimix4"}}, 400, "trimix.alpha", "invalid_value"),
@@ -228,6 +229,29 @@ def test_bad_requests_get_openai_errors(demo, path, body, status, param, code):
         assert err["code"] == code
     assert err["message"] and "\n" not in err["message"] and "Traceback" not in err["message"]
     assert "--" not in err["message"].replace("--n-ctx", "")  # request fields, not command-line flags
+
+
+@pytest.mark.parametrize(
+    "body,message,param",
+    [
+        (
+            {"prompt": "x", "temperature": 1, "top_k": -1},
+            "top_k must be a whole number >= 0 (0 turns it off), got -1",
+            "top_k",
+        ),
+        ({"prompt": "x", "seed": 3}, "seed applies to sampling, but decoding is greedy: set temperature > 0", "seed"),
+        (
+            {"prompt": "x", "trimix": {"method": "proxy", "alpha": 0.5}},
+            "trimix.method proxy takes no trimix.alpha: Proxy Tuning weighs the large model by 1 and the small pair "
+            "by trimix.beta",
+            "trimix.method",
+        ),
+    ],
+)
+def test_library_errors_name_the_request_fields(demo, body, message, param):
+    """The library raises with the parameter; the server names it by the field the request set."""
+    err = post(demo, C, body).json()["error"]
+    assert (err["message"], err["param"]) == (message, param)
 
 
 def test_routes_and_methods_that_do_not_exist(demo):

@@ -130,8 +130,11 @@ def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> No
     """Refuse context, batch and thread counts that llama.cpp would crash on or misread."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not MIN_N_CTX <= n_ctx <= MAX_N_CTX:
         raise TrimixError(
-            f"--n-ctx must be a whole number from {MIN_N_CTX} (a prompt token and a generated one) to {MAX_N_CTX}, "
-            f"got {n_ctx!r}"
+            "{n_ctx} must be a whole number from {lo} (a prompt token and a generated one) to {hi}, got {got!r}",
+            param="n_ctx",
+            lo=MIN_N_CTX,
+            hi=MAX_N_CTX,
+            got=n_ctx,
         )
     if isinstance(n_batch, bool) or not isinstance(n_batch, int) or not 1 <= n_batch <= MAX_N_CTX:
         raise TrimixError(f"n_batch must be a whole number from 1 to {MAX_N_CTX}, got {n_batch!r}")
@@ -139,8 +142,11 @@ def check_load_numbers(*, n_ctx: int, n_batch: int, n_threads: int | None) -> No
         isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 0 <= n_threads <= MAX_THREADS
     ):
         raise TrimixError(
-            f"--threads must be from 0 (every core) to {MAX_THREADS}, got {n_threads!r} "
-            f"(this machine has {default_threads()} cores)"
+            "{n_threads} must be from 0 (every core) to {hi}, got {got!r} (this machine has {cores} cores)",
+            param="n_threads",
+            hi=MAX_THREADS,
+            got=n_threads,
+            cores=default_threads(),
         )
 
 
@@ -245,7 +251,9 @@ class LlamaModel:
         self.path = Path(path)
         check_load_numbers(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
         if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= MAX_SEQ:
-            raise TrimixError(f"--parallel must be a whole number from 1 to {MAX_SEQ}, got {n_seq!r}")
+            raise TrimixError(
+                "{n_seq} must be a whole number from 1 to {hi}, got {got!r}", param="n_seq", hi=MAX_SEQ, got=n_seq
+            )
         if isolated:
             if kv_cells is not None:
                 raise TrimixError("kv_cells sizes a cache shared by every sequence: pass it with isolated=False")
@@ -254,10 +262,18 @@ class LlamaModel:
             cells = n_ctx if kv_cells is None else kv_cells
         if isinstance(cells, bool) or not isinstance(cells, int) or not 1 <= cells <= MAX_N_CTX:
             raise TrimixError(
-                f"the KV cache must hold 1 to {MAX_N_CTX} cells, got {cells!r} (lower --n-ctx or --parallel)"
+                "the KV cache must hold 1 to {hi} cells, got {got!r} (lower {n_ctx} or {n_seq})",
+                param="n_ctx",
+                hi=MAX_N_CTX,
+                got=cells,
             )
         if not vocab_only and cells < n_seq:  # llama.cpp aborts creating such a context (see MIN_N_CTX)
-            raise TrimixError(f"a KV cache of {cells} cells cannot hold {n_seq} sequences (raise --n-ctx)")
+            raise TrimixError(
+                "a KV cache of {cells} cells cannot hold {n} sequences (raise {n_ctx})",
+                param="n_ctx",
+                cells=cells,
+                n=n_seq,
+            )
         check_gguf_file(self.path)
         self._model = None
         self._ctx = None
@@ -274,8 +290,10 @@ class LlamaModel:
         model = _lc.llama_model_load_from_file(str(self.path).encode("utf-8"), mparams)
         if not model:
             raise ModelFileError(
-                f"llama.cpp could not load {self.path} (corrupt, truncated or an architecture this "
-                "llama.cpp does not know; rerun with --verbose to see llama.cpp's log)"
+                "llama.cpp could not load {path} (corrupt, truncated or an architecture this "
+                "llama.cpp does not know; rerun with {verbose} to see llama.cpp's log)",
+                param="verbose",
+                path=self.path,
             )
         self._model = model
         self._vocab = _lc.llama_model_get_vocab(model)
@@ -313,8 +331,11 @@ class LlamaModel:
         if not ctx:
             self.close()
             raise ModelFileError(
-                f"llama.cpp could not create a context of {cells} KV cells for {self.path} "
-                "(out of memory? try a smaller --n-ctx or --parallel)"
+                "llama.cpp could not create a context of {cells} KV cells for {path} "
+                "(out of memory? try a smaller {n_ctx} or {n_seq})",
+                param="n_ctx",
+                cells=cells,
+                path=self.path,
             )
         self._ctx = ctx
         # llama.cpp rounds the cache up (to a multiple of 256) and clamps the batch to the context
@@ -497,10 +518,18 @@ class LlamaModel:
         self.decode_s += time.perf_counter() - t0
         if rc == 1:
             raise KVCacheFullError(
-                f"the KV cache of {self.path.name} is full ({self.kv_cells} cells): raise --n-ctx or lower --parallel"
+                "the KV cache of {name} is full ({cells} cells): raise {n_ctx} or lower {n_seq}",
+                param="n_ctx",
+                name=self.path.name,
+                cells=self.kv_cells,
             )
         if rc != 0:
-            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+            raise TrimixError(
+                "llama_decode failed with code {rc} for {name} (rerun with {verbose})",
+                param="verbose",
+                rc=rc,
+                name=self.path.name,
+            )
         self.n_decoded += n
 
     def decode(self, tokens: np.ndarray, outputs: np.ndarray | None = None) -> None:
@@ -512,8 +541,10 @@ class LlamaModel:
         n = len(tokens)
         if self.n_past + n > self.n_ctx:
             raise ContextOverflowError(
-                f"the sequence needs {self.n_past + n} positions but the context holds {self.n_ctx} "
-                "(raise --n-ctx or shorten the prompt)"
+                "the sequence needs {need} positions but the context holds {n} (raise {n_ctx} or shorten the prompt)",
+                param="n_ctx",
+                need=self.n_past + n,
+                n=self.n_ctx,
             )
         if outputs is None:
             flags = np.zeros(n, dtype=np.int8)
@@ -526,7 +557,7 @@ class LlamaModel:
     def decode_one(self, token: int) -> None:
         """One token appended to sequence 0, its logits computed."""
         if self.n_past >= self.n_ctx:
-            raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full (raise --n-ctx)")
+            raise ContextOverflowError("the context of {n} tokens is full (raise {n_ctx})", param="n_ctx", n=self.n_ctx)
         self._b_token[0] = token
         self._b_pos[0] = self.n_past
         self._b_seq[0] = 0
@@ -536,7 +567,12 @@ class LlamaModel:
         rc = _lc.llama_decode(self._ctx, self._batch)
         self.decode_s += time.perf_counter() - t0
         if rc != 0:
-            raise TrimixError(f"llama_decode failed with code {rc} for {self.path.name} (rerun with --verbose)")
+            raise TrimixError(
+                "llama_decode failed with code {rc} for {name} (rerun with {verbose})",
+                param="verbose",
+                rc=rc,
+                name=self.path.name,
+            )
         self.n_past += 1
         self.n_decoded += 1
 

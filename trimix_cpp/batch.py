@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .engine import Engine
-from .errors import TrimixError
+from .errors import TrimixError, flag
 from .generation import Generation, SeqSpec, check_logprobs
 from .methods import SAMPLING_FIELDS, MethodChoice, resolve_fusion, sampling_params
 
@@ -178,7 +178,7 @@ def run_batch(
             gen = engine.generate_many(make_prompt(bl.prompt), [spec])[0]
             queued.append((bl, gen, None))
         except TrimixError as e:
-            queued.append((bl, None, f"{where}:{bl.line}: {e}"))
+            queued.append((bl, None, f"{where}:{bl.line}: {e.render(flag)}"))  # a batch comes from the command line
     for bl, gen, err in queued:
         if gen is None:
             yield BatchResult(bl.line, error=err)
@@ -187,4 +187,4 @@ def run_batch(
             gen.run()
             yield BatchResult(bl.line, gen)
         except TrimixError as e:
-            yield BatchResult(bl.line, error=f"{where}:{bl.line}: {e}")
+            yield BatchResult(bl.line, error=f"{where}:{bl.line}: {e.render(flag)}")

@@ -92,7 +92,9 @@ def _gen_rate(gens) -> float:
 def _check_list(name: str, values: Sequence[int], lo: int, hi: int) -> None:
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise TrimixError(f"--{name} takes whole numbers from {lo} to {hi}, got {v!r}")
+            raise TrimixError(
+                "{param} takes whole numbers from {lo} to {hi}, got {got!r}", param=name, lo=lo, hi=hi, got=v
+            )
 
 
 def run_bench(
@@ -109,12 +111,12 @@ def run_bench(
     """Measure the models in ``paths`` (roles to GGUF files) on this machine within ``budget_s``."""
     from .speculative import MAX_DRAFT
 
-    _check_list("prompt-tokens", [prompt_tokens], 2, 1 << 16)
-    _check_list("tokens", [gen_tokens], 1, 1 << 16)
+    _check_list("prompt_tokens", [prompt_tokens], 2, 1 << 16)
+    _check_list("gen_tokens", [gen_tokens], 1, 1 << 16)
     _check_list("drafts", list(drafts), 1, MAX_DRAFT)
     _check_list("parallel", list(parallel), 1, _llama.MAX_SEQ - 1)
     if not (budget_s > 0):
-        raise TrimixError(f"--time must be a positive number of seconds, got {budget_s}")
+        raise TrimixError("{budget_s} must be a positive number of seconds, got {got}", param="budget_s", got=budget_s)
     started = time.perf_counter()
     n_seq = max([1, *parallel])
     n_ctx = prompt_tokens + gen_tokens + max([0, *drafts]) + 8

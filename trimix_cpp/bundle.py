@@ -313,7 +313,12 @@ def _commit(lock: Lock, scratch: Path, models_dir: Path, prof_name: str, force: 
     except TrimixError as e:
         raise BundleError(f"the bundle's profile does not read: {e}") from None
     if bundled.lang != lock.lang:
-        raise BundleError(f"the bundle's profile is for --lang {bundled.lang}, its lock for {lock.lang}")
+        raise BundleError(
+            "the bundle's profile is for {lang} {ours}, its lock for {theirs}",
+            param="lang",
+            ours=bundled.lang,
+            theirs=lock.lang,
+        )
     names = {f.name for f in lock.files()}
     for role, ref in bundled.models.items():
         if ref not in names or role not in lock.roles or lock.roles[role].main_file != ref:
@@ -326,7 +331,11 @@ def _commit(lock: Lock, scratch: Path, models_dir: Path, prof_name: str, force: 
         current, same = None, False
     profile_dest = current.path if same and current is not None else user_profiles_dir() / prof_name
     if not same and profile_dest.exists() and not force:
-        raise BundleError(f"{profile_dest} exists and differs from the bundle's profile; pass --force to replace it")
+        raise BundleError(
+            "{path} exists and differs from the bundle's profile; pass {force} to replace it",
+            param="force",
+            path=profile_dest,
+        )
     # Files already here with the same content (another language's bundle shares them) stay.
     moves, present = [], []
     here = _recorded(models_dir)
@@ -341,7 +350,9 @@ def _commit(lock: Lock, scratch: Path, models_dir: Path, prof_name: str, force: 
                 present.append(f.name)
                 continue
             if not force:
-                raise BundleError(f"{dst} exists with other content; pass --force to replace it")
+                raise BundleError(
+                    "{path} exists with other content; pass {force} to replace it", param="force", path=dst
+                )
         moves.append((scratch / f.name, dst))
     if not same:
         moves.append((staged_profile, profile_dest))

@@ -56,7 +56,7 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
 def sample_prompts(prompts: Sequence[str], n: int, seed: int) -> list[str]:
     """``n`` prompts drawn without replacement with a seeded generator (all of them if fewer)."""
     if n <= 0:
-        raise TrimixError(f"--n must be positive, got {n}")
+        raise TrimixError("{n} must be positive, got {got}", param="n", got=n)
     if n >= len(prompts):
         return list(prompts)
     return random.Random(seed).sample(list(prompts), n)
@@ -178,10 +178,13 @@ def calibrate(
         if not used[s]:
             if short[s]:
                 raise TrimixError(
-                    f"no calibration prompt has the two tokens a perplexity needs ({short[s]} of one token, "
-                    f"{skipped} too long for the context): give longer prompts, or --strategy ent"
+                    "no calibration prompt has the two tokens a perplexity needs ({short} of one token, "
+                    "{skipped} too long for the context): give longer prompts, or {strategy} ent",
+                    param="strategy",
+                    short=short[s],
+                    skipped=skipped,
                 )
-            raise TrimixError("no calibration prompt fits the context (raise --n-ctx)")
+            raise TrimixError("no calibration prompt fits the context (raise {n_ctx})", param="n_ctx")
         mean = totals[s] / used[s]
         out[s.strategy] = Calibration(
             strategy=s.strategy,
@@ -221,8 +224,11 @@ def read_calibration(path: str | Path) -> Calibration:
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise TrimixError(
-            f"{path} is not a calibration file of format {FORMAT} (an older trimix wrote it, or it is damaged): "
-            f"delete it to calibrate again, or start a new run with another --out"
+            "{path} is not a calibration file of format {format} (an older trimix wrote it, or it is damaged): "
+            "delete it to calibrate again, or start a new run with another {out}",
+            param="out",
+            path=path,
+            format=FORMAT,
         ) from None
 
 

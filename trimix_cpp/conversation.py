@@ -63,7 +63,7 @@ class ChatSettings:
         """The engine's settings, by the command line's rules (a setting that would be ignored is refused)."""
         check_max_tokens(self.max_tokens)
         if self.max_tokens == 0:
-            raise TrimixError("--max-tokens must be at least 1 in a conversation")
+            raise TrimixError("{max_tokens} must be at least 1 in a conversation", param="max_tokens")
         fusion = resolve_fusion(self.choice, profile)
         sampling = sampling_params(**{k: v for k, v in self.sampling.items() if v is not None})
         return SeqSpec(fusion, sampling, self.max_tokens, tuple(self.stop), self.utf8_guard)
@@ -160,9 +160,12 @@ class Conversation:
                 return ids, dropped
             if len(self.messages) <= 1:
                 raise ContextOverflowError(
-                    f"this message makes a prompt of {len(ids)} tokens, but the context of {self.engine.n_ctx} "
-                    f"must keep {self.engine.n_ctx - self.room()} for the reply (raise --n-ctx, lower --max-tokens "
-                    "or shorten the message)"
+                    "this message makes a prompt of {n} tokens, but the context of {held} must keep {keep} for the "
+                    "reply (raise {n_ctx}, lower {max_tokens} or shorten the message)",
+                    param="n_ctx",
+                    n=len(ids),
+                    held=self.engine.n_ctx,
+                    keep=self.engine.n_ctx - self.room(),
                 )
             # a turn is a user message and what follows it up to the next user message
             cut = next((i for i in range(1, len(self.messages)) if self.messages[i].role == "user"), len(self.messages))

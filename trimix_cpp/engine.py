@@ -52,10 +52,6 @@ __all__ = [
 ]
 
 
-def _flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
-
-
 class Engine:
     """A set of models, one per role, that share a vocabulary; the context manager frees them.
 
@@ -138,8 +134,10 @@ class Engine:
             raise TrimixError("the prompt is empty (give some text to continue)")
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx} "
-                "(raise --n-ctx or shorten the prompt)"
+                "the prompt is {n} tokens but the context holds {held} (raise {n_ctx} or shorten the prompt)",
+                param="n_ctx",
+                n=len(tokens),
+                held=self.n_ctx,
             )
 
     def _as_tokens(self, prompt: str | Sequence[int] | np.ndarray) -> np.ndarray:
@@ -151,7 +149,12 @@ class Engine:
         self._check_open()
         missing = [r for r in roles if r not in self.models]
         if missing:
-            raise WeightError(f"{what} needs the {missing[0]} model ({_flag(missing[0])}), which is not loaded")
+            raise WeightError(
+                "{what} needs the {model} model ({param}), which is not loaded",
+                param=missing[0],
+                what=what,
+                model=missing[0],
+            )
 
     @locked
     def guard(self, enabled: bool) -> Utf8Guard:

@@ -56,17 +56,22 @@ class FusionPlan:
 
 def _finite(name: str, value: float | None) -> float:
     if value is None:
-        raise WeightError(f"--{name} is required for this method (give a number, e.g. --{name} 0.5)")
+        raise WeightError("{param} is required for this method (give a number, e.g. {param} 0.5)", param=name)
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise WeightError(f"--{name} must be a number, got {value!r}") from None
+        raise WeightError("{param} must be a number, got {got!r}", param=name, got=value) from None
     if not math.isfinite(v):
-        raise WeightError(f"--{name} must be a finite number, got {value!r} (use a value such as 0.5)")
+        raise WeightError(
+            "{param} must be a finite number, got {got!r} (use a value such as 0.5)", param=name, got=value
+        )
     if abs(v) > MAX_WEIGHT:
         raise WeightError(
-            f"--{name} {value!r} is beyond ±{MAX_WEIGHT:g}: the fused logits would overflow "
-            "(TriMix's weights lie in [0, 1]; use a value such as 0.5)"
+            "{param} {got!r} is beyond ±{top:g}: the fused logits would overflow "
+            "(TriMix's weights lie in [0, 1]; use a value such as 0.5)",
+            param=name,
+            got=value,
+            top=MAX_WEIGHT,
         )
     return v
 
@@ -106,9 +111,13 @@ def plan(
         return FusionPlan(method, {SMALL_CPT: 1.0 + b, SMALL_BASE: -b}, plausibility_role=SMALL_CPT, params={"beta": b})
     if method == "single":
         if role not in ROLES:
-            raise WeightError(f"unknown role {role!r} (choose one of {', '.join(ROLES)})")
+            raise WeightError(
+                "unknown role {got!r} (choose one of {choices})", param="role", got=role, choices=", ".join(ROLES)
+            )
         return FusionPlan(method, {role: 1.0})
-    raise WeightError(f"unknown method {method!r} (choose one of {', '.join(METHODS)})")
+    raise WeightError(
+        "unknown method {got!r} (choose one of {choices})", param="method", got=method, choices=", ".join(METHODS)
+    )
 
 
 class Fuser:

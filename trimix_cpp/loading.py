@@ -69,8 +69,12 @@ def check_parallel(n_seq: object) -> None:
     top = _llama.MAX_SEQ - SCORING_SEQS
     if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= top:
         raise TrimixError(
-            f"--parallel must be a whole number from 1 to {top} (llama.cpp holds {_llama.MAX_SEQ} sequences and "
-            f"trimix keeps one for scoring), got {n_seq!r}"
+            "{n_seq} must be a whole number from 1 to {top} (llama.cpp holds {held} sequences and "
+            "trimix keeps one for scoring), got {got!r}",
+            param="n_seq",
+            top=top,
+            held=_llama.MAX_SEQ,
+            got=n_seq,
         )
 
 
@@ -119,7 +123,7 @@ def load_models(
     if unknown:
         raise WeightError(f"unknown role {unknown[0]!r} (roles are {', '.join(ROLES)})")
     if not paths:
-        raise TrimixError("no model given (pass --large-ins/--small-cpt/--small-base or --lang)")
+        raise TrimixError("no model given (pass {large_ins}/{small_cpt}/{small_base} or {lang})", param="lang")
     _llama.set_verbose(options.verbose)
     if extra_seqs:
         check_parallel(options.n_seq)

@@ -32,15 +32,16 @@ _METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {
     "single": (),
 }
 _WHY_NOT = {
-    "proxy": "Proxy Tuning weighs the large model by 1 and the small pair by --beta",
-    "contrastive": "Contrastive Decoding uses only the small models, weighted by --beta",
+    "proxy": "Proxy Tuning weighs the large model by 1 and the small pair by {beta}",
+    "contrastive": "Contrastive Decoding uses only the small models, weighted by {beta}",
     "single": "a single model has no weights",
-    "trimix": "Eq. 5 TriMix has no separate scaling weight (use --method trimix4)",
+    "trimix": "Eq. 5 TriMix has no separate scaling weight (use {method} trimix4)",
 }
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def _field(name: str) -> str:
+    """A template field for a parameter chosen at run time (see :mod:`trimix_cpp.errors`)."""
+    return "{" + name + "}"
 
 
 @dataclass(frozen=True)
@@ -73,29 +74,44 @@ def resolve_fusion(
     c = choice
     method = c.method or getattr(profile, "method", None) or "trimix"
     if method not in METHODS:
-        raise WeightError(f"unknown method {method!r} (choose one of {', '.join(METHODS)})")
+        raise WeightError(
+            "unknown method {got!r} (choose one of {choices})", param="method", got=method, choices=", ".join(METHODS)
+        )
     given = {k: v for k, v in (("alpha", c.alpha), ("beta", c.beta), ("gamma", c.gamma)) if v is not None}
     for name in given:
         if name not in _METHOD_WEIGHTS[method]:
-            raise WeightError(f"--method {method} takes no {_flag(name)}: {_WHY_NOT[method]}")
+            raise WeightError(
+                f"{{method}} {{chosen}} takes no {_field(name)}: {_WHY_NOT[method]}", param="method", chosen=method
+            )
     if c.role is not None and method != "single":
-        raise WeightError(f"--role chooses the model of --method single; --method {method} uses several")
+        raise WeightError(
+            "{role} chooses the model of {method} single; {method} {chosen} uses several", param="role", chosen=method
+        )
     if c.select is not None and c.select not in STRATEGIES:
-        raise WeightError(f"unknown selection strategy {c.select!r} (choose fixed, ppl or ent)")
+        raise WeightError("unknown selection strategy {got!r} (choose fixed, ppl or ent)", param="select", got=c.select)
     if method != "trimix":
         if c.select not in (None, "fixed"):
-            raise WeightError(f"--select {c.select} chooses TriMix's weights; it does not apply to --method {method}")
+            raise WeightError(
+                "{select} {chosen} chooses TriMix's weights; it does not apply to {method} {method_name}",
+                param="select",
+                chosen=c.select,
+                method_name=method,
+            )
         if c.weights_from is not None:
-            raise WeightError(f"--weights-from holds TriMix's (alpha, beta); it does not apply to --method {method}")
-        _refuse_grid(c, f"--method {method} has fixed weights")
+            raise WeightError(
+                "{weights_from} holds TriMix's (alpha, beta); it does not apply to {method} {chosen}",
+                param="weights_from",
+                chosen=method,
+            )
+        _refuse_grid(c, "{method} {chosen} has fixed weights", chosen=method)
         return plan(method, alpha=c.alpha, beta=c.beta, gamma=c.gamma, role=c.role or LARGE_INS)
 
     if c.weights_from is not None:
         if given or c.select not in (None, "fixed"):
-            raise WeightError("--weights-from sets alpha and beta: drop --alpha/--beta/--select")
-        _refuse_grid(c, "--weights-from fixes the weights")
+            raise WeightError("{weights_from} sets alpha and beta: drop {alpha}/{beta}/{select}", param="weights_from")
+        _refuse_grid(c, "{weights_from} fixes the weights")
         if locate is None:
-            raise TrimixError("--weights-from needs the model files to check it against")
+            raise TrimixError("{weights_from} needs the model files to check it against", param="weights_from")
         from .calibrate import load_weights
 
         a, b = load_weights(c.weights_from, locate(SELECTION_ROLES))
@@ -111,11 +127,16 @@ def resolve_fusion(
         return plan("trimix", alpha=alpha, beta=beta)
     if given:
         raise WeightError(
-            f"--select {select} chooses alpha and beta itself: drop {', '.join(_flag(k) for k in given)} "
-            "or use --select fixed"
+            f"{{select}} {{chosen}} chooses alpha and beta itself: drop {', '.join(_field(k) for k in given)} "
+            "or use {select} fixed",
+            param="select",
+            chosen=select,
         )
     if select == "ent" and c.max_logits_mib is not None:
-        raise WeightError("--max-logits-mib bounds perplexity selection's memory; --select ent does not use it")
+        raise WeightError(
+            "{max_logits_mib} bounds perplexity selection's memory; {select} ent does not use it",
+            param="max_logits_mib",
+        )
     return Selector(
         select,
         _grid(c.grid_alpha, "grid_alpha"),
@@ -129,13 +150,14 @@ def _grid(values: Sequence[float] | str | None, name: str) -> tuple[float, ...]:
     try:
         return parse_grid(values)
     except WeightError as e:
-        raise WeightError(f"{_flag(name)}: {e}") from None
+        raise WeightError("{param}: {error}", param=name, error=e) from None
 
 
-def _refuse_grid(c: MethodChoice, why: str) -> None:
+def _refuse_grid(c: MethodChoice, why: str, **values: object) -> None:
+    """Refuse a grid setting where nothing is selected; ``why`` is a message template filled by ``values``."""
     for name, value in (("grid_alpha", c.grid_alpha), ("grid_beta", c.grid_beta), ("max_logits_mib", c.max_logits_mib)):
         if value is not None:
-            raise WeightError(f"{_flag(name)} applies to --select ppl/ent, but {why}")
+            raise WeightError("{param} applies to {select} ppl/ent, but " + why, param=name, **values)
 
 
 def fusion_roles(fusion: FusionPlan | Selector) -> tuple[str, ...]:
@@ -148,8 +170,10 @@ def check_models_used(fusion: FusionPlan | Selector, given: Sequence[str], metho
     used = fusion_roles(fusion)
     for role in ROLES:
         if role in given and role not in used:
-            extra = " (only --method trimix4 uses it)" if role == LARGE_BASE else ""
-            raise WeightError(f"--method {method} does not use {_flag(role)}{extra}; drop it")
+            extra = " (only {method} trimix4 uses it)" if role == LARGE_BASE else ""
+            raise WeightError(
+                f"{{method}} {{chosen}} does not use {{param}}{extra}; drop it", param=role, chosen=method
+            )
 
 
 def sampling_params(
@@ -185,11 +209,14 @@ def sampling_params(
         unset = ((top_k, 0), (top_p, 1.0), (min_p, 0.0), (seed, None))
         for name, (value, neutral) in zip(("top_k", "top_p", "min_p", "seed"), unset):
             if value is not None and value != neutral:
-                raise TrimixError(f"{_flag(name)} applies to sampling, but decoding is greedy: set --temperature > 0")
+                raise TrimixError(
+                    "{param} applies to sampling, but decoding is greedy: set {temperature} > 0", param=name
+                )
     if repeat_last_n is not None and all(v is None for v in (repeat_penalty, frequency_penalty, presence_penalty)):
         raise TrimixError(
-            "--repeat-last-n sets the window of the repetition penalties, but none is given "
-            "(add --repeat-penalty, --frequency-penalty or --presence-penalty)"
+            "{repeat_last_n} sets the window of the repetition penalties, but none is given "
+            "(add {repeat_penalty}, {frequency_penalty} or {presence_penalty})",
+            param="repeat_last_n",
         )
     return params
 

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 PROMPT_SLOT = "{prompt}"
 
 
-def _flag(role: str) -> str:
-    return "--" + role.replace("_", "-")
-
-
 @dataclass
 class ModelSet:
     """Model files and defaults from ``--lang``'s profile, overridden by explicit paths."""
@@ -55,7 +51,9 @@ class ModelSet:
             elif self.profile is not None and r in self.profile.models:
                 out[r] = self.profile.locate(r)
             else:
-                raise TrimixError(f"{what} needs {_flag(r)} (the path of its GGUF file) or --lang with a profile")
+                raise TrimixError(
+                    "{what} needs {param} (the path of its GGUF file) or {lang} with a profile", param=r, what=what
+                )
         return out
 
     def n_ctx(self, given: int | None) -> int:
@@ -84,7 +82,7 @@ class ModelSet:
     def prompt(self, engine: Engine, text: str, raw: bool = False) -> str | np.ndarray:
         """The user's text, or its token ids once placed in the profile's template."""
         if raw and self.profile is None:
-            raise TrimixError("--raw skips a profile's prompt template, but no --lang profile is in use")
+            raise TrimixError("{raw} skips a profile's prompt template, but no {lang} profile is in use", param="raw")
         if raw or not self.has_template():
             return text
         return template_tokens(engine, self.profile.template, text)

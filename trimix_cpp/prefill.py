@@ -229,7 +229,9 @@ def perplexity(
     roles = scoring_roles(plans.values(), grid is not None)
     tokens = text_tokens
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 8):
-        raise TrimixError(f"--window must be a whole number of at least 8 tokens, got {window!r}")
+        raise TrimixError(
+            "{window} must be a whole number of at least 8 tokens, got {got!r}", param="window", got=window
+        )
     width = min(window or n_ctx, n_ctx) - len(bos) - 1
     if width < 2:
         raise TrimixError(f"a scoring window of {window or n_ctx} tokens is too small (give at least 8)")
@@ -293,8 +295,10 @@ def option_nlls(
     longest = max((len(o) for o in options), default=0)
     if len(prompt) + longest > n_ctx:
         raise ContextOverflowError(
-            f"the prompt and its longest option need {len(prompt) + longest} positions but the context holds "
-            f"{n_ctx} (raise --n-ctx)"
+            "the prompt and its longest option need {need} positions but the context holds {held} (raise {n_ctx})",
+            param="n_ctx",
+            need=len(prompt) + longest,
+            held=n_ctx,
         )
     selectors = [p for p in plans.values() if isinstance(p, Selector)]
     roles = sorted(scoring_roles(plans.values()))

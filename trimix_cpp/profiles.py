@@ -286,7 +286,7 @@ def load_profile(path: Path) -> Profile:
 
 def find_profile(lang: str) -> Profile:
     """The profile for ``--lang``, from the first folder that has ``LANG.toml``."""
-    check_lang(lang, "--lang")
+    check_lang(lang, "lang")
     dirs = search_dirs()
     for d in dirs:
         cand = d / f"{lang}.toml"
@@ -294,8 +294,12 @@ def find_profile(lang: str) -> Profile:
             return load_profile(cand)
     known = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.toml") if p.is_file()})
     raise TrimixError(
-        f"no profile for --lang {lang} (looked for {lang}.toml in {', '.join(map(str, dirs))}); "
-        f"known: {', '.join(known) or 'none'}; add one with trimix models add"
+        "no profile for {lang} {given} (looked for {given}.toml in {dirs}); "
+        "known: {known}; add one with trimix models add",
+        param="lang",
+        given=lang,
+        dirs=", ".join(map(str, dirs)),
+        known=", ".join(known) or "none",
     )
 
 
@@ -324,11 +328,17 @@ def all_profiles() -> tuple[list[Profile], list[str]]:
     return list(seen.values()), errors
 
 
+def _bad(where: str, problem: str, got: object) -> TrimixError:
+    """``where`` is the parameter (``lang``) or, for a value read from a file, where it was read."""
+    param = where if where.isidentifier() else None
+    return TrimixError(("{param} " if param else "{where} ") + problem, param=param, where=where, got=got)
+
+
 def check_lang(lang: str, where: str) -> str:
     """A language code, which becomes the profile's file name ``CODE.toml``."""
     if not isinstance(lang, str) or not LANG_CODE.fullmatch(lang):
-        raise TrimixError(
-            f"{where} takes a language code such as bod or uig (letters, digits, - and _, at most 64), got {lang!r}"
+        raise _bad(
+            where, "takes a language code such as bod or uig (letters, digits, - and _, at most 64), got {got!r}", lang
         )
     return lang
 
@@ -338,29 +348,31 @@ def check_name(name: str, where: str) -> str:
     terminal that lists it, and a lone surrogate cannot be saved as UTF-8)."""
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
     if bad is not None:
-        raise TrimixError(f"{where} must be one line of text without control characters, got {name!r}")
+        raise _bad(where, "must be one line of text without control characters, got {got!r}", name)
     if not name.strip() or len(name) > 200:
-        raise TrimixError(f"{where} must be 1 to 200 characters of text, got {name!r}")
+        raise _bad(where, "must be 1 to 200 characters of text, got {got!r}", name)
     return name
 
 
 def check_n_ctx(n_ctx: int, where: str) -> int:
     """A context length llama.cpp can take (it counts positions in 32 bits)."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not MIN_N_CTX <= n_ctx <= MAX_N_CTX:
-        raise TrimixError(
-            f"{where} must be a whole number from {MIN_N_CTX} (a prompt token and a generated one) to "
+        raise _bad(
+            where,
+            f"must be a whole number from {MIN_N_CTX} (a prompt token and a generated one) to "
             f"{MAX_N_CTX:,} (2^24, beyond any model's training context; llama.cpp takes a 32-bit count), "
-            f"got {n_ctx!r}"
+            "got {got!r}",
+            n_ctx,
         )
     return n_ctx
 
 
 def check_new_profile(lang: str, name: str | None, n_ctx: int) -> None:
     """Everything about a profile to write that can be checked before its models are loaded."""
-    check_lang(lang, "--lang")
+    check_lang(lang, "lang")
     if name is not None:
-        check_name(name, "--name")
-    check_n_ctx(n_ctx, "--n-ctx")
+        check_name(name, "name")
+    check_n_ctx(n_ctx, "n_ctx")
 
 
 def toml_string(s: str) -> str:

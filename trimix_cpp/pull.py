@@ -194,7 +194,11 @@ def plan_pull(
     for r in roles or []:
         if r not in profile.models:
             raise TrimixError(
-                f"--role {r}: profile {profile.lang} has no such role (it has {', '.join(profile.models)})"
+                "{roles} {role}: profile {lang} has no such role (it has {known})",
+                param="roles",
+                role=r,
+                lang=profile.lang,
+                known=", ".join(profile.models),
             )
     wanted = [r for r in profile.models if roles is None or r in roles]
     roles_with_source = [r for r in wanted if r in profile.origins]
@@ -230,8 +234,10 @@ def plan_pull(
         recorded = {f.name for lk in [own, *others] if lk is not None for f in lk.files()}
         if (models_dir / target).exists() and target not in recorded and not force:
             raise TrimixError(
-                f"{models_dir / target} exists and no lock file records it (placed by hand?): move it away, or "
-                "pass --force to replace it with the pulled file"
+                "{path} exists and no lock file records it (placed by hand?): move it away, or "
+                "pass {force} to replace it with the pulled file",
+                param="force",
+                path=models_dir / target,
             )
         snap = hub.resolve(src.repo, src.revision)
         key = _key_dir(models_dir, snap)
@@ -400,26 +406,39 @@ def _stat(path: Path) -> list[int]:
 # --type: another GGUF type than the profile's -------------------------------------------------------
 
 
-def parse_type_overrides(values: list[str], profile: Profile) -> dict[str, str]:
+def parse_type_overrides(types: list[str], profile: Profile) -> dict[str, str]:
     """``--type TYPE`` (every converted role) or ``--type ROLE=TYPE``, checked against the profile."""
     from .sources import normalize_type
 
     out: dict[str, str] = {}
     converted = [r for r in profile.models if r in profile.origins and profile.origins[r].kind == "checkpoint"]
-    for v in values:
+    for v in types:
         role, sep, t = v.rpartition("=")
         roles = [role.replace("-", "_")] if sep else converted
         for r in roles:
             if r not in profile.models:
-                raise TrimixError(f"--type {v}: profile {profile.lang} has no role {role!r}")
+                raise TrimixError(
+                    "{types} {given}: profile {lang} has no role {role!r}",
+                    param="types",
+                    given=v,
+                    lang=profile.lang,
+                    role=role,
+                )
             if r not in profile.origins or profile.origins[r].kind != "checkpoint":
                 raise TrimixError(
-                    f"--type {v}: {r} is not converted from a checkpoint (it is a published GGUF file or has no "
-                    "[sources] table), so its type is the file's"
+                    "{types} {given}: {role} is not converted from a checkpoint (it is a published GGUF file or has no "
+                    "[sources] table), so its type is the file's",
+                    param="types",
+                    given=v,
+                    role=r,
                 )
             out[r] = normalize_type(t)
-    if values and not out:
-        raise TrimixError(f"--type: profile {profile.lang} converts no checkpoint, so there is no type to choose")
+    if types and not out:
+        raise TrimixError(
+            "{types}: profile {lang} converts no checkpoint, so there is no type to choose",
+            param="types",
+            lang=profile.lang,
+        )
     return out
 
 

@@ -57,24 +57,40 @@ class SamplingParams:
     def validate(self) -> None:
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise TrimixError(f"--temperature must be a finite number >= 0 (0 is greedy), got {t!r}")
+            raise TrimixError(
+                "{temperature} must be a finite number >= 0 (0 is greedy), got {got!r}", param="temperature", got=t
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise TrimixError(f"--top-k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}")
+            raise TrimixError(
+                "{top_k} must be a whole number >= 0 (0 turns it off), got {got!r}", param="top_k", got=self.top_k
+            )
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise TrimixError(f"--top-p must be in (0, 1] (1 turns it off), got {self.top_p!r}")
+            raise TrimixError("{top_p} must be in (0, 1] (1 turns it off), got {got!r}", param="top_p", got=self.top_p)
         if not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p < 1.0):
-            raise TrimixError(f"--min-p must be in [0, 1) (0 turns it off), got {self.min_p!r}")
+            raise TrimixError("{min_p} must be in [0, 1) (0 turns it off), got {got!r}", param="min_p", got=self.min_p)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise TrimixError(f"--seed must be a whole number from 0 to 2**64-1, got {self.seed!r}")
+            raise TrimixError(
+                "{seed} must be a whole number from 0 to 2**64-1, got {got!r}", param="seed", got=self.seed
+            )
         r = self.repeat_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
-            raise TrimixError(f"--repeat-penalty must be a finite number > 0 (1 turns it off), got {r!r}")
+            raise TrimixError(
+                "{repeat_penalty} must be a finite number > 0 (1 turns it off), got {got!r}",
+                param="repeat_penalty",
+                got=r,
+            )
         n = self.repeat_last_n
         if isinstance(n, bool) or not isinstance(n, int) or n < -1:
-            raise TrimixError(f"--repeat-last-n must be a whole number >= -1 (-1: the whole context), got {n!r}")
-        for flag, v in (("--frequency-penalty", self.frequency_penalty), ("--presence-penalty", self.presence_penalty)):
+            raise TrimixError(
+                "{repeat_last_n} must be a whole number >= -1 (-1: the whole context), got {got!r}",
+                param="repeat_last_n",
+                got=n,
+            )
+        for name, v in (("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 100:
-                raise TrimixError(f"{flag} must be a number from -100 to 100 (0 turns it off), got {v!r}")
+                raise TrimixError(
+                    "{param} must be a number from -100 to 100 (0 turns it off), got {got!r}", param=name, got=v
+                )
 
 
 class Penalties:

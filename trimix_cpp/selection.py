@@ -614,9 +614,13 @@ class Selector:
         object.__setattr__(self, "alphas", parse_grid(self.alphas))
         object.__setattr__(self, "betas", parse_grid(self.betas))
         if self.strategy not in ("ppl", "ent"):
-            raise WeightError(f"unknown selection strategy {self.strategy!r} (choose fixed, ppl or ent)")
+            raise WeightError(
+                "unknown selection strategy {got!r} (choose fixed, ppl or ent)", param="strategy", got=self.strategy
+            )
         if not (self.max_logits_mib > 0 and math.isfinite(self.max_logits_mib)):
-            raise WeightError(f"--max-logits-mib must be a positive number, got {self.max_logits_mib}")
+            raise WeightError(
+                "{max_logits_mib} must be a positive number, got {got}", param="max_logits_mib", got=self.max_logits_mib
+            )
 
     def scratch_bytes(self, n_vocab: int) -> int:
         blk = min(n_vocab, BLOCK)

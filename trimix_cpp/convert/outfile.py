@@ -39,7 +39,7 @@ def check_output(out_path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) 
         if out_path.exists() and src.exists() and os.path.samefile(out_path, src):
             raise OutputError(f"the output {out_path} is the input file; write to another name")
     if out_path.exists() and not force:
-        raise OutputError(f"{out_path} exists (pass --force to replace it)")
+        raise OutputError("{path} exists (pass {force} to replace it)", param="force", path=out_path)
     return out_path
 
 

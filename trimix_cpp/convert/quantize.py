@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import TrimixError
+from ..errors import TrimixError, flag
 from ..gguf_check import check_gguf
 from .outfile import check_output, check_room, partial_beside, publish
 from .qtypes import FTYPES, check_type, estimated_bytes
@@ -70,8 +70,11 @@ def quantize_gguf(
     quantized = quantized_tensor_types(in_path)
     if quantized and not allow_requantize:
         raise TrimixError(
-            f"{in_path} is already quantized ({', '.join(quantized)}); quantizing it again adds a second rounding "
-            "error: quantize the f16 or bf16 GGUF (or convert the checkpoint) instead, or pass --allow-requantize"
+            "{path} is already quantized ({types}); quantizing it again adds a second rounding "
+            "error: quantize the f16 or bf16 GGUF (or convert the checkpoint) instead, or pass {allow_requantize}",
+            param="allow_requantize",
+            path=in_path,
+            types=", ".join(quantized),
         )
     header = check_gguf(in_path)
     n_weights = sum(_prod(t.dims) for t in header.tensors)
@@ -97,7 +100,12 @@ def check_threads(threads: int | None) -> int:
     if threads is None or threads == 0:
         return default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 < threads <= MAX_THREADS:
-        raise TrimixError(f"--threads must be from 1 to {MAX_THREADS} (0 or none: every core), got {threads!r}")
+        raise TrimixError(
+            "{threads} must be from 1 to {hi} (0 or none: every core), got {got!r}",
+            param="threads",
+            hi=MAX_THREADS,
+            got=threads,
+        )
     return threads
 
 
@@ -175,7 +183,7 @@ def _child(job: str) -> int:
             on_tensor=on_tensor,
         )
     except TrimixError as e:
-        sys.stdout.write(f"error {e}\n")
+        sys.stdout.write(f"error {e.render(flag)}\n")  # the parent raises it again for the command line
         return 1
     if seen["total"]:
         sys.stdout.write(f"progress {seen['total']} {seen['total']}\n")

@@ -330,7 +330,9 @@ def _convert_slab(
     if not math.isfinite(float(checked.sum(dtype=np.float64))):
         if t.qtype == T.F16 and math.isfinite(float(x.sum(dtype=np.float64))):
             raise CheckpointError(
-                f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
+                "tensor {tensor} has values beyond f16's range (±65504); convert with {out_type} bf16 or f32",
+                param="out_type",
+                tensor=t.source,
             )
         raise CheckpointError(
             f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
@@ -353,7 +355,9 @@ def _bf16_slab_to_f16(
         stored = ((bits.astype(np.uint32) << 16).view(np.float32)).sum(dtype=np.float64)
         if math.isfinite(float(stored)):
             raise CheckpointError(
-                f"tensor {t.source} has values beyond f16's range (±65504); convert with --type bf16 or f32"
+                "tensor {tensor} has values beyond f16's range (±65504); convert with {out_type} bf16 or f32",
+                param="out_type",
+                tensor=t.source,
             )
         raise CheckpointError(
             f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "

@@ -39,7 +39,7 @@ from typing import Any
 from .. import _llama
 from ..calibrate import Calibration
 from ..engine import Engine
-from ..errors import TrimixError
+from ..errors import TrimixError, flag
 from ..fusion import ROLES
 from ..loading import LoadOptions
 from ..selection import Selector
@@ -79,11 +79,15 @@ class ClusterOptions:
     threads: int = 1
 
     def __post_init__(self) -> None:
-        for flag, value in (("--workers", self.workers), ("--threads", self.threads)):
+        for name, value in (("workers", self.workers), ("threads", self.threads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ClusterError(f"{flag} must be a whole number, 1 or more, with --ray; got {value!r}")
+                raise ClusterError(
+                    "{param} must be a whole number, 1 or more, with {address}; got {got!r}", param=name, got=value
+                )
         if self.address is not None and not self.address.strip():
-            raise ClusterError("--ray ADDRESS is empty: give HOST:PORT of the cluster's head, or leave it out")
+            raise ClusterError(
+                "{address} ADDRESS is empty: give HOST:PORT of the cluster's head, or leave it out", param="address"
+            )
 
 
 def cluster_options(address: str | None, workers: int | None, threads: int) -> ClusterOptions | None:
@@ -95,7 +99,10 @@ def cluster_options(address: str | None, workers: int | None, threads: int) -> C
     """
     if address is None:
         if workers is not None:
-            raise ClusterError("--workers counts Ray workers: add --ray local (a local Ray instance) or --ray ADDRESS")
+            raise ClusterError(
+                "{workers} counts Ray workers: add {address} local (a local Ray instance) or {address} ADDRESS",
+                param="workers",
+            )
         return None
     return ClusterOptions(
         address=None if address == "local" else address,
@@ -114,7 +121,7 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ClusterError(f"--ray needs Ray: {RAY_HELP}") from None
+        raise ClusterError("{address} needs Ray: {help}", param="address", help=RAY_HELP) from None
     return ray
 
 
@@ -177,10 +184,11 @@ class Worker:
         """Check the files and load the models; answers where this worker is and its context."""
         try:
             runner = self._ready()
+        # the answers go back to the `trimix eval` that started the run, so they name its flags
         except ClusterError as e:
-            return "refused", str(e)
+            return "refused", e.render(flag)
         except TrimixError as e:
-            return "error", f"worker on {self.node}: {e}"
+            return "error", f"worker on {self.node}: {e.render(flag)}"
         assert runner.engine is not None
         return "ok", {"node": self.node, "pid": os.getpid(), "n_ctx": runner.engine.n_ctx}
 
@@ -189,22 +197,22 @@ class Worker:
         try:
             runner = self._ready()
         except ClusterError as e:
-            return "refused", str(e)
+            return "refused", e.render(flag)
         try:
             return "ok", runner.item_records(Task(task, ()), item, methods)
         except TrimixError as e:
-            return "error", str(e)
+            return "error", e.render(flag)
 
     def calibrate(self, prompts: Sequence[str], selectors: Sequence[Selector]) -> tuple[str, Any]:
         """A task's calibration over ``prompts`` (see :meth:`Runner.calibrate_prompts`)."""
         try:
             runner = self._ready()
         except ClusterError as e:
-            return "refused", str(e)
+            return "refused", e.render(flag)
         try:
             return "ok", runner.calibrate_prompts(prompts, selectors)
         except TrimixError as e:
-            return "error", str(e)
+            return "error", e.render(flag)
 
     def pid(self) -> int:
         """This worker's process id; call it in the ``probe`` concurrency group to get an answer while
@@ -286,8 +294,13 @@ class RayBackend:
         have = ray.cluster_resources().get("CPU", 0)
         if have < need:
             raise ClusterError(
-                f"the Ray cluster has {have:g} CPUs; --workers {c.workers} x --threads {c.threads} needs {need}: "
-                "lower --workers or --threads, or add nodes"
+                "the Ray cluster has {have:g} CPUs; {workers} {n_workers} x {threads} {n_threads} needs {need}: "
+                "lower {workers} or {threads}, or add nodes",
+                param="workers",
+                have=have,
+                n_workers=c.workers,
+                n_threads=c.threads,
+                need=need,
             )
 
     def _spawn(self, spec: BackendSpec) -> None:
@@ -407,8 +420,12 @@ class RayBackend:
             attempts[j] += 1
             if attempts[j] >= MAX_ATTEMPTS:
                 raise ClusterError(
-                    f"item {task.items[j].id} of {task.name} was lost with its worker {attempts[j]} times: it may "
-                    "crash the worker (run it without --ray to see), or the nodes keep failing"
+                    "item {item} of {task} was lost with its worker {n} times: it may "
+                    "crash the worker (run it without {address} to see), or the nodes keep failing",
+                    param="address",
+                    item=task.items[j].id,
+                    task=task.name,
+                    n=attempts[j],
                 )
         queue.extendleft(reversed(sorted(mine)))
         self._alive[k] = self._probe(k)
@@ -476,13 +493,20 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ClusterError(f"--ray {address}: give HOST:PORT of the cluster's head (or ray://HOST:PORT, auto, local)")
+        raise ClusterError(
+            "{address} {given}: give HOST:PORT of the cluster's head (or ray://HOST:PORT, auto, local)",
+            param="address",
+            given=address,
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as e:
         raise ClusterError(
-            f"nothing answers at --ray {address} ({e.strerror or e}): start the cluster with `ray start --head` on "
-            "that node, or check the address it printed"
+            "nothing answers at {address} {given} ({why}): start the cluster with `ray start --head` on "
+            "that node, or check the address it printed",
+            param="address",
+            given=address,
+            why=e.strerror or e,
         ) from None
 
 

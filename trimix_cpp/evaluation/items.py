@@ -143,7 +143,11 @@ def check_limit(limit: int | None) -> None:
     """``--limit`` counts items: 0 or a negative number is a mistake (Python slicing would take it as
     "all" or "all but the last"), so it is refused."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise TaskError(f"--limit must be a whole number of items, 1 or more, got {limit!r} (leave it out for all)")
+        raise TaskError(
+            "{limit} must be a whole number of items, 1 or more, got {got!r} (leave it out for all)",
+            param="limit",
+            got=limit,
+        )
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,8 @@ class XLSumTokenizer:
         except ImportError:
             raise TrimixError(
                 "ROUGE-L with the xlsum tokenizer needs pyonmttok: pip install -e '.[eval]' "
-                "(or score with --rouge-tokenizer script)"
+                "(or score with {rouge_tokenizer} script)",
+                param="rouge_tokenizer",
             ) from None
         self._aggressive = pyonmttok.Tokenizer("aggressive")
 

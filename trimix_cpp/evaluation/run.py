@@ -213,21 +213,33 @@ def run_evaluation(
     score, and write the results; returns them. ``backend`` says where items are predicted (here by
     default; see :mod:`.cluster` for workers on a Ray cluster)."""
     check_limit(cfg.limit)
-    check_count("--shots", cfg.shots, minimum=0)
-    check_count("--calibration-n", cfg.calibration_n)
+    check_count("shots", cfg.shots, minimum=0)
+    check_count("calibration_n", cfg.calibration_n)
     if isinstance(cfg.draft, bool) or not isinstance(cfg.draft, int) or not 0 <= cfg.draft <= MAX_DRAFT:
-        raise SettingsError(f"--draft must be a whole number from 0 (off) to {MAX_DRAFT}, got {cfg.draft!r}")
+        raise SettingsError(
+            "{draft} must be a whole number from 0 (off) to {hi}, got {got!r}",
+            param="draft",
+            hi=MAX_DRAFT,
+            got=cfg.draft,
+        )
     settings = GenerationSettings(max_tokens=cfg.max_tokens, mc_mode=cfg.mc_mode)
     if cfg.rouge_tokenizer not in ROUGE_TOKENIZERS:
-        raise SettingsError(f"--rouge-tokenizer is {' or '.join(ROUGE_TOKENIZERS)}, got {cfg.rouge_tokenizer!r}")
+        raise SettingsError(
+            "{rouge_tokenizer} is {choices}, got {got!r}",
+            param="rouge_tokenizer",
+            choices=" or ".join(ROUGE_TOKENIZERS),
+            got=cfg.rouge_tokenizer,
+        )
     if not tasks:
         raise SettingsError("no task to evaluate (give FILE.jsonl, milic:ROOT:TASK:LANG, ...)")
     ga, gb = parse_grid(cfg.grid_alpha), parse_grid(cfg.grid_beta)
     specs = parse_methods(cfg.methods, ga, gb)
     if cfg.draft and not any(m.drafts for m in specs):
         raise SettingsError(
-            f"--draft lets the small models draft for the large one, but none of --methods {cfg.methods} has a large "
-            "model and small-cpt (TriMix, Proxy Tuning do): use --draft 0 or add such a method"
+            "{draft} lets the small models draft for the large one, but none of {methods} {chosen} has a large "
+            "model and small-cpt (TriMix, Proxy Tuning do): use {draft} 0 or add such a method",
+            param="draft",
+            chosen=cfg.methods,
         )
     paths = setup.paths(needed_roles(specs), "evaluation")
     # Tasks are read without the token budget (no model needed), so every spec, file and name is

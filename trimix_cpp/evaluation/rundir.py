@@ -231,16 +231,22 @@ def read_predictions(path: Path) -> dict[tuple[str, str, str], dict]:
                 keep = start  # a write cut short by a crash: drop it
                 break
             raise RunDirError(
-                f"{path} line {i + 1} is not valid JSON and is not the last line, so it is not a write cut "
-                "short by a crash: remove that line, or start a new run with another --out"
+                "{path} line {line} is not valid JSON and is not the last line, so it is not a write cut "
+                "short by a crash: remove that line, or start a new run with another {out}",
+                param="out",
+                path=path,
+                line=i + 1,
             ) from None
         if i == last and not complete:
             keep = start  # a whole record without its newline: the write may not have finished
             break
         if not is_prediction(rec):
             raise RunDirError(
-                f"{path} line {i + 1} is not a prediction record (an object with string task, id, method and "
-                "output): this file was not written by trimix eval; use another --out"
+                "{path} line {line} is not a prediction record (an object with string task, id, method and "
+                "output): this file was not written by trimix eval; use another {out}",
+                param="out",
+                path=path,
+                line=i + 1,
             )
         records[(rec["task"], rec["id"], rec["method"])] = rec
     if keep < len(data):
@@ -323,8 +329,11 @@ class RunDir:
             )
             if self._stored is None and self._has_work:
                 raise RunDirError(
-                    f"{self.path} holds predictions but no {MANIFEST}, so what they were made with is unknown: "
-                    f"delete {self.path} to start over, or use another --out"
+                    "{path} holds predictions but no {manifest}, so what they were made with is unknown: "
+                    "delete {path} to start over, or use another {out}",
+                    param="out",
+                    path=self.path,
+                    manifest=MANIFEST,
                 )
         except BaseException:
             self.close()
@@ -334,11 +343,20 @@ class RunDir:
     def _prepare(self) -> None:
         path = self.path
         if path.exists() and not path.is_dir():
-            raise RunDirError(f"--out {path} is a file, not a folder: give the path of a folder (it is created)")
+            raise RunDirError(
+                "{out} {path} is a file, not a folder: give the path of a folder (it is created)",
+                param="out",
+                path=path,
+            )
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunDirError(f"cannot create the run folder {path}: {e.strerror or e}; choose another --out") from None
+            raise RunDirError(
+                "cannot create the run folder {path}: {why}; choose another {out}",
+                param="out",
+                path=path,
+                why=e.strerror or e,
+            ) from None
         try:
             with tempfile.TemporaryFile(dir=path):
                 pass
@@ -348,7 +366,10 @@ class RunDir:
                         pass
         except OSError as e:
             raise RunDirError(
-                f"the run folder {path} is not writable ({e.strerror or e}); choose another --out"
+                "the run folder {path} is not writable ({why}); choose another {out}",
+                param="out",
+                path=path,
+                why=e.strerror or e,
             ) from None
 
     def _lock(self) -> None:
@@ -357,7 +378,10 @@ class RunDir:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise RunDirError(
-                f"the run folder {self.path} is not writable ({e.strerror or e}); choose another --out"
+                "the run folder {path} is not writable ({why}); choose another {out}",
+                param="out",
+                path=self.path,
+                why=e.strerror or e,
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -371,8 +395,11 @@ class RunDir:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunDirError(
-                    f"the run folder {self.path} is in use by another trimix eval{holder}: wait for it to finish, "
-                    "or use another --out"
+                    "the run folder {path} is in use by another trimix eval{holder}: wait for it to finish, "
+                    "or use another {out}",
+                    param="out",
+                    path=self.path,
+                    holder=holder,
                 ) from None
             raise RunDirError(f"cannot lock the run folder {self.path}: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
@@ -389,12 +416,19 @@ class RunDir:
             data = None
         if not isinstance(data, dict) or not str(data.get("format", "")).startswith("trimix-run/"):
             raise RunDirError(
-                f"{path} is not a trimix run manifest: delete {self.path} to start over, or use another --out"
+                "{path} is not a trimix run manifest: delete {folder} to start over, or use another {out}",
+                param="out",
+                path=path,
+                folder=self.path,
             )
         if data["format"] != FORMAT:
             raise RunDirError(
-                f"the run folder {self.path} was made by another version of trimix eval (format {data['format']}, "
-                f"this one reads {FORMAT}): delete {self.path} to start over, or use another --out"
+                "the run folder {path} was made by another version of trimix eval (format {found}, "
+                "this one reads {format}): delete {path} to start over, or use another {out}",
+                param="out",
+                path=self.path,
+                found=data["format"],
+                format=FORMAT,
             )
         return data
 
@@ -431,8 +465,11 @@ class RunDir:
         changes = _differences(self._stored, {k: v for k, v in self._manifest.items() if k != "format"})
         if changes:
             raise RunDirError(
-                f"the run folder {self.path} was made with other settings: {'; '.join(changes)}. Use another "
-                f"--out for a new run, or delete {self.path} to start over"
+                "the run folder {path} was made with other settings: {changes}. Use another "
+                "{out} for a new run, or delete {path} to start over",
+                param="out",
+                path=self.path,
+                changes="; ".join(changes),
             )
 
     def save(self) -> None:

@@ -31,7 +31,7 @@ from typing import Protocol
 from ..calibrate import Calibration, read_calibration
 from ..calibrate import calibrate as calibrate_prompts
 from ..engine import Engine, SeqSpec
-from ..errors import ContextOverflowError, TrimixError
+from ..errors import ContextOverflowError, TrimixError, flag
 from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, FusionPlan, plan
 from ..methods import MethodChoice, resolve_fusion
 from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector
@@ -102,7 +102,7 @@ def parse_methods(spec: str, grid_alpha: Sequence[float] = DEFAULT_GRID, grid_be
                 "trimix-ppl, trimix-ent, trimix-ppl-task, trimix-ent-task, upper-bound)"
             )
     if not out:
-        raise TrimixError("--methods is empty")
+        raise TrimixError("{methods} is empty", param="methods")
     return out
 
 
@@ -161,11 +161,19 @@ class SettingsError(TrimixError):
     """An evaluation setting out of its range (a count below 1, an unknown mode)."""
 
 
-def check_count(flag: str, value: object, minimum: int = 1) -> None:
-    """A count such as ``--max-tokens`` or ``--calibration-n`` must be a whole number >= ``minimum``:
-    a 0 or a negative one would silently mean something else (nothing, or a division by zero)."""
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """A count such as ``max_tokens`` or ``calibration_n`` must be a whole number >= ``minimum``:
+    a 0 or a negative one would silently mean something else (nothing, or a division by zero).
+    ``name`` is the parameter, or a phrase for a count that no parameter sets."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SettingsError(f"{flag} must be a whole number, {minimum} or more, got {value!r}")
+        param = name if name.isidentifier() else None
+        raise SettingsError(
+            ("{param}" if param else "{what}") + " must be a whole number, {minimum} or more, got {got!r}",
+            param=param,
+            what=name,
+            minimum=minimum,
+            got=value,
+        )
 
 
 @dataclass
@@ -176,10 +184,10 @@ class GenerationSettings:
     mc_mode: str = "generate"  # or "score": rank options by fused log-likelihood
 
     def __post_init__(self) -> None:
-        check_count("--max-tokens", self.max_tokens)
+        check_count("max_tokens", self.max_tokens)
         check_count("the multiple-choice answer length", self.mc_max_tokens)
         if self.mc_mode not in ("generate", "score"):
-            raise SettingsError(f"--mc-mode is generate or score, got {self.mc_mode!r}")
+            raise SettingsError("{mc_mode} is generate or score, got {got!r}", param="mc_mode", got=self.mc_mode)
         self.stop = tuple(self.stop)
 
 
@@ -242,7 +250,7 @@ class Runner:
     calibrator: Calibrator | None = None
 
     def __post_init__(self) -> None:
-        check_count("--calibration-n", self.calibration_n)
+        check_count("calibration_n", self.calibration_n)
         check_count("the calibration seed", self.calibration_seed, minimum=0)
         self._log = PredictionLog(self.out_dir / "predictions.jsonl") if self.out_dir is not None else None
 
@@ -303,7 +311,7 @@ class Runner:
         try:
             found = self.calibrate_prompts([pool[i].prompt for i in picked], selectors)
         except TrimixError as e:
-            raise TrimixError(f"{task.name}: {e}") from None
+            raise TrimixError("{task}: {error}", param=e.param, task=task.name, error=e) from None
         self.calibration_seconds[task.name] = self.calibration_seconds.get(task.name, 0.0) + time.perf_counter() - t0
         for strategy, cal in found.items():
             cal.save(calibration_path(self.out_dir, task.name if strategy == "ppl" else f"{task.name}-{strategy}"))
@@ -350,7 +358,8 @@ class Runner:
         except ContextOverflowError as e:
             # one item too long for the context: no answer for it, and the run goes on
             return [
-                {"task": task.name, "id": item.id, "method": m.name, "output": "", "error": str(e)} for m in methods
+                {"task": task.name, "id": item.id, "method": m.name, "output": "", "error": e.render(flag)}
+                for m in methods
             ]
 
     def predict_item(self, task: Task, item: EvalItem, methods: Sequence[MethodSpec]) -> list[dict]:
@@ -440,7 +449,12 @@ def score_task(
     """The task metric of each method, over the items it has predictions for (ROUGE-L with the
     tokenizer named ``rouge_tokenizer``)."""
     if rouge_tokenizer not in ROUGE_TOKENIZERS:
-        raise SettingsError(f"--rouge-tokenizer is {' or '.join(ROUGE_TOKENIZERS)}, got {rouge_tokenizer!r}")
+        raise SettingsError(
+            "{rouge_tokenizer} is {choices}, got {got!r}",
+            param="rouge_tokenizer",
+            choices=" or ".join(ROUGE_TOKENIZERS),
+            got=rouge_tokenizer,
+        )
     out: dict[str, float] = {}
     for name in method_names:
         items, outputs = [], []

@@ -45,7 +45,7 @@ class ServeDefaults(MethodChoice):
     def resolved(self, profile: object | None) -> ServeDefaults:
         """These defaults with the profile's filled in, checked as the command line checks them.
 
-        Raises :class:`TrimixError` (naming the flag) for a combination no request could use.
+        Raises :class:`TrimixError` (about the parameter) for a combination no request could use.
         """
         method = self.method or getattr(profile, "method", None) or "trimix"
         fusion = resolve_fusion(dataclasses.replace(self, method=method), profile)  # --alpha with proxy and the like
@@ -63,7 +63,9 @@ class ServeDefaults(MethodChoice):
         sampling_params(temperature)  # raises for a negative or non-finite temperature
         page = self.page or getattr(profile, "page", None)
         if page is not None and page not in PAGE_MODES:
-            raise TrimixError(f"--page must be {' or '.join(PAGE_MODES)}, got {page!r}")
+            raise TrimixError(
+                "{page} must be {choices}, got {got!r}", param="page", choices=" or ".join(PAGE_MODES), got=page
+            )
         return dataclasses.replace(
             self, method=method, alpha=alpha, beta=beta, gamma=gamma, select=select, temperature=temperature, page=page
         )

@@ -1,8 +1,9 @@
 """Errors as OpenAI clients expect them: ``{"error": {"message", "type", "param", "code"}}`` and a status.
 
-The library's messages name command-line flags (``--alpha``), since that is how most people meet
-them; a client of the HTTP API sent JSON fields instead, so the flags a request can set are
-rewritten to the field that set them (``trimix.alpha``), and the first one becomes ``param``.
+A library error carries the parameter at fault as data (see :mod:`trimix_cpp.errors`); a client of
+the HTTP API sent JSON fields, so the parameters a request can set are named by the field that set
+them (``trimix.alpha``), and that field becomes ``param``. Other parameters are the server's own
+command-line flags (``--n-ctx``), named as its operator gave them.
 """
 
 from __future__ import annotations
@@ -10,31 +11,55 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import ContextOverflowError, TrimixError
+from ..errors import ContextOverflowError, TrimixError, flag
 
-# Command-line flags whose value comes from a request field, and that field.
-FLAG_FIELDS = {
-    "--alpha": "trimix.alpha",
-    "--beta": "trimix.beta",
-    "--gamma": "trimix.gamma",
-    "--method": "trimix.method",
-    "--role": "trimix.role",
-    "--select": "trimix.select",
-    "--grid-alpha": "trimix.grid_alpha",
-    "--grid-beta": "trimix.grid_beta",
-    "--draft": "trimix.draft",
-    "--temperature": "temperature",
-    "--top-k": "top_k",
-    "--top-p": "top_p",
-    "--min-p": "min_p",
-    "--seed": "seed",
-    "--max-tokens": "max_tokens",
-    "--repeat-penalty": "repeat_penalty",
-    "--repeat-last-n": "repeat_last_n",
-    "--frequency-penalty": "frequency_penalty",
-    "--presence-penalty": "presence_penalty",
+# Library parameters whose value comes from a request field, and that field.
+REQUEST_FIELDS = {
+    "alpha": "trimix.alpha",
+    "beta": "trimix.beta",
+    "gamma": "trimix.gamma",
+    "method": "trimix.method",
+    "role": "trimix.role",
+    "select": "trimix.select",
+    "grid_alpha": "trimix.grid_alpha",
+    "grid_beta": "trimix.grid_beta",
+    "draft": "trimix.draft",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "seed": "seed",
+    "max_tokens": "max_tokens",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
 }
+
+
+def request_name(name: str) -> str:
+    """How the server names a library parameter: its request field, else the server's flag."""
+    return REQUEST_FIELDS.get(name) or flag(name)
+
+
+# Messages of the modules that still write flags into their text instead of raising with ``param``
+# (generation.py, speculative.py): their flags are swapped for request fields until they do.
+_LEGACY_FLAGS = {flag(name): field for name, field in REQUEST_FIELDS.items()}
 _FLAG = re.compile(r"--[a-z][a-z0-9-]*")
+
+
+def _legacy_message(message: str) -> tuple[str, str | None]:
+    first: list[str] = []
+
+    def swap(m: re.Match[str]) -> str:
+        field = _LEGACY_FLAGS.get(m.group(0))
+        if field is None:
+            return m.group(0)
+        if not first:
+            first.append(field)
+        return field
+
+    return _FLAG.sub(swap, message), (first[0] if first else None)
 
 
 class APIError(Exception):
@@ -62,25 +87,12 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def api_message(message: str) -> tuple[str, str | None]:
-    """A library message with request fields in place of flags, and the first such field."""
-    first: list[str] = []
-
-    def swap(m: re.Match[str]) -> str:
-        field = FLAG_FIELDS.get(m.group(0))
-        if field is None:
-            return m.group(0)
-        if not first:
-            first.append(field)
-        return field
-
-    text = _FLAG.sub(swap, message)
-    return text, (first[0] if first else None)
-
-
 def from_trimix(e: TrimixError, status: int = 400) -> APIError:
-    """A user error raised by the library, as a 400 naming the field that caused it."""
-    message, param = api_message(str(e))
+    """A user error raised by the library, as a 400 naming the request field that caused it."""
+    if e.param is None and not e.values:
+        message, param = _legacy_message(str(e))
+    else:
+        message, param = e.render(request_name), REQUEST_FIELDS.get(e.param or "")
     if isinstance(e, ContextOverflowError):
         return APIError(400, message, param=param or "messages", code="context_length_exceeded")
     return APIError(status, message, param=param, code="invalid_value")

@@ -60,7 +60,12 @@ def bind(listen: Listen) -> socket.socket:
     try:
         infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise TrimixError(f"cannot listen on {listen.host!r}: {e.strerror} (give --host an address or name)") from None
+        raise TrimixError(
+            "cannot listen on {given!r}: {why} (give {host} an address or name)",
+            param="host",
+            given=listen.host,
+            why=e.strerror,
+        ) from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,7 +75,11 @@ def bind(listen: Listen) -> socket.socket:
     except OSError as e:
         sock.close()
         raise TrimixError(
-            f"cannot listen on {listen.host}:{listen.port}: {e.strerror} (another server there? choose another --port)"
+            "cannot listen on {given_host}:{given_port}: {why} (another server there? choose another {port})",
+            param="port",
+            given_host=listen.host,
+            given_port=listen.port,
+            why=e.strerror,
         ) from None
     return sock
 

@@ -302,10 +302,7 @@ def seq_spec(req: _Common, limits: Limits) -> SeqSpec:
     try:
         fusion = resolve_fusion(choice, limits.profile)
     except TrimixError as e:
-        err = from_trimix(e)
-        if err.param is None:  # messages that name no flag: an unknown method or strategy
-            err.param = "trimix.select" if "strategy" in err.message else "trimix.method"
-        raise err from None
+        raise from_trimix(e) from None
     temperature, seed = req.temperature, req.seed
     if temperature is None and limits.defaults is not None:
         temperature = limits.defaults.temperature

@@ -34,7 +34,7 @@ from ..fusion import FusionPlan
 from ..generation import Generation, NonFiniteLogitsError, SeqSpec
 from ..sampling import SamplingParams
 from .conversations import ConversationCache
-from .errors import APIError, from_trimix, server_error, shutting_down, still_loading
+from .errors import APIError, from_trimix, request_name, server_error, shutting_down, still_loading
 from .responses import Outcome
 
 if TYPE_CHECKING:
@@ -326,7 +326,7 @@ class EngineWorker:
                 job.send(Failed(from_trimix(err)))
             else:
                 log.error("generation failed: %s: %s", type(err).__name__, err)
-                message = f"generation failed: {err}" if isinstance(err, TrimixError) else None
+                message = f"generation failed: {err.render(request_name)}" if isinstance(err, TrimixError) else None
                 job.send(Failed(server_error(message) if message else server_error()))
             return
         job.send(Done(outcome(gen)))
