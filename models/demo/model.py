@@ -5,9 +5,9 @@ written to GGUF unchanged:
 
 * pre-norm blocks with RMSNorm, causal multi-head attention and a SwiGLU feed-forward;
 * rotary position embedding in llama.cpp's "normal" form, which rotates *adjacent* pairs
-  ``(x[2i], x[2i+1])`` of each head (Hugging Face's Llama rotates the two halves instead,
-  which is why its converter permutes Q and K; writing the adjacent form here means no
-  permutation is needed on export);
+  ``(x[2i], x[2i+1])`` of each head (Hugging Face's Llama rotates the two halves instead:
+  ``export.py`` stores Q and K in that layout in the checkpoint it saves, and the converter
+  permutes them back, so the GGUF holds these very rows);
 * the output projection is tied to the token embedding (llama.cpp reuses
   ``token_embd.weight`` when a file has no ``output.weight``).  With a 49,152-token
   vocabulary the embedding is most of the parameters, so tying halves the model and the

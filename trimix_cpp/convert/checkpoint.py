@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..errors import TrimixError
 
-__all__ = ["Checkpoint", "CheckpointError", "SourceTensor", "bf16_to_f16"]
+__all__ = ["Checkpoint", "CheckpointError", "SourceTensor", "bf16_to_f16", "to_float32"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,7 +36,6 @@ DTYPES: dict[str, tuple[type[np.generic], int]] = {
     "BF16": (np.uint16, 2),
 }
 MAX_HEADER = 100 * 2**20  # the format's own limit on the JSON header
-_LITTLE = sys.byteorder == "little"
 
 
 class CheckpointError(TrimixError):
@@ -65,12 +63,13 @@ class SourceTensor:
         """Elements per row (the product of every dimension but the first)."""
         return math.prod(self.shape[1:]) if len(self.shape) > 1 else math.prod(self.shape)
 
-    def read_raw(self, handle: Any, start: int, stop: int) -> np.ndarray:
+    def read_raw(self, handle: Any, start: int, stop: int, buf: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` as stored (float32, float16, or bfloat16 bit patterns as uint16),
-        shape ``(stop - start, row_elems)``. ``handle`` is the open binary file of :attr:`path`."""
+        shape ``(stop - start, row_elems)``. ``handle`` is the open binary file of :attr:`path`; ``buf``, a
+        uint8 array at least that large, is read into instead of a fresh array (and the result is a view of it)."""
         size = DTYPES[self.dtype][1]
-        count = (stop - start) * self.row_elems
-        raw = np.empty(count * size, np.uint8)
+        nbytes = (stop - start) * self.row_elems * size
+        raw = buf[:nbytes] if buf is not None and buf.nbytes >= nbytes else np.empty(nbytes, np.uint8)
         handle.seek(self.offset + start * self.row_elems * size)
         if handle.readinto(memoryview(raw)) != raw.nbytes:
             raise CheckpointError(
@@ -80,13 +79,23 @@ class SourceTensor:
 
     def read_rows(self, handle: Any, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as float32, shape ``(stop - start, row_elems)``."""
-        raw = self.read_raw(handle, start, stop)
-        if self.dtype == "BF16":
-            # bfloat16 is the top half of a float32: place each value in the high 16 bits of a zeroed word
-            wide = np.zeros(2 * raw.size, np.uint16)
-            wide[1 if _LITTLE else 0 :: 2] = raw.ravel()
-            return wide.view(np.float32).reshape(raw.shape)
-        return raw.astype(np.float32, copy=False)
+        return to_float32(self.read_raw(handle, start, stop))
+
+
+def to_float32(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values (float32, float16, or bfloat16 bit patterns as uint16) as float32, written into ``out``
+    (a float32 array of at least ``raw.size`` elements) when given; float32 input is returned as it is.
+
+    bfloat16 is the top half of a float32, so widening it is a 16-bit shift of each pattern, exact, in one pass.
+    """
+    if raw.dtype == np.float32:
+        return raw
+    dst = np.empty(raw.shape, np.float32) if out is None or out.size < raw.size else out[: raw.size].reshape(raw.shape)
+    if raw.dtype == np.uint16:
+        np.left_shift(raw, 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        dst[...] = raw
+    return dst
 
 
 def bf16_to_f16(bits: np.ndarray) -> np.ndarray:

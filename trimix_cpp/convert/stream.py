@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import gguf
 import numpy as np
@@ -32,7 +32,7 @@ from gguf.gguf_writer import WriterState
 
 from ..errors import TrimixError
 from .architectures import Family, TensorPlan, family_for
-from .checkpoint import Checkpoint, CheckpointError, SourceTensor, bf16_to_f16
+from .checkpoint import Checkpoint, CheckpointError, SourceTensor, bf16_to_f16, to_float32
 from .outfile import check_room, gib, partial_beside, publish
 from .qtypes import DIRECT_TYPES, FTYPES, T
 
@@ -314,31 +314,61 @@ def _convert_slab(
     assert src is not None
     if src.dtype == "BF16" and t.qtype == T.F16 and not t.add_one:
         return _bf16_slab_to_f16(t, src, handle, read_lock, r0, r1)
+    # Every encoding but f32 makes a new array, so the read and the float32 rows can live in this thread's
+    # scratch buffers (reused slab after slab); f32 output may be those very rows, so it gets its own.
+    scratch = t.qtype != T.F32
+    n = (r1 - r0) * src.row_elems
     with read_lock:  # one handle per shard, read in turn; the work after the read runs in parallel
-        x = src.read_rows(handle, r0, r1)
+        raw = src.read_raw(handle, r0, r1, _scratch("raw", n * 4) if scratch else None)
+    x = to_float32(raw, _scratch("f32", n * 4).view(np.float32) if scratch else None)
     row_elems = src.row_elems
     if t.head_dim:
         k = (r1 - r0) // t.head_dim
         x = x.reshape(k, 2, t.head_dim // 2, row_elems).swapaxes(1, 2).reshape(r1 - r0, row_elems)
     if t.add_one:
         x = x + np.float32(1.0)
+    if t.qtype != T.F16 and not _all_finite(x):  # f16 is checked after encoding, which also catches overflow
+        _not_finite(t, r0, r1)
     data = _encode(x if len(t.shape) > 1 else x.reshape(-1), t.qtype)
-    # one pass finds NaN and infinity: a sum is not finite exactly when an element is not (in float64,
-    # float32 and float16 values cannot overflow it); f16 output is checked after encoding, which also
-    # catches values beyond f16's range
-    checked = data if t.qtype == T.F16 else x
-    if not math.isfinite(float(checked.sum(dtype=np.float64))):
-        if t.qtype == T.F16 and math.isfinite(float(x.sum(dtype=np.float64))):
+    if t.qtype == T.F16 and not math.isfinite(float(data.sum(dtype=np.float32))):  # f16 sums cannot overflow it
+        if _all_finite(x):
             raise CheckpointError(
                 "tensor {tensor} has values beyond f16's range (±65504); convert with {out_type} bf16 or f32",
                 param="out_type",
                 tensor=t.source,
             )
-        raise CheckpointError(
-            f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
-            "or was saved mid-divergence: download it again or use another checkpoint"
-        )
+        _not_finite(t, r0, r1)
     return np.ascontiguousarray(data)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable byte buffer ``name``, at least ``nbytes`` long: slab after slab, the read and
+    the float32 rows land in memory already mapped instead of fresh allocations that fault every page in."""
+    buf: np.ndarray | None = getattr(_SCRATCH, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(nbytes, np.uint8)
+        setattr(_SCRATCH, name, buf)
+    return buf[:nbytes]
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether no value is NaN or infinite. A float32 sum (one vectorized pass, no temporary) is finite when
+    every value is, since NaN and infinity propagate through it; only a sum that is not (which large finite
+    values can also cause by overflowing it) is settled exactly, element by element."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(x.sum(dtype=np.float32))):
+            return True
+    return bool(np.isfinite(x).all())
+
+
+def _not_finite(t: TensorPlan, r0: int, r1: int) -> NoReturn:
+    raise CheckpointError(
+        f"tensor {t.source} has NaN or infinite values (rows {r0}-{r1 - 1}); the checkpoint is damaged "
+        "or was saved mid-divergence: download it again or use another checkpoint"
+    )
 
 
 def _bf16_slab_to_f16(
@@ -372,4 +402,23 @@ def _encode(x: np.ndarray, qtype: T) -> np.ndarray:
     if qtype == T.F16:
         with np.errstate(over="ignore"):  # out-of-range values become inf, which the caller reports
             return x.astype(np.float16)
+    if qtype == T.Q8_0 and _fast_q8_0():
+        from .._llama import quantize_q8_0
+
+        return quantize_q8_0(x.reshape(-1, x.shape[-1]))
     return gguf.quants.quantize(np.ascontiguousarray(x, dtype=np.float32), qtype)
+
+
+# q8_0 through ggml's own row quantizer (trimix_cpp._llama): the bytes of the gguf package's numpy encoder,
+# which it falls back to where this llama-cpp-python does not export the quantizer, but faster and on
+# whole slabs. None until first needed (converting to other types never loads llama.cpp).
+_FAST_Q8_0: bool | None = None
+
+
+def _fast_q8_0() -> bool:
+    global _FAST_Q8_0
+    if _FAST_Q8_0 is None:
+        from .._llama import q8_0_available
+
+        _FAST_Q8_0 = q8_0_available()
+    return _FAST_Q8_0
