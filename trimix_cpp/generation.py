@@ -57,7 +57,7 @@ def check_max_tokens(max_tokens: object) -> None:
     """A whole number of tokens: a float such as NaN would compare false against every count and
     run generation to the end of the context."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
-        raise TrimixError(f"--max-tokens must be a whole number >= 0, got {max_tokens!r}")
+        raise TrimixError("{max_tokens} must be a whole number >= 0, got {got!r}", param="max_tokens", got=max_tokens)
 
 
 MAX_TOP_LOGPROBS = 20
@@ -69,8 +69,10 @@ def check_logprobs(logprobs: object) -> None:
     whole = isinstance(logprobs, (int, np.integer)) and not isinstance(logprobs, bool)
     if not whole or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise TrimixError(
-            f"--top-logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS} (alternatives shown per token), "
-            f"got {logprobs!r}"
+            "{top_logprobs} must be a whole number from 0 to {hi} (alternatives shown per token), got {got!r}",
+            param="top_logprobs",
+            hi=MAX_TOP_LOGPROBS,
+            got=logprobs,
         )
 
 
@@ -85,7 +87,9 @@ class TokenLogprob:
 
 def check_draft(draft: object) -> None:
     if isinstance(draft, bool) or not isinstance(draft, (int, np.integer)) or not 0 <= draft <= MAX_DRAFT:
-        raise TrimixError(f"--draft must be a whole number from 0 (off) to {MAX_DRAFT}, got {draft!r}")
+        raise TrimixError(
+            "{draft} must be a whole number from 0 (off) to {hi}, got {got!r}", param="draft", hi=MAX_DRAFT, got=draft
+        )
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .errors import ContextOverflowError, TrimixError, WeightError
-from .fusion import FusionPlan, plan
+from .fusion import FusionPlan
 from .generation import Generation, SeqSpec, Session, check_draft, check_logprobs, check_max_tokens
 from .prefill import PromptPass, evaluate_prompt
 from .selection import SELECTION_ROLES, GridRows, Selector
@@ -176,15 +176,20 @@ def _check_spec(spec: SeqSpec, models: Mapping[str, LlamaModel]) -> None:
     spec.sampling.validate()
     if spec.draft and (spec.sampling.penalized or spec.logprobs is not None):
         what = "repetition penalties" if spec.sampling.penalized else "logprobs"
-        raise TrimixError(f"--draft (speculative decoding) cannot be combined with {what} (use --draft 0)")
+        raise TrimixError(
+            "{draft} (speculative decoding) cannot be combined with {what} (use {draft} 0)", param="draft", what=what
+        )
     missing = [r for r in spec.roles if r not in models]
     if missing:
-        flag = "--" + missing[0].replace("_", "-")
-        raise WeightError(f"this method needs the {missing[0]} model ({flag}), which is not loaded")
+        raise WeightError(
+            "this method needs the {model} model ({param}), which is not loaded", param=missing[0], model=missing[0]
+        )
     if spec.draft and isinstance(spec.fusion, FusionPlan) and draft_plan(spec.fusion) is None:
         raise TrimixError(
-            f"--draft lets small models draft for a large one, but --method {spec.fusion.method} has no large "
-            "model or no small-cpt model (use --draft 0)"
+            "{draft} lets small models draft for a large one, but {method} {chosen} has no large model or no "
+            "small-cpt model (use {draft} 0)",
+            param="draft",
+            chosen=spec.fusion.method,
         )
 
 
@@ -267,10 +272,15 @@ class Scheduler:
             if len(specs) != 1:
                 raise TrimixError("a conversation generates one reply per request")
             if specs[0].draft:
-                raise TrimixError("--draft (speculative decoding) is not available in a conversation (use --draft 0)")
+                raise TrimixError(
+                    "{draft} (speculative decoding) is not available in a conversation (use {draft} 0)", param="draft"
+                )
         if len(specs) > self.n_seq:
             raise TrimixError(
-                f"this request needs {len(specs)} sequences but the engine holds {self.n_seq} (raise --parallel)"
+                "this request needs {n} sequences but the engine holds {held} (raise {n_seq})",
+                param="n_seq",
+                n=len(specs),
+                held=self.n_seq,
             )
         for spec in specs:
             _check_spec(spec, eng.models)
@@ -278,8 +288,13 @@ class Scheduler:
         cells = self.kv.for_request(len(prompt), specs)
         if cells > self.kv.total:
             raise ContextOverflowError(
-                f"this request needs {cells} KV cells (a {len(prompt)}-token prompt and {len(specs)} sequences) "
-                f"but the cache holds {self.kv.total} (raise --n-ctx or lower --parallel or --max-tokens)"
+                "this request needs {cells} KV cells (a {tokens}-token prompt and {n} sequences) but the cache "
+                "holds {total} (raise {n_ctx} or lower {n_seq} or {max_tokens})",
+                param="max_tokens",
+                cells=cells,
+                tokens=len(prompt),
+                n=len(specs),
+                total=self.kv.total,
             )
         gens = [Generation(self, prompt, spec) for spec in specs]
         self.queue.append(Request(prompt, gens, cells, session=session))
@@ -321,7 +336,9 @@ class Scheduler:
         """A conversation that keeps its tokens in the cache between requests (holds one sequence id)."""
         if not self.kv.ids:
             raise TrimixError(
-                f"no free sequence for a conversation: all {self.n_seq} are in use (raise --parallel or close one)"
+                "no free sequence for a conversation: all {n} are in use (raise {n_seq} or close one)",
+                param="n_seq",
+                n=self.n_seq,
             )
         return Session(self, self.kv.ids.pop())
 
@@ -421,7 +438,7 @@ class Scheduler:
             req = self.queue.popleft()
             if req.session is not None:
                 req.session.busy = False
-            self._fail(req.gens, TrimixError("the request does not fit in the KV cache (raise --n-ctx)"))
+            self._fail(req.gens, TrimixError("the request does not fit in the KV cache (raise {n_ctx})", param="n_ctx"))
 
     def _split(self, batch: list[SeqState]) -> tuple[list[SeqState], list[SeqState]]:
         """The sequences that decode plainly this step, and those that run a speculative round (a
@@ -581,8 +598,7 @@ class Scheduler:
             g.timings.cached_tokens = len(req.prompt) - ev.evaluated
             if isinstance(g.spec.fusion, Selector):
                 g.selection = ev.selections[g.spec.fusion]
-                a, b = g.selection.chosen
-                g.fusion = plan("trimix", alpha=a, beta=b)
+                g.fusion = g.selection.plan()
             fusion = g.fusion
             assert isinstance(fusion, FusionPlan)
             key = _same_output_key(g.spec, fusion)

@@ -8,7 +8,6 @@ command-line flags (``--n-ctx``), named as its operator gave them.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from ..errors import ContextOverflowError, TrimixError, flag
@@ -42,26 +41,6 @@ def request_name(name: str) -> str:
     return REQUEST_FIELDS.get(name) or flag(name)
 
 
-# Messages of the modules that still write flags into their text instead of raising with ``param``
-# (generation.py, speculative.py): their flags are swapped for request fields until they do.
-_LEGACY_FLAGS = {flag(name): field for name, field in REQUEST_FIELDS.items()}
-_FLAG = re.compile(r"--[a-z][a-z0-9-]*")
-
-
-def _legacy_message(message: str) -> tuple[str, str | None]:
-    first: list[str] = []
-
-    def swap(m: re.Match[str]) -> str:
-        field = _LEGACY_FLAGS.get(m.group(0))
-        if field is None:
-            return m.group(0)
-        if not first:
-            first.append(field)
-        return field
-
-    return _FLAG.sub(swap, message), (first[0] if first else None)
-
-
 class APIError(Exception):
     """An error response: HTTP status, OpenAI error type, the offending field and a short code."""
 
@@ -89,10 +68,7 @@ class APIError(Exception):
 
 def from_trimix(e: TrimixError, status: int = 400) -> APIError:
     """A user error raised by the library, as a 400 naming the request field that caused it."""
-    if e.param is None and not e.values:
-        message, param = _legacy_message(str(e))
-    else:
-        message, param = e.render(request_name), REQUEST_FIELDS.get(e.param or "")
+    message, param = e.render(request_name), REQUEST_FIELDS.get(e.param or "")
     if isinstance(e, ContextOverflowError):
         return APIError(400, message, param=param or "messages", code="context_length_exceeded")
     return APIError(status, message, param=param, code="invalid_value")
