@@ -9,6 +9,12 @@ slower here (60 to 12 tokens/s on 2 cores), where one thread, which never waits 
 full count, tries one thread for a couple of steps soon after it starts, every couple of seconds
 and whenever a step takes twice its usual time (and the full count again while on one), and keeps
 whichever decoded the same batch faster lately.
+
+A trial costs what the slower setting loses over its steps, so trials are spaced by the step time
+as well: at most about :data:`TRIAL_SHARE` of decoding goes to them. With a 7B model on two cores
+(about 0.65 s a fused step) a trial every two seconds took two steps in five at one thread and cost
+a fifth of the server's decode rate; spaced by the step time it costs a few per cent, while a
+small model's 10-30 ms steps keep the two-second rhythm.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ FIRST_PROBE_S = 0.25
 PROBE_EVERY_S = 2.0
 PROBE_STEPS = 2
 JUMP = 2.0
+# About the largest share of the steps that trials may take: the next trial begins PROBE_EVERY_S after
+# one began, or PROBE_STEPS / TRIAL_SHARE steps of the chosen setting later, whichever is later.
+TRIAL_SHARE = 0.05
 # Weight of the newest step in each setting's running average of step time.
 NEW_WEIGHT = 0.5
 
@@ -44,6 +53,7 @@ class ThreadGovernor:
         self.chosen = full  # the setting in force outside trials
         self.trial_left = 0
         self.next_trial = clock() + FIRST_PROBE_S
+        self.trial_began = 0.0
         self.switches = 0
 
     @property
@@ -65,9 +75,12 @@ class ThreadGovernor:
                 if mine is not None and theirs is not None and theirs < mine:
                     self.chosen = other
                 self._use(self.chosen)
+                # the next trial: PROBE_EVERY_S after this one began, later where steps are long
+                step_s = self.avg.get((self.chosen, size), seconds)
+                self.next_trial = self.trial_began + max(PROBE_EVERY_S, PROBE_STEPS * step_s / TRIAL_SHARE)
             return
         if jumped or self.clock() >= self.next_trial:
-            self.next_trial = self.clock() + PROBE_EVERY_S
+            self.trial_began = self.clock()
             self.trial_left = PROBE_STEPS
             self._use(self.full if self.chosen == 1 else 1)
 
