@@ -31,8 +31,8 @@ import trimix_cpp as tm
 from trimix_cpp import _llama
 from trimix_cpp.engine import SeqSpec
 from trimix_cpp.evaluation.items import PromptSettings
-from trimix_cpp.evaluation.run import batch_options
-from trimix_cpp.evaluation.runner import DEFAULT_METHODS, GenerationSettings, Runner, Task, parse_methods
+from trimix_cpp.evaluation.pipeline import batch_options
+from trimix_cpp.evaluation.predict import DEFAULT_METHODS, GenerationSettings, Runner, Task, parse_methods
 from trimix_cpp.evaluation.tasks import load_spec
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.selection import DEFAULT_GRID
@@ -117,8 +117,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no MiLiC-Eval data at {args.data} (pass --data)")
-    setup = ModelSet.make("demo")
-    paths = setup.paths(("large_ins", "small_cpt", "small_base"), "the benchmark")
+    modelset = ModelSet.make("demo")
+    paths = modelset.paths(("large_ins", "small_cpt", "small_base"), "the benchmark")
     specs = parse_methods(DEFAULT_METHODS, DEFAULT_GRID, DEFAULT_GRID)
     options = batch_options(
         tm.LoadOptions(n_ctx=args.n_ctx, n_threads=args.threads), specs, len(DEFAULT_GRID) ** 2, 64, 0

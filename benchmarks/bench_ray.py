@@ -24,19 +24,19 @@ import tempfile
 from pathlib import Path
 
 from trimix_cpp.evaluation.cluster import ClusterOptions, ray_backend
-from trimix_cpp.evaluation.run import EvalConfig, LocalBackend, QuietReporter, run_evaluation
-from trimix_cpp.evaluation.rundir import PREDICTIONS
+from trimix_cpp.evaluation.folder import PREDICTIONS
+from trimix_cpp.evaluation.pipeline import EvalConfig, LocalBackend, QuietReporter, run_evaluation
 from trimix_cpp.modelset import ModelSet
 
 HERE = Path(__file__).resolve().parent
 
 
 def run(label: str, task: str, args: argparse.Namespace, backend, threads: int) -> dict:
-    setup = ModelSet.make("demo", {})
+    modelset = ModelSet.make("demo", {})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cfg = EvalConfig(methods=args.methods, out=out, shots=args.shots, limit=args.limit, max_tokens=args.n)
-        run_evaluation([task], setup, setup.load_options(None, threads), cfg, QuietReporter(), backend)
+        run_evaluation([task], modelset, modelset.load_options(None, threads), cfg, QuietReporter(), backend)
         recs = [json.loads(x) for x in (out / PREDICTIONS).read_text(encoding="utf-8").splitlines() if x]
     items_s = sum(t["items_s"] for t in cfg.timings.values())
     per_item = {r["id"]: r["seconds"] for r in recs}  # every method of an item shares one time

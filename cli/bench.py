@@ -44,7 +44,7 @@ def _ints(name: str, text: str) -> list[int]:
 
 @grouped
 def bench(
-    setup: ModelSet = group(model_set, "lang", *SELECTION_ROLES, own=WORDING),
+    modelset: ModelSet = group(model_set, "lang", *SELECTION_ROLES, own=WORDING),
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length to evaluate.")] = 256,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens to decode per measurement.")] = 64,
     drafts: Annotated[str, typer.Option("--drafts", help="Draft lengths to try, comma-separated.")] = "2,4,6",
@@ -56,7 +56,7 @@ def bench(
     verbose: Verbose = False,
 ) -> None:
     with errors(verbose):
-        paths = setup.paths(SELECTION_ROLES, "trimix bench")
+        paths = modelset.paths(SELECTION_ROLES, "trimix bench")
         options = tm.LoadOptions(n_threads=threads or None, n_gpu_layers=n_gpu_layers, verbose=verbose)
         with progress(err, counts=False, transient=True) as bar:
             task = bar.add_task("loading", total=1.0)

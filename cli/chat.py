@@ -282,7 +282,7 @@ WORDING = {
 
 @grouped
 def chat(
-    setup: ModelSet = MODELS,
+    modelset: ModelSet = MODELS,
     choice: MethodChoice = group(MethodChoice, "method", "alpha", "beta", "gamma", "role", "select", own=WORDING),
     system: Annotated[str | None, typer.Option("--system", help="The system prompt.")] = None,
     load: Annotated[Path | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
@@ -301,21 +301,21 @@ def chat(
     with errors(verbose):
         from .main import unescape
 
-        stops = setup.stops([unescape(s) for s in stop] if stop is not None else None)
+        stops = modelset.stops([unescape(s) for s in stop] if stop is not None else None)
         settings = ChatSettings(choice, {k: v for k, v in sampling.items() if v is not None}, max_tokens, tuple(stops))
-        spec = settings.spec(setup.profile)  # refuse bad settings before minutes of loading
+        spec = settings.spec(modelset.profile)  # refuse bad settings before minutes of loading
         name = spec.fusion.method if isinstance(spec.fusion, tm.FusionPlan) else "trimix"
-        check_models_used(spec.fusion, list(setup.explicit), name)
-        paths = setup.paths(fusion_roles(spec.fusion), f"method {name}")
+        check_models_used(spec.fusion, list(modelset.explicit), name)
+        paths = modelset.paths(fusion_roles(spec.fusion), f"method {name}")
         if load is not None:
             from trimix_cpp.conversation import read_conversation
 
             saved_system, saved = read_conversation(load)
-        with loading.open(setup, paths, verbose) as engine:
-            fmt = chat_format(engine, setup.profile.template if setup.profile is not None else None)
+        with loading.open(modelset, paths, verbose) as engine:
+            fmt = chat_format(engine, modelset.profile.template if modelset.profile is not None else None)
             if isinstance(fmt, NoChat):
                 raise tm.TrimixError(f"trimix chat needs a chat template: {fmt.reason}")
-            conv = Conversation(engine, fmt, settings, setup.profile, system)
+            conv = Conversation(engine, fmt, settings, modelset.profile, system)
             if load is not None:
                 conv.messages = saved
                 conv.system = system if system is not None else saved_system

@@ -1,6 +1,6 @@
 """``trimix eval``: the paper's comparison on your tasks, models and language, resumable.
 
-The run itself is :func:`trimix_cpp.evaluation.run.run_evaluation`; this module shows it: progress
+The run itself is :func:`trimix_cpp.evaluation.pipeline.run_evaluation`; this module shows it: progress
 bars and warnings on stderr, the results table on stdout, and the plot.
 """
 
@@ -19,9 +19,9 @@ from rich.table import Table
 
 import trimix_cpp as tm
 from trimix_cpp.calibrate import check_output_path
+from trimix_cpp.evaluation.pipeline import EvalConfig, LocalBackend, OpenBackend, run_evaluation
+from trimix_cpp.evaluation.predict import calibration_path
 from trimix_cpp.evaluation.results import Results
-from trimix_cpp.evaluation.run import EvalConfig, LocalBackend, OpenBackend, run_evaluation
-from trimix_cpp.evaluation.runner import calibration_path
 
 from .common import err
 from .render import out, progress
@@ -128,14 +128,14 @@ class RichReporter:
 
 def run_eval(
     tasks: list[str],
-    setup,
+    modelset,
     options: tm.LoadOptions,
     cfg: EvalConfig,
     plot_file: Path | None,
     backend: OpenBackend = LocalBackend,
 ) -> Results:
     """Run the evaluation with progress on stderr, then show the table (and draw the plot)."""
-    results = run_evaluation(tasks, setup, options, cfg, RichReporter(Console(stderr=True)), backend)
+    results = run_evaluation(tasks, modelset, options, cfg, RichReporter(Console(stderr=True)), backend)
     show(results, out)
     for task, t in cfg.timings.items():
         if t.get("calibration_s"):

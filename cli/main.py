@@ -24,8 +24,8 @@ from trimix_cpp.calibrate import calibrate as run_calibration
 from trimix_cpp.calibrate import check_output_path, read_prompts, sample_prompts
 from trimix_cpp.chat_template import chat_prompt
 from trimix_cpp.evaluation.cluster import backend_for
-from trimix_cpp.evaluation.run import EvalConfig
-from trimix_cpp.evaluation.runner import DEFAULT_METHODS, perplexity_methods
+from trimix_cpp.evaluation.pipeline import EvalConfig
+from trimix_cpp.evaluation.predict import DEFAULT_METHODS, perplexity_methods
 from trimix_cpp.generation import check_logprobs
 from trimix_cpp.methods import MethodChoice, check_models_used, fusion_roles, resolve_fusion, sampling_params
 from trimix_cpp.modelset import ModelSet
@@ -138,7 +138,7 @@ CalibrateStrategy = Annotated[
 def generate(
     prompt: Prompt = None,
     file: PromptFile = None,
-    setup: ModelSet = group(model_set, *tm.ROLES, "lang"),  # generate lists the files before --lang
+    modelset: ModelSet = group(model_set, *tm.ROLES, "lang"),  # generate lists the files before --lang
     choice: MethodChoice = FUSION,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
     sampling: dict[str, Any] = SAMPLING,
@@ -206,20 +206,20 @@ def generate(
         if system is not None and not chat:
             raise tm.TrimixError("--system is the system prompt of --chat; add --chat")
         text = read_prompt(prompt, file) if batch is None else ""
-        fusion = resolve_fusion(choice, setup.profile, lambda roles: setup.paths(roles, "--weights-from"))
+        fusion = resolve_fusion(choice, modelset.profile, lambda roles: modelset.paths(roles, "--weights-from"))
         method_name = fusion.method if isinstance(fusion, tm.FusionPlan) else "trimix"
-        check_models_used(fusion, list(setup.explicit), method_name)
-        paths = setup.paths(fusion_roles(fusion), f"method {method_name}")
+        check_models_used(fusion, list(modelset.explicit), method_name)
+        paths = modelset.paths(fusion_roles(fusion), f"method {method_name}")
         params = sampling_params(**sampling)
         check_logprobs(logprobs)
-        stops = tuple(setup.stops([unescape(s) for s in stop] if stop is not None else None))
+        stops = tuple(modelset.stops([unescape(s) for s in stop] if stop is not None else None))
         spec = dict(max_tokens=max_tokens, stop=stops, utf8_guard=utf8_guard, draft=draft, logprobs=logprobs)
         if batch is not None:
             defaults = BatchDefaults(choice, sampling, spec)
-            _generate_batch(batch, setup, paths, defaults, raw, parallel, loading, verbose, chat, system)
+            _generate_batch(batch, modelset, paths, defaults, raw, parallel, loading, verbose, chat, system)
             return
-        with loading.open(setup, paths, verbose) as engine:
-            prompt_ids = _prompt(setup, engine, text, raw, chat, system)
+        with loading.open(modelset, paths, verbose) as engine:
+            prompt_ids = _prompt(modelset, engine, text, raw, chat, system)
             gen = engine.generate_many(prompt_ids, [tm.SeqSpec(fusion, params, **spec)])[0]
             if as_json:
                 gen.run()
@@ -248,17 +248,17 @@ def generate(
         )
 
 
-def _prompt(setup: ModelSet, engine: tm.Engine, text: str, raw: bool, chat: bool, system: str | None):
+def _prompt(modelset: ModelSet, engine: tm.Engine, text: str, raw: bool, chat: bool, system: str | None):
     """The prompt as the model sees it: the text, the profile's template around it, or (``--chat``) a
     user message through the chat template, the same tokens the server's chat route builds."""
     if chat:
-        return chat_prompt(engine, setup.profile.template if setup.profile is not None else None, text, system)
-    return setup.prompt(engine, text, raw)
+        return chat_prompt(engine, modelset.profile.template if modelset.profile is not None else None, text, system)
+    return modelset.prompt(engine, text, raw)
 
 
 def _generate_batch(
     batch: Path,
-    setup: ModelSet,
+    modelset: ModelSet,
     paths: dict[str, Path],
     defaults: BatchDefaults,
     raw: bool,
@@ -275,12 +275,12 @@ def _generate_batch(
     else:
         lines = read_batch(batch)
     failed = 0
-    with loading.open(setup, paths, verbose, n_seq=4 if parallel is None else parallel) as engine:
+    with loading.open(modelset, paths, verbose, n_seq=4 if parallel is None else parallel) as engine:
 
         def spec(settings):
-            return line_spec(defaults, settings, setup.profile)
+            return line_spec(defaults, settings, modelset.profile)
 
-        make = lambda p: _prompt(setup, engine, p, raw, chat, system)  # noqa: E731
+        make = lambda p: _prompt(modelset, engine, p, raw, chat, system)  # noqa: E731
         for res in run_batch(engine, lines, spec, make, batch.name):
             sys.stdout.write(json.dumps(res.as_dict(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
@@ -298,7 +298,7 @@ def _generate_batch(
 def select_cmd(
     prompt: Prompt = None,
     file: PromptFile = None,
-    setup: ModelSet = MODELS_TRIO,
+    modelset: ModelSet = MODELS_TRIO,
     raw: Raw = False,
     grid: MethodChoice = group(selection, ("strategy", SelectStrategy, "ppl"), *GRID),
     as_json: Json = False,
@@ -308,10 +308,10 @@ def select_cmd(
     """Show the whole (alpha, beta) landscape for a prompt and the pair TriMix would pick."""
     with errors(verbose):
         text = read_prompt(prompt, file)
-        paths = setup.paths(SELECTION_ROLES, "selection")
+        paths = modelset.paths(SELECTION_ROLES, "selection")
         chooser = selector(grid)
-        with loading.open(setup, paths, verbose) as engine:
-            sel = engine.select(setup.prompt(engine, text, raw), chooser)
+        with loading.open(modelset, paths, verbose) as engine:
+            sel = engine.select(modelset.prompt(engine, text, raw), chooser)
         if as_json:
             sys.stdout.write(json.dumps(sel.as_dict(), ensure_ascii=False) + "\n")
         else:
@@ -328,7 +328,7 @@ def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the weights JSON.")] = Path(
         "trimix-weights.json"
     ),
-    setup: ModelSet = MODELS_TRIO,
+    modelset: ModelSet = MODELS_TRIO,
     raw: Raw = False,
     n: Annotated[int, typer.Option("--n", help="How many prompts to sample.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the prompt sample.")] = 0,
@@ -339,12 +339,12 @@ def calibrate(
     """Pick one (alpha, beta) for a whole task from a sample of its prompts, and save it."""
     with errors(verbose):
         check_output_path(output)
-        paths = setup.paths(SELECTION_ROLES, "calibration")
+        paths = modelset.paths(SELECTION_ROLES, "calibration")
         sample = sample_prompts(read_prompts(prompts), n, seed)
         chooser = selector(grid)
-        with loading.open(setup, paths, verbose) as engine, render.progress(err) as bar:
+        with loading.open(modelset, paths, verbose) as engine, render.progress(err) as bar:
             task = bar.add_task("calibrating", total=len(sample))
-            formatted = [setup.prompt(engine, p, raw) for p in sample]
+            formatted = [modelset.prompt(engine, p, raw) for p in sample]
             cal = run_calibration(engine, formatted, chooser, paths, lambda k: bar.update(task, completed=k))
         cal = cal[chooser.strategy]
         cal.save(output)
@@ -359,7 +359,7 @@ def calibrate(
 @grouped
 def ppl(
     text_file: Annotated[Path, typer.Argument(help="UTF-8 text file to score.")],
-    setup: ModelSet = MODELS_TRIO,
+    modelset: ModelSet = MODELS_TRIO,
     methods: Annotated[
         str,
         typer.Option(
@@ -379,9 +379,9 @@ def ppl(
             raise tm.TrimixError(f"text file not found: {text_file}")
         text = _decode_utf8(text_file.read_bytes(), f"text file {text_file}")
         plans, grid_selector = perplexity_methods(methods, grid)
-        paths = setup.paths(scoring_roles(plans.values(), grid_selector is not None), "scoring")
+        paths = modelset.paths(scoring_roles(plans.values(), grid_selector is not None), "scoring")
         budget = DEFAULT_MAX_LOGITS_MIB if grid.max_logits_mib is None else grid.max_logits_mib
-        with loading.open(setup, paths, verbose) as engine:
+        with loading.open(modelset, paths, verbose) as engine:
             scores, grid_scores = engine.perplexity(
                 text, plans, window=window, max_logits_mib=budget, grid=grid_selector
             )
@@ -413,7 +413,7 @@ def eval_cmd(
             "(the paper's LRL-G), ...:ug:ug-en Uyghur into English (ENG-G, the default)."
         ),
     ],
-    setup: ModelSet = MODELS_TRIO,
+    modelset: ModelSet = MODELS_TRIO,
     methods: Annotated[str, typer.Option(help="Comma-separated methods to compare.")] = DEFAULT_METHODS,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder; rerun the same command to resume.")] = Path(
         "trimix-eval"
@@ -470,7 +470,7 @@ def eval_cmd(
         backend = backend_for(ray_address, workers, loading.threads)
         if plot_file is not None:
             check_plot(plot_file)
-        options = loading.options(setup, verbose)
+        options = loading.options(modelset, verbose)
         cfg = EvalConfig(
             methods=methods,
             out=out,
@@ -485,7 +485,7 @@ def eval_cmd(
             rouge_tokenizer=rouge_tokenizer,
             draft=draft,
         )
-        run_eval(tasks, setup, options, cfg, plot_file, backend)
+        run_eval(tasks, modelset, options, cfg, plot_file, backend)
         err.print(
             f"[dim]predictions: {out / 'predictions.jsonl'}; results: {out / 'results.json'}, {out / 'results.md'}[/]",
             soft_wrap=True,

@@ -354,12 +354,12 @@ class EngineArgs:
     threads: int = 0
     n_gpu_layers: int = -1
 
-    def options(self, setup: ModelSet, verbose: bool, **extra: Any) -> tm.LoadOptions:
-        return setup.load_options(self.n_ctx, self.threads, self.n_gpu_layers, verbose, **extra)
+    def options(self, modelset: ModelSet, verbose: bool, **extra: Any) -> tm.LoadOptions:
+        return modelset.load_options(self.n_ctx, self.threads, self.n_gpu_layers, verbose, **extra)
 
-    def open(self, setup: ModelSet, paths: Mapping[str, Path], verbose: bool, **extra: Any) -> tm.Engine:
+    def open(self, modelset: ModelSet, paths: Mapping[str, Path], verbose: bool, **extra: Any) -> tm.Engine:
         """The engine of ``paths`` loaded with these options (and ``extra`` :class:`LoadOptions` fields)."""
-        return tm.Engine(paths, self.options(setup, verbose, **extra))
+        return tm.Engine(paths, self.options(modelset, verbose, **extra))
 
 
 def selection(

@@ -116,7 +116,7 @@ DEFAULTS = {
 
 @grouped
 def serve(
-    setup: ModelSet = group(model_set, "lang", *ROLES, own={"large_base": LargeBase}),
+    modelset: ModelSet = group(model_set, "lang", *ROLES, own={"large_base": LargeBase}),
     host: Annotated[
         str, typer.Option(help="Address to listen on (0.0.0.0: every network; then set an API key).")
     ] = "127.0.0.1",
@@ -184,11 +184,11 @@ def serve(
             raise tm.TrimixError(f"--max-body must be at least 1024 bytes, got {max_body}")
         if not 0 <= port <= 65535:
             raise tm.TrimixError(f"--port must be from 0 to 65535, got {port}")
-        defaults = ServeDefaults(**request_defaults).resolved(setup.profile)
-        paths = setup.paths(roles_to_load(setup, defaults.method), "trimix serve")
+        defaults = ServeDefaults(**request_defaults).resolved(modelset.profile)
+        paths = modelset.paths(roles_to_load(modelset, defaults.method), "trimix serve")
         for p in paths.values():
             _llama.check_gguf_file(Path(p))
-        label = name or (f"trimix-{setup.profile.lang}" if setup.profile is not None else "trimix")
+        label = name or (f"trimix-{modelset.profile.lang}" if modelset.profile is not None else "trimix")
         config = ServerConfig(
             model_name=label,
             api_key=key,
@@ -198,6 +198,6 @@ def serve(
             defaults=defaults,
             keep_conversations=keep_conversations,
         )
-        options = dataclasses.replace(loading, n_ctx=n_ctx).options(setup, verbose, n_seq=parallel)
+        options = dataclasses.replace(loading, n_ctx=n_ctx).options(modelset, verbose, n_seq=parallel)
         setup_logging(verbose)
-        run_server(setup, paths, options, config, Listen(host, port, hosts))
+        run_server(modelset, paths, options, config, Listen(host, port, hosts))

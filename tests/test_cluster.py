@@ -18,7 +18,7 @@ import pytest
 from commands import trimix
 
 from trimix_cpp.evaluation.cluster import worker_name
-from trimix_cpp.evaluation.rundir import MANIFEST, PREDICTIONS, RunDir, file_sha256, model_identity
+from trimix_cpp.evaluation.folder import MANIFEST, PREDICTIONS, RunDir, file_sha256, model_identity
 
 SHARED = Path(os.environ.get("TRIMIX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_data = pytest.mark.skipif(
@@ -241,8 +241,8 @@ def test_ctrl_c_stops_the_workers_keeps_what_finished_and_resumes(cluster, local
 def test_a_worker_with_another_model_file_refuses(cluster, tiny_trio, tmp_path):
     """The driver's manifest names one small-cpt file; the worker's file at that path is another."""
     from trimix_cpp.evaluation.cluster import ClusterError, ClusterOptions, RayBackend
-    from trimix_cpp.evaluation.run import BackendSpec, RunnerSettings
-    from trimix_cpp.evaluation.runner import GenerationSettings
+    from trimix_cpp.evaluation.pipeline import BackendSpec, RunnerSettings
+    from trimix_cpp.evaluation.predict import GenerationSettings
     from trimix_cpp.loading import LoadOptions
 
     paths = {r: tiny_trio[r] for r in ("large_ins", "small_cpt", "small_base")}

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from trimix_cli.options import EngineArgs, group, grouped, model_set
 from trimix_cpp.batch import SPEC_FIELDS, BatchDefaults, line_spec
 from trimix_cpp.errors import TrimixError
-from trimix_cpp.evaluation.runner import perplexity_methods
+from trimix_cpp.evaluation.predict import perplexity_methods
 from trimix_cpp.methods import SAMPLING_FIELDS, MethodChoice, sampling_params
 from trimix_cpp.modelset import ModelSet
 from trimix_cpp.scoring import MethodScore, score_rows
@@ -99,18 +99,18 @@ def test_an_option_group_stands_in_its_place_and_builds_one_object():
     def cmd(
         first: Annotated[str, typer.Option()] = "a",
         grid: MethodChoice = group(MethodChoice, ("grid_alpha", Annotated[str, typer.Option()], "0.5")),
-        setup: ModelSet = group(model_set, "lang", "large_ins"),
+        modelset: ModelSet = group(model_set, "lang", "large_ins"),
         loading: EngineArgs = group(EngineArgs, "n_ctx", "threads", own={"n_ctx": wording}),
         last: Annotated[int, typer.Option()] = 0,
     ) -> None:
-        seen.update(first=first, grid=grid, setup=setup, loading=loading, last=last)
+        seen.update(first=first, grid=grid, modelset=modelset, loading=loading, last=last)
 
     help_text = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     order = [help_text.index(flag) for flag in ("--first", "--lang", "--large-ins", "--n-ctx", "--threads", "--last")]
     assert order == sorted(order) and "A command's own wording." in help_text
     r = CliRunner().invoke(app, ["--large-ins", "x.gguf", "--n-ctx", "64", "--last", "2"])
     assert r.exit_code == 0, r.output
-    assert seen["setup"].explicit == {"large_ins": Path("x.gguf")} and seen["last"] == 2
+    assert seen["modelset"].explicit == {"large_ins": Path("x.gguf")} and seen["last"] == 2
     assert seen["loading"] == EngineArgs(n_ctx=64, threads=0) and seen["grid"] == MethodChoice(grid_alpha="0.5")
     r = CliRunner().invoke(app, ["--lang", "no-such-language"])
     assert r.exit_code == 1 and "no-such-language" in r.output and "Traceback" not in r.output

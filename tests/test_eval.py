@@ -17,7 +17,7 @@ from reference import log_softmax
 
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
-from trimix_cpp.evaluation.runner import PredictionLog
+from trimix_cpp.evaluation.predict import PredictionLog
 
 TRIO = ("large_ins", "small_cpt", "small_base")
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]

@@ -17,9 +17,9 @@ import pytest
 from commands import models, run_eval, trimix
 
 import trimix_cpp as tm
+from trimix_cpp.evaluation.folder import LOCK, MANIFEST, PREDICTIONS, RunDir
 from trimix_cpp.evaluation.items import Item
-from trimix_cpp.evaluation.rundir import LOCK, MANIFEST, PREDICTIONS, RunDir
-from trimix_cpp.evaluation.runner import GenerationSettings, Runner, SettingsError, Task
+from trimix_cpp.evaluation.predict import GenerationSettings, Runner, SettingsError, Task
 
 GRID = ["--grid-alpha", "0.1,1", "--grid-beta", "0.1,1"]
 CLI = "trimix_cli.main" if importlib.util.find_spec("trimix_cli") else "cli.main"  # the module of `trimix`
@@ -238,7 +238,7 @@ def test_likelihood_scoring_past_eight_options(tiny_trio, tmp_path):
     item = Item("q", "the cat and the", "J", options, "choice", "accuracy", 0)
     opts = tm.LoadOptions(n_ctx=128, n_gpu_layers=0)
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts) as eng:
-        from trimix_cpp.evaluation.runner import parse_methods
+        from trimix_cpp.evaluation.predict import parse_methods
 
         [method] = parse_methods("large-ins")
         runner = Runner(eng, tmp_path, GenerationSettings(mc_mode="score"))

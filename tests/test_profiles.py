@@ -171,13 +171,13 @@ def test_template_markup_becomes_control_tokens_but_user_text_does_not(dirs, tin
     write(
         env / "tpl.toml", profile_text("tpl", {"large_ins": str(tiny_trio["large_ins"])}, 'template = "</s>{prompt}"')
     )
-    setup = ModelSet.make("tpl")
-    with tm.Engine(setup.paths(("large_ins",), "test"), tm.LoadOptions(n_ctx=128, n_gpu_layers=0)) as eng:
-        ids = setup.prompt(eng, "the cat", raw=False).tolist()
+    modelset = ModelSet.make("tpl")
+    with tm.Engine(modelset.paths(("large_ins",), "test"), tm.LoadOptions(n_ctx=128, n_gpu_layers=0)) as eng:
+        ids = modelset.prompt(eng, "the cat", raw=False).tolist()
         assert ids[:2] == [1, 2]  # BOS, then </s> from the template as the control token
         raw = eng.tokenize("</s>the cat").tolist()
         assert 2 not in raw  # typed by a user, the same text is just characters
-        assert setup.prompt(eng, "the cat", raw=True) == "the cat"
+        assert modelset.prompt(eng, "the cat", raw=True) == "the cat"
 
 
 @pytest.mark.slow

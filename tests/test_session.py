@@ -130,13 +130,13 @@ def test_a_chat_on_the_demo_trio_selects_as_a_full_evaluation():
     from trimix_cpp.methods import MethodChoice
     from trimix_cpp.modelset import ModelSet
 
-    setup = ModelSet.make("demo")
-    paths = setup.paths(SELECTION_ROLES, "the test")
+    modelset = ModelSet.make("demo")
+    paths = modelset.paths(SELECTION_ROLES, "the test")
     sel = tm.Selector("ppl", max_logits_mib=16)
-    with tm.Engine(paths, setup.load_options(n_ctx=512, threads=1, n_gpu_layers=0)) as eng:
+    with tm.Engine(paths, modelset.load_options(n_ctx=512, threads=1, n_gpu_layers=0)) as eng:
         assert sel.chunk_rows(eng.vocab.n_vocab, [m.n_vocab for m in eng.models.values()], 512) < 64
         settings = ChatSettings(MethodChoice(select="ppl", max_logits_mib=16), max_tokens=10, stop=("\n",))
-        conv = Conversation(eng, chat_format(eng, None), settings, setup.profile)
+        conv = Conversation(eng, chat_format(eng, None), settings, modelset.profile)
         try:
             for i, text in enumerate(["Salam! What is your name?", "Tell me more.", "Thank you."]):
                 turn = conv.ask(text)

@@ -1,16 +1,16 @@
 """``trimix eval --ray``: a run's items predicted by workers on a Ray cluster, written here.
 
 Why this shape. Everything a prediction depends on besides the models stays where a local run does
-it, in :func:`trimix_cpp.evaluation.run.run_evaluation`: the checks, the locked run folder and its
+it, in :func:`trimix_cpp.evaluation.pipeline.run_evaluation`: the checks, the locked run folder and its
 manifest, the prompts fitted to the context (with the reference model's tokenizer, loaded here
 vocabulary-only, which is cheap), the calibration sample, writing and scoring. Only the work that
 needs the weights moves: each worker is a Ray actor that loads the models once and keeps them, and
-predicts an item with :meth:`~trimix_cpp.evaluation.runner.Runner.item_records`, the very code a
+predicts an item with :meth:`~trimix_cpp.evaluation.predict.Runner.item_records`, the very code a
 local run predicts it with. So a cluster run and a local run give the same predictions by
 construction (greedy; llama.cpp's results do not depend on which process runs them).
 
 * Before its first item a worker hashes its model files (SHA-256, cached per file version, see
-  :func:`~trimix_cpp.evaluation.rundir.file_sha256`) and compares them with the run's manifest; a node
+  :func:`~trimix_cpp.evaluation.folder.file_sha256`) and compares them with the run's manifest; a node
   with another file refuses, and the run stops with one line naming the node and the file.
 * The driver is the only writer of the run folder: workers return records, the driver appends each
   new one and drops any it already has (Ray may run an item twice after a failure), so the folder
@@ -43,9 +43,9 @@ from ..errors import TrimixError, flag
 from ..fusion import ROLES
 from ..loading import LoadOptions
 from ..selection import Selector
-from .run import BackendSpec, LocalBackend, OpenBackend, RunnerSettings
-from .rundir import file_sha256
-from .runner import MethodSpec, Runner, Task
+from .folder import file_sha256
+from .pipeline import BackendSpec, LocalBackend, OpenBackend, RunnerSettings
+from .predict import MethodSpec, Runner, Task
 
 NAMESPACE = "trimix"  # the Ray namespace of the workers (see worker_name)
 IN_FLIGHT = 2  # items a worker holds at once
@@ -516,7 +516,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def ray_backend(cluster: ClusterOptions) -> OpenBackend:
-    """The ``backend`` argument of :func:`~trimix_cpp.evaluation.run.run_evaluation` for a cluster run."""
+    """The ``backend`` argument of :func:`~trimix_cpp.evaluation.pipeline.run_evaluation` for a cluster run."""
 
     def open_backend(spec: BackendSpec) -> RayBackend:
         return RayBackend(spec, cluster)

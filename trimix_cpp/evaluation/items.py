@@ -1,7 +1,7 @@
 """What reading a task gives: its items and in-context examples, what was skipped, and how prompts are budgeted.
 
 These are the types every other part of the evaluation shares: the readers (:mod:`.readers`) build
-them, and a run (:mod:`.run`) takes each task's :class:`FittedItems` under the model's context budget
+them, and a run (:mod:`.pipeline`) takes each task's :class:`FittedItems` under the model's context budget
 and scores its :class:`Item` s. They sit below every reader and every prompt rule, so that any module
 may use them without importing the readers.
 """

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .runner import SINGLE_NAMES, upper_bound, write_atomic
+from .predict import SINGLE_NAMES, upper_bound, write_atomic
 
 
 @dataclass

@@ -84,11 +84,11 @@ class ServerConfig:
 class TrimixServer:
     """The app and its state: the worker that owns the engine, admission counts, the chat format."""
 
-    def __init__(self, setup: ModelSet, worker: EngineWorker, config: ServerConfig) -> None:
-        self.setup = setup
+    def __init__(self, modelset: ModelSet, worker: EngineWorker, config: ServerConfig) -> None:
+        self.modelset = modelset
         self.worker = worker
         self.config = config
-        self.defaults = config.defaults.resolved(setup.profile)
+        self.defaults = config.defaults.resolved(modelset.profile)
         self.chat: ChatFormat = NoChat("the models are still loading")
         self.in_flight = 0
         self.started = int(time.time())
@@ -106,7 +106,7 @@ class TrimixServer:
 
     def on_loaded(self, engine: Engine) -> None:
         """Runs on the engine's thread once the models are loaded: read the chat template."""
-        profile = self.setup.profile
+        profile = self.modelset.profile
         self.chat = chat_format(engine, profile.template if profile is not None else None)
         if isinstance(self.chat, NoChat):
             log.warning("chat is off: %s", self.chat.reason)
@@ -159,11 +159,11 @@ class TrimixServer:
         assert isinstance(req, CompletionRequest)
         spec = seq_spec(req, self._limits())
         prompt = completion_prompt(req)
-        setup = self.setup
+        modelset = self.modelset
 
         def make(engine: Engine) -> np.ndarray:
             if isinstance(prompt, str):
-                p = setup.prompt(engine, prompt)
+                p = modelset.prompt(engine, prompt)
                 return engine.tokenize(p) if isinstance(p, str) else p
             ids = np.asarray(prompt, dtype=np.int64)
             bad = ids[(ids < 0) | (ids >= engine.vocab.n_vocab)]
@@ -296,8 +296,8 @@ class TrimixServer:
         return Limits(
             n_ctx=info.n_ctx,
             default_max_tokens=min(self.config.max_tokens, info.n_ctx),
-            profile=self.setup.profile,
-            profile_stops=tuple(self.setup.stops(None)),
+            profile=self.modelset.profile,
+            profile_stops=tuple(self.modelset.stops(None)),
             defaults=self.defaults,
         )
 

@@ -96,12 +96,12 @@ class ServeDefaults(MethodChoice):
         return out
 
 
-def roles_to_load(setup: ModelSet, method: str | None) -> list[str]:
+def roles_to_load(modelset: ModelSet, method: str | None) -> list[str]:
     """The models a server loads, in canonical order: every file given explicitly and the profile's
     own, except the large base model, which only trimix4 reads, so it is loaded when given
     explicitly or when trimix4 is the default ``method``; with neither a file nor a profile, the
     selection trio (whose missing files then fail with the flag to give)."""
-    wanted = [r for r in ROLES if r in setup.explicit or (r != LARGE_BASE and setup.profile is not None)]
+    wanted = [r for r in ROLES if r in modelset.explicit or (r != LARGE_BASE and modelset.profile is not None)]
     if method == "trimix4":
         wanted.append(LARGE_BASE)
     return [r for r in ROLES if r in wanted] or list(SELECTION_ROLES)

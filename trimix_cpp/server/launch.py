@@ -2,7 +2,7 @@
 drive a real server over HTTP share.
 
 The server listens on a free port (``--port 0``) and says where in its log line ``listening on URL``
-(see :mod:`.run`); the models load after that, so the server is ready once ``/health`` answers 200.
+(see :mod:`.lifecycle`); the models load after that, so the server is ready once ``/health`` answers 200.
 The child's log (stderr) is read on a thread for as long as it runs, so it can never block on a full
 pipe, and every line is kept for a failing caller to show.
 """

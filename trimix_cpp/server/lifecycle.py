@@ -159,7 +159,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 def serve(
-    setup: ModelSet,
+    modelset: ModelSet,
     paths: Mapping[str, str | Path],
     options: LoadOptions,
     config: ServerConfig,
@@ -194,7 +194,7 @@ def serve(
             server.should_exit = True
 
     worker = EngineWorker(lambda: Engine(paths, options), loaded, failed, config.keep_conversations)
-    app = TrimixServer(setup, worker, config)
+    app = TrimixServer(modelset, worker, config)
     ucfg = uvicorn.Config(
         app.app,
         http=_H11WithHeaderTimeout,
@@ -214,7 +214,7 @@ def serve(
         on_listening(url)
     log.info("listening on %s (%s); loading the models", url, "API key required" if config.api_key else "no API key")
     try:
-        server.run(sockets=[sock])
+        server.lifecycle(sockets=[sock])
     finally:
         worker.draining = True
         worker.stop()

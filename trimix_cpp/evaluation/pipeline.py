@@ -1,7 +1,7 @@
 """A whole ``trimix eval`` run: check everything, load the models once, run every task, score.
 
 Every number and task file is checked before a model loads, and the run folder is locked and its
-manifest compared with this run's settings before any prediction is made (see :mod:`.rundir`), so
+manifest compared with this run's settings before any prediction is made (see :mod:`.folder`), so
 a mistake costs a second, not a run. The models are loaded with enough sequences for every method
 of an item to decode together (one per method, the upper bound's grid pairs included) and a KV
 cache that holds one prompt plus every method's answer.
@@ -30,11 +30,10 @@ from ..loading import LoadOptions
 from ..modelset import ModelSet
 from ..selection import parse_grid
 from ..speculative import MAX_DRAFT
+from .folder import RunDir, method_identity, model_identity, task_identity
 from .items import FittedItems, PromptSettings, TaskData, check_limit
 from .metrics import ROUGE_TOKENIZERS, check_metric_available, make_rouge_tokenizer
-from .results import Results, build_results
-from .rundir import RunDir, method_identity, model_identity, task_identity
-from .runner import (
+from .predict import (
     Calibrator,
     GenerationSettings,
     MethodSpec,
@@ -46,6 +45,7 @@ from .runner import (
     parse_methods,
     score_task,
 )
+from .results import Results, build_results
 from .tasks import load_spec
 from .templates import prompt_format
 
@@ -203,7 +203,7 @@ def batch_options(options: LoadOptions, specs: Sequence[MethodSpec], n_grid: int
 
 def run_evaluation(
     tasks: Sequence[str],
-    setup: ModelSet,
+    modelset: ModelSet,
     options: LoadOptions,
     cfg: EvalConfig,
     report: Reporter,
@@ -241,7 +241,7 @@ def run_evaluation(
             param="draft",
             chosen=cfg.methods,
         )
-    paths = setup.paths(needed_roles(specs), "evaluation")
+    paths = modelset.paths(needed_roles(specs), "evaluation")
     # Tasks are read without the token budget (no model needed), so every spec, file and name is
     # checked before the run folder is made or a model loads; prompts are fitted to the budget later,
     # item by item, when the run reads them.

@@ -13,7 +13,7 @@ import pytest
 
 from trimix_cpp.calibrate import check_output_path, read_calibration
 from trimix_cpp.errors import TrimixError, flag
-from trimix_cpp.evaluation.rundir import (
+from trimix_cpp.evaluation.folder import (
     LOCK,
     MANIFEST,
     PREDICTIONS,
@@ -141,7 +141,7 @@ def test_a_second_holder_fails_at_once_naming_the_folder_and_pid(tmp_path: Path)
             RunDir(out).open()
         assert f"the run folder {out} is in use by another trimix eval (pid {os.getpid()})" in str(info.value)
         # from another process too
-        code = "import sys; from trimix_cpp.evaluation.rundir import RunDir; RunDir(sys.argv[1]).open()"
+        code = "import sys; from trimix_cpp.evaluation.folder import RunDir; RunDir(sys.argv[1]).open()"
         r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, timeout=60)
         assert r.returncode != 0 and b"is in use by another trimix eval" in r.stderr
     RunDir(out).open().close()  # released on exit

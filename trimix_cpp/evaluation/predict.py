@@ -5,7 +5,7 @@ moment it exists, keyed by (task, item id, method); rerunning the same command r
 skips what is done, so Ctrl-C or a crash loses at most the item in flight. Results are computed from
 the predictions alone and written atomically. What else a prediction depends on (models, settings,
 task files) is the run folder's manifest, and one process at a time writes to a folder: see
-:mod:`.rundir`. An item whose prompt does not fit the context is recorded with an ``error`` and an
+:mod:`.folder`. An item whose prompt does not fit the context is recorded with an ``error`` and an
 empty output (no answer) instead of stopping the run.
 
 Methods: each single model (``large-ins``, ``small-cpt``, ``small-base``), ``proxy``, ``contrastive``,
@@ -36,8 +36,8 @@ from ..fusion import LARGE_BASE, LARGE_INS, ROLES, SMALL_BASE, SMALL_CPT, Fusion
 from ..methods import MethodChoice, resolve_fusion
 from ..selection import DEFAULT_GRID, SELECTION_ROLES, Selector
 from ..speculative import draft_plan
+from .folder import read_predictions
 from .metrics import ROUGE_TOKENIZERS, score_outputs
-from .rundir import read_predictions
 
 SINGLE_NAMES = {"large-ins": LARGE_INS, "small-cpt": SMALL_CPT, "small-base": SMALL_BASE, "large-base": LARGE_BASE}
 DEFAULT_METHODS = (
