@@ -13,6 +13,7 @@ from commands import trimix
 from tinygguf import write_tiny_llama
 
 import trimix_cpp as tm
+from trimix_cpp.errors import flag
 from trimix_cpp.methods import MethodChoice, resolve_fusion, sampling_params
 from trimix_cpp.modelset import template_tokens
 
@@ -109,8 +110,9 @@ def test_out_of_range_numbers(tiny_trio, flags, needle):
 def test_max_tokens_must_be_a_whole_number(tiny_trio):
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, tm.LoadOptions(n_ctx=64, n_gpu_layers=0)) as eng:
         for bad in (math.nan, 2.5, True, -1):
-            with pytest.raises(tm.TrimixError, match="--max-tokens must be a whole number"):
+            with pytest.raises(tm.TrimixError, match=r"^max_tokens must be a whole number") as e:
                 eng.generate("the cat", tm.plan("single"), max_tokens=bad)
+            assert e.value.render(flag).startswith("--max-tokens must be a whole number")
 
 
 def test_tiny_temperature_means_the_top_token(tiny_trio):

@@ -18,6 +18,7 @@ from commands import trimix
 import trimix_cpp as tm
 from trimix_cpp._llama import LlamaModel
 from trimix_cpp.engine import SeqSpec
+from trimix_cpp.errors import flag
 
 TRIO = ("large_ins", "small_cpt", "small_base")
 LAYOUT_NOISE = 1e-3
@@ -180,10 +181,11 @@ def test_selection_per_prompt_inside_a_batch(tiny_trio):
 
 def test_more_sequences_than_parallel_and_a_full_cache(tiny_trio):
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts(n_seq=2, n_ctx=64)) as eng:
-        with pytest.raises(tm.TrimixError, match=r"needs 3 sequences but the engine holds 2 \(raise --parallel\)"):
+        with pytest.raises(tm.TrimixError, match=r"needs 3 sequences but the engine holds 2 \(raise n_seq\)") as e:
             eng.generate_many("the cat", [SeqSpec(tm.plan("single"))] * 3)
+        assert e.value.render(flag).endswith("(raise --parallel)")
     with tm.Engine({"large_ins": tiny_trio["large_ins"]}, opts(n_seq=2, n_ctx=64, kv_cells=64, isolated=False)) as eng:
-        with pytest.raises(tm.TrimixError, match=r"needs \d+ KV cells .* but the cache holds 64 \(raise --n-ctx"):
+        with pytest.raises(tm.TrimixError, match=r"needs \d+ KV cells .* but the cache holds 64 \(raise n_ctx"):
             eng.generate_many("the cat", [SeqSpec(tm.plan("single"), max_tokens=60)] * 2)
         # two requests that each fit but not together: the second waits, then runs
         gens = eng.generate_batch(["the cat", "a dog"], SeqSpec(tm.plan("single"), max_tokens=28))
