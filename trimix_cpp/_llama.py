@@ -524,13 +524,16 @@ class LlamaModel:
                 cells=self.kv_cells,
             )
         if rc != 0:
-            raise TrimixError(
-                "llama_decode failed with code {rc} for {name} (rerun with {verbose})",
-                param="verbose",
-                rc=rc,
-                name=self.path.name,
-            )
+            raise self._decode_failed(rc)
         self.n_decoded += n
+
+    def _decode_failed(self, rc: int) -> TrimixError:
+        return TrimixError(
+            "llama_decode failed with code {rc} for {name} (rerun with {verbose})",
+            param="verbose",
+            rc=rc,
+            name=self.path.name,
+        )
 
     def decode(self, tokens: np.ndarray, outputs: np.ndarray | None = None) -> None:
         """Append up to ``n_batch`` tokens to sequence 0 (the single-sequence helper).
@@ -567,12 +570,7 @@ class LlamaModel:
         rc = _lc.llama_decode(self._ctx, self._batch)
         self.decode_s += time.perf_counter() - t0
         if rc != 0:
-            raise TrimixError(
-                "llama_decode failed with code {rc} for {name} (rerun with {verbose})",
-                param="verbose",
-                rc=rc,
-                name=self.path.name,
-            )
+            raise self._decode_failed(rc)
         self.n_past += 1
         self.n_decoded += 1
 
