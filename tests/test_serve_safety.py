@@ -238,7 +238,7 @@ def test_a_body_that_stops_arriving_gets_a_408_and_the_connection_closes(monkeyp
     port = sock.getsockname()[1]
     cfg = uvicorn.Config(app.app, http=run._H11WithHeaderTimeout, lifespan="off", log_config=None)
     server = uvicorn.Server(cfg)
-    thread = threading.Thread(target=server.lifecycle, kwargs={"sockets": [sock]}, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 30

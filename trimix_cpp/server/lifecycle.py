@@ -214,7 +214,7 @@ def serve(
         on_listening(url)
     log.info("listening on %s (%s); loading the models", url, "API key required" if config.api_key else "no API key")
     try:
-        server.lifecycle(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         worker.draining = True
         worker.stop()
