@@ -229,14 +229,14 @@ def test_a_body_that_stops_arriving_gets_a_408_and_the_connection_closes(monkeyp
     import uvicorn
 
     from trimix_cpp.modelset import ModelSet
-    from trimix_cpp.server import EngineWorker, ServerConfig, TrimixServer, run
+    from trimix_cpp.server import EngineWorker, ServerConfig, TrimixServer, lifecycle
 
-    monkeypatch.setattr(run, "HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(lifecycle, "HEADER_TIMEOUT_S", 1.0)
     worker = EngineWorker(lambda: None)  # never started: the models never load
     app = TrimixServer(ModelSet(None, {}), worker, ServerConfig(body_timeout=1.0))
-    sock = run.bind(run.Listen("127.0.0.1", 0))
+    sock = lifecycle.bind(lifecycle.Listen("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    cfg = uvicorn.Config(app.app, http=run._H11WithHeaderTimeout, lifespan="off", log_config=None)
+    cfg = uvicorn.Config(app.app, http=lifecycle._H11WithHeaderTimeout, lifespan="off", log_config=None)
     server = uvicorn.Server(cfg)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
